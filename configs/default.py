@@ -1,0 +1,71 @@
+"""Defaults for every config field; other configs start here and change what differs.
+
+Launch: python main.py --config=configs/default.py --workdir=runs/default
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # every random key of a run is split from this
+  config.dtype = 'float32'  # computation dtype: 'float32' | 'bfloat16' | 'auto' (bf16 on GPU/TPU)
+  config.param_dtype = 'float32'  # parameters (and optimizer state) are stored in this
+
+  model = config.model = ml_collections.ConfigDict()
+  model.arch = 'decoder'  # 'decoder' (GPT) | 'encoder' (BERT) | 'encoder_decoder' (T5)
+  model.num_layers = 4
+  model.num_heads = 4
+  model.num_kv_heads = 0  # grouped-query attention; 0: same as num_heads
+  model.d_model = 256
+  model.d_ff = 1024  # MLP hidden size
+  model.head_dim = 0  # 0: d_model // num_heads
+  model.vocab_size = 0  # embedding rows; 0: tokenizer vocabulary rounded up to a multiple of 128
+  model.max_len = 256  # longest sequence the positions support
+  model.position = 'rope'  # 'learned' | 'sinusoidal' | 'rope'
+  model.rope_theta = 10_000.0
+  model.norm = 'rmsnorm'  # 'layernorm' | 'rmsnorm'
+  model.norm_eps = 1e-6
+  model.mlp = 'gelu'  # 'gelu' | 'swiglu'
+  model.tie_embeddings = True  # output projection shares the token embedding
+  model.use_bias = False  # biases in attention and MLP projections
+  model.dropout = 0.0
+  model.scan_layers = True  # nn.scan over layers: compile time does not grow with depth
+  model.remat = 'none'  # 'none' | 'dots_saveable' | 'full'
+  model.attention = 'auto'  # jax.nn.dot_product_attention implementation: 'auto' | 'xla' | 'cudnn'
+
+  data = config.data = ml_collections.ConfigDict()
+  data.corpus = 'web_bible'  # built-in name, or a path / glob of .txt, .jsonl, .parquet, or hf:NAME
+  data.eval_corpus = ''  # same forms; empty: a fixed split of data.corpus
+  data.eval_fraction = 0.02  # share of documents held out when eval_corpus is empty
+  data.text_field = 'text'  # field holding the text in .jsonl / .parquet / hf datasets
+  data.seq_len = 256
+  data.batch_size = 16  # global, in sequences
+  data.cache_dir = ''  # tokenizer + token cache; empty: <workdir's parent>/data_cache
+  data.tokenizer = ml_collections.ConfigDict()
+  data.tokenizer.type = 'bpe'  # 'bpe' | 'unigram'
+  data.tokenizer.vocab_size = 4096
+  data.tokenizer.byte_fallback = True
+  data.tokenizer.max_train_bytes = 20_000_000  # text sampled to train the tokenizer
+
+  train = config.train = ml_collections.ConfigDict()
+  train.steps = 1000
+  train.lr = 3e-4  # peak learning rate
+  train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  train.warmup_steps = 100
+  train.b1 = 0.9
+  train.b2 = 0.95
+  train.weight_decay = 0.1  # decoupled (AdamW); never applied to norms and biases
+  train.grad_clip = 1.0  # global-norm clip; 0 disables
+  train.grad_accum = 1  # micro-batches per step; data.batch_size is split among them
+  train.z_loss = 0.0  # weight of log(Z)^2, keeps the softmax normaliser near 1
+  train.log_every = 10
+  train.eval_every = 200
+  train.eval_steps = 20  # at most this many validation batches, never more than one pass
+  train.checkpoint_every = 200
+  train.keep_checkpoints = 3
+
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all remaining devices
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  return config
