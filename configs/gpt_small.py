@@ -1,0 +1,19 @@
+"""GPT-2 small: 12 layers, 12 heads, d_model 768, context 1024, ~124M parameters.
+
+Meant for a GPU or TPU (bfloat16 there); it also starts on a CPU.
+python main.py --config=configs/gpt_small.py --workdir=runs/gpt_small
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dtype = 'auto'
+  config.model.update(num_layers=12, num_heads=12, d_model=768, d_ff=3072, max_len=1024,
+                      position='learned', norm='layernorm', mlp='gelu', use_bias=True,
+                      vocab_size=50304)
+  config.data.update(seq_len=1024, batch_size=32)
+  config.data.tokenizer.vocab_size = 32768
+  config.train.update(steps=20_000, lr=6e-4, warmup_steps=700, weight_decay=0.1,
+                      log_every=50, eval_every=1000, eval_steps=50, checkpoint_every=1000)
+  return config

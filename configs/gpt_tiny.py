@@ -1,0 +1,15 @@
+"""A small GPT that trains on a 2-core laptop CPU in about 10 minutes.
+
+python main.py --config=configs/gpt_tiny.py --workdir=runs/gpt_tiny
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.update(num_layers=4, num_heads=4, d_model=256, d_ff=1024, max_len=256)
+  config.data.update(seq_len=128, batch_size=16)
+  config.data.tokenizer.vocab_size = 4096
+  config.train.update(steps=1500, lr=1e-3, warmup_steps=100, log_every=50, eval_every=250,
+                      eval_steps=20, checkpoint_every=250)
+  return config

@@ -1,0 +1,176 @@
+"""Transformer layers shared by the decoder, encoder and encoder-decoder families.
+
+Shape letters used in names and einsums:
+  B batch, T query length, S key length, D d_model, N query heads,
+  G key/value heads (grouped-query attention), K head dim, F MLP hidden, V vocab.
+
+Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads',
+'kv', 'mlp'); `train/sharding.py` maps them to mesh axes. Parameters live in
+`param_dtype`; matmuls run in `dtype`; norm statistics and softmax run in float32.
+"""
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+Array = jax.Array
+
+
+def _param_init(stddev: float, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` reuses it as the output projection when tied."""
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', _param_init(0.02, ('vocab', 'embed')),
+        (self.cfg.vocab_size, self.cfg.d_model), self.cfg.param_dtype)
+
+  def __call__(self, ids_BT: Array) -> Array:
+    table_VD = jnp.asarray(self.embedding, self.cfg.dtype)
+    return jnp.take(table_VD, ids_BT, axis=0)
+
+  def attend(self, x_BTD: Array) -> Array:
+    table_VD = jnp.asarray(self.embedding, self.cfg.dtype)
+    return jnp.einsum('BTD,VD->BTV', x_BTD, table_VD)
+
+
+def sinusoidal_positions(positions_BT: Array, d_model: int) -> Array:
+  """Fixed sin/cos position features of "Attention is all you need"; [B, T, D] float32."""
+  half = d_model // 2
+  inv_freq = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
+  angles_BTH = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  return jnp.concatenate([jnp.sin(angles_BTH), jnp.cos(angles_BTH)], axis=-1)
+
+
+def apply_rope(x_BTNK: Array, positions_BT: Array, theta: float) -> Array:
+  """Rotary position embedding (Su et al.): rotates pairs (first half, second half) of K."""
+  half = x_BTNK.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BTK = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  sin_BT1K = jnp.sin(angles_BTK)[:, :, None, :]
+  cos_BT1K = jnp.cos(angles_BTK)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNK.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BT1K - x2 * sin_BT1K,
+                             x2 * cos_BT1K + x1 * sin_BT1K], axis=-1)
+  return rotated.astype(x_BTNK.dtype)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm with float32 statistics and a learned scale (and bias for LayerNorm)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    x = x_BTD.astype(jnp.float32)
+    if cfg.norm == 'layernorm':
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.norm_eps)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (cfg.d_model,), cfg.param_dtype)
+    x = x * scale.astype(jnp.float32)
+    if cfg.norm == 'layernorm':
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                        (cfg.d_model,), cfg.param_dtype)
+      x = x + bias.astype(jnp.float32)
+    return x.astype(cfg.dtype)
+
+
+def _dense(cfg: ModelConfig, features, axis, names, stddev, name):
+  """DenseGeneral whose kernel axes are `names` (input axes first) and bias the output axes."""
+  num_input_axes = 1 if isinstance(axis, int) else len(axis)
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=cfg.use_bias, dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype, name=name,
+      kernel_init=_param_init(stddev, names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[num_input_axes:]))
+
+
+def attention_mask(q_segment_BT: Array, kv_segment_BS: Array, causal: bool) -> Array:
+  """[B, 1, T, S] boolean: a query sees a key only in its own document (segment ids
+  equal and non-zero) and, when causal, only at or before its own position."""
+  mask = (q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]) & (q_segment_BT[:, :, None] > 0)
+  if causal:
+    t, s = q_segment_BT.shape[1], kv_segment_BS.shape[1]
+    mask &= jnp.tril(jnp.ones((t, s), dtype=bool))
+  return mask[:, None, :, :]
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped-query heads; self-attention when `kv_BSD` is None."""
+  cfg: ModelConfig
+  use_rope: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, mask_B1TS: Array, positions_BT: Array | None = None,
+               kv_BSD: Array | None = None, kv_positions_BS: Array | None = None) -> Array:
+    cfg = self.cfg
+    N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    self_attention = kv_BSD is None
+    kv_BSD = x_BTD if self_attention else kv_BSD
+    kv_positions_BS = positions_BT if self_attention else kv_positions_BS
+    std = 0.02
+    q_BTNK = _dense(cfg, (N, K), -1, ('embed', 'heads', 'kv'), std, 'query')(x_BTD)
+    k_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key')(kv_BSD)
+    v_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value')(kv_BSD)
+    if self.use_rope:
+      q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
+      k_BSGK = apply_rope(k_BSGK, kv_positions_BS, cfg.rope_theta)
+    out_BTNK = jax.nn.dot_product_attention(
+        q_BTNK, k_BSGK, v_BSGK, mask=mask_B1TS,
+        implementation=None if cfg.attention == 'auto' else cfg.attention)
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    return _dense(cfg, D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out')(out_BTNK)
+
+
+class Mlp(nn.Module):
+  """Position-wise MLP: GELU (GPT/BERT/T5) or SwiGLU (PaLM/LLaMA)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    up = functools.partial(_dense, cfg, cfg.d_ff, -1, ('embed', 'mlp'), 0.02)
+    if cfg.mlp == 'swiglu':
+      h_BTF = nn.silu(up('gate')(x_BTD)) * up('up')(x_BTD)
+    else:
+      h_BTF = nn.gelu(up('up')(x_BTD))
+    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    return _dense(cfg, cfg.d_model, -1, ('mlp', 'embed'), out_std, 'down')(h_BTF)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: self-attention, optional cross-attention, MLP.
+
+  The same block serves every family: `causal` masks the future (decoders),
+  `cross_attention` attends to an encoder's output (encoder-decoder).
+  Returns (x, None) so that nn.scan can stack it.
+  """
+  cfg: ModelConfig
+  deterministic: bool = True
+  cross_attention: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, self_mask_B1TS: Array, positions_BT: Array,
+               encoded_BSD: Array | None = None, cross_mask_B1TS: Array | None = None):
+    cfg = self.cfg
+    dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
+    h = Attention(cfg, use_rope=cfg.position == 'rope', name='self_attention')(
+        Norm(cfg, name='pre_self_attention_norm')(x_BTD), self_mask_B1TS, positions_BT)
+    x_BTD = x_BTD + dropout(h)
+    if self.cross_attention:
+      h = Attention(cfg, name='cross_attention')(
+          Norm(cfg, name='pre_cross_attention_norm')(x_BTD), cross_mask_B1TS, kv_BSD=encoded_BSD)
+      x_BTD = x_BTD + dropout(h)
+    h = Mlp(cfg, name='mlp')(Norm(cfg, name='pre_mlp_norm')(x_BTD))
+    x_BTD = x_BTD + dropout(h)
+    return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed')), None

@@ -1,0 +1,99 @@
+"""Model invariants: causality, packing isolation, layer options."""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import ModelConfig, build_objective, example_batch
+
+TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+                   d_model=32, d_ff=64, max_len=32)
+VARIANTS = {
+    'rope_rms_gelu_tied': {},
+    'learned_layernorm_swiglu_untied_gqa_bias': dict(
+        position='learned', norm='layernorm', mlp='swiglu', tie_embeddings=False,
+        num_kv_heads=2, use_bias=True),
+    'sinusoidal_unscanned_remat': dict(position='sinusoidal', scan_layers=False, remat='full'),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _init(cfg):
+  """Parameters and a jitted logits function, shared by the tests of one variant."""
+  objective = build_objective(cfg)
+  params = nn.unbox(objective.init(jax.random.key(0), example_batch(1, 16)))
+  logits = jax.jit(lambda p, b: objective.logits(p, b))
+  return params, logits
+
+
+def _batch(ids, segment_ids=None):
+  ids = jnp.asarray(ids, jnp.int32)
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(ids)
+  segment_ids = jnp.asarray(segment_ids, jnp.int32)
+  # positions restart at each new segment
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  idx = jnp.arange(ids.shape[1])
+  last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return {'inputs': ids, 'segment_ids': segment_ids, 'positions': idx - last_start}
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_future_tokens_never_change_past_logits(variant):
+  cfg = dataclasses.replace(TINY, **VARIANTS[variant])
+  params, logits = _init(cfg)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 128, size=(2, 16))
+  base = logits(params, _batch(ids))
+  for t in (0, 5, 14):
+    perturbed = ids.copy()
+    perturbed[:, t + 1:] = rng.integers(3, 128, size=perturbed[:, t + 1:].shape)
+    out = logits(params, _batch(perturbed))
+    np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(base[:, :t + 1]))
+    assert not np.allclose(out[:, t + 1:], base[:, t + 1:])  # the perturbation is visible
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_packed_document_ignores_other_documents(variant):
+  cfg = dataclasses.replace(TINY, **VARIANTS[variant])
+  params, logits = _init(cfg)
+  rng = np.random.default_rng(1)
+  ids = rng.integers(3, 128, size=(1, 16))
+  segments = np.array([[1] * 6 + [2] * 7 + [3] * 3])
+  base = logits(params, _batch(ids, segments))
+  changed = ids.copy()
+  changed[:, :6] = rng.integers(3, 128, size=(1, 6))  # document A only
+  changed[:, 13:] = rng.integers(3, 128, size=(1, 3))  # and the document after B
+  out = logits(params, _batch(changed, segments))
+  np.testing.assert_allclose(np.asarray(out[:, 6:13]), np.asarray(base[:, 6:13]), rtol=0, atol=1e-6)
+  assert not np.allclose(out[:, :6], base[:, :6])
+  # Document B alone, at the start of a row, gives the same logits as packed.
+  alone = logits(params, _batch(ids[:, 6:13]))
+  np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(base[0, 6:13]), atol=1e-5)
+
+
+def test_parameters_carry_logical_axis_names():
+  cfg = dataclasses.replace(TINY, tie_embeddings=False, use_bias=True, position='learned')
+  boxed = build_objective(cfg).init(jax.random.key(0), example_batch(1, 8))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  specs = nn.get_partition_spec(boxed)
+  assert tuple(specs['decoder']['layers']['self_attention']['query']['kernel']) == (
+      'layers', 'embed', 'heads', 'kv')
+  assert tuple(specs['head']['lm_head']['kernel']) == ('embed', 'vocab')
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss():
+  cfg = dataclasses.replace(TINY, dtype=jnp.bfloat16)
+  objective = build_objective(cfg)
+  batch = example_batch(2, 16) | {'inputs': jnp.arange(32, dtype=jnp.int32).reshape(2, 16)}
+  params = nn.unbox(objective.init(jax.random.key(0), batch))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  assert objective.logits(params, batch).dtype == jnp.bfloat16
+  loss, sums = objective.loss(params, batch, None, False)
+  assert loss.dtype == jnp.float32 and np.isfinite(float(loss))

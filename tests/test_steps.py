@@ -1,0 +1,79 @@
+"""The train step: gradient accumulation, optimizer details, loss decreasing."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from configs import default
+from models import ModelConfig, build_objective
+from train import optimizer, sharding, state as state_lib, steps
+
+
+def _setup(grad_accum: int):
+  config = default.get_config()
+  config.train.update(steps=10, warmup_steps=2, grad_accum=grad_accum, lr=1e-2)
+  cfg = ModelConfig(vocab_size=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
+                    d_model=16, d_ff=32, max_len=16)
+  objective = build_objective(cfg)
+  tx = optimizer.make_optimizer(config.train)
+  schedule = optimizer.learning_rate_schedule(config.train)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
+                            jax.devices()[:1])
+  _, shardings = state_lib.state_shardings(objective, tx, mesh, 16)
+  state = state_lib.create_train_state(objective, tx, mesh, 16, jax.random.key(0))
+  step = steps.jit_train_step(objective, tx, schedule, grad_accum, jax.random.key(1), mesh,
+                              shardings)
+  return state, step
+
+
+def _random_batch(seed: int, batch_size: int = 8, seq_len: int = 16):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(6, 128, size=(batch_size, seq_len + 1)).astype(np.int32)
+  segments = np.where(np.arange(seq_len) < seq_len // 2, 1, 2)[None].repeat(batch_size, 0)
+  positions = np.where(segments == 1, np.arange(seq_len), np.arange(seq_len) - seq_len // 2)
+  weights = np.ones((batch_size, seq_len), np.float32)
+  weights[0, -3:] = 0.0  # padding: unequal token counts per micro-batch must still match
+  return {'inputs': ids[:, :-1], 'targets': ids[:, 1:], 'segment_ids': segments.astype(np.int32),
+          'positions': positions.astype(np.int32), 'weights': weights}
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+  results = []
+  for grad_accum in (1, 4):
+    state, step = _setup(grad_accum)
+    for i in range(3):
+      state, metrics = step(state, _random_batch(i))
+    results.append((jax.device_get(state.params), float(metrics['loss'])))
+  (params_1, loss_1), (params_4, loss_4) = results
+  np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls_when_fitting_one_batch():
+  state, step = _setup(1)
+  batch = _random_batch(0)
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_weight_decay_skips_norms_and_biases():
+  params = {'layer': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
+            'norm': {'scale': jnp.ones((3, 4))}, 'embed': {'embedding': jnp.ones((4, 2))}}
+  mask = optimizer.decay_mask(params)
+  assert mask == {'layer': {'kernel': True, 'bias': False}, 'norm': {'scale': False},
+                  'embed': {'embedding': True}}
+
+
+def test_schedule_warms_up_then_decays_to_min_ratio():
+  config = default.get_config()
+  config.train.update(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+  schedule = optimizer.learning_rate_schedule(config.train)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(100)), 0.1, rtol=1e-6)
+  assert float(schedule(50)) < float(schedule(20))

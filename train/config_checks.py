@@ -1,0 +1,88 @@
+"""Start-up checks: every mistake a user can make in a config fails here, before
+any data is read or anything is compiled, with one line naming the field."""
+import jax.numpy as jnp
+import ml_collections
+
+from models import config as model_config
+
+DTYPES = ('float32', 'bfloat16', 'auto')
+TOKENIZER_TYPES = ('bpe', 'unigram')
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, out of range or inconsistent with another."""
+
+
+def _choice(value, choices, field):
+  if value not in choices:
+    raise ConfigError(f"{field}='{value}' is not one of {', '.join(choices)}; set --config.{field} "
+                      'to one of them.')
+
+
+def _positive(value, field):
+  if not value > 0:
+    raise ConfigError(f'{field}={value} must be positive; set --config.{field}.')
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  for name in dotted.split('.'):
+    config = config[name]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  m, d, t = config.model, config.data, config.train
+  _choice(m.arch, model_config.ARCHS, 'model.arch')
+  _choice(m.position, model_config.POSITIONS, 'model.position')
+  _choice(m.norm, model_config.NORMS, 'model.norm')
+  _choice(m.mlp, model_config.MLPS, 'model.mlp')
+  _choice(m.remat, model_config.REMAT_POLICIES, 'model.remat')
+  _choice(m.attention, model_config.ATTENTION_IMPLS, 'model.attention')
+  _choice(config.dtype, DTYPES, 'dtype')
+  _choice(config.param_dtype, ('float32', 'bfloat16'), 'param_dtype')
+  _choice(d.tokenizer.type, TOKENIZER_TYPES, 'data.tokenizer.type')
+  for field in ('model.num_layers', 'model.num_heads', 'model.d_model', 'model.d_ff',
+                'model.max_len', 'data.seq_len', 'data.batch_size', 'data.tokenizer.vocab_size',
+                'train.steps', 'train.lr', 'train.grad_accum', 'train.log_every',
+                'train.eval_every', 'train.eval_steps', 'train.checkpoint_every',
+                'train.keep_checkpoints'):
+    _positive(_get(config, field), field)
+  num_kv_heads = m.num_kv_heads or m.num_heads
+  if m.num_heads % num_kv_heads:
+    raise ConfigError(f'model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads='
+                      f'{m.num_kv_heads}; pick num_kv_heads dividing num_heads.')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f'model.d_model={m.d_model} is not divisible by model.num_heads='
+                      f'{m.num_heads}; change one, or set model.head_dim.')
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if m.position == 'rope' and head_dim % 2:
+    raise ConfigError(f"model.position='rope' needs an even head dimension, got {head_dim}.")
+  if m.position == 'sinusoidal' and m.d_model % 2:
+    raise ConfigError(f"model.position='sinusoidal' needs an even model.d_model, got {m.d_model}.")
+  if d.seq_len > m.max_len:
+    raise ConfigError(f'data.seq_len={d.seq_len} is longer than model.max_len={m.max_len}; '
+                      'raise model.max_len or lower data.seq_len.')
+  if d.batch_size % t.grad_accum:
+    raise ConfigError(f'data.batch_size={d.batch_size} is not divisible by train.grad_accum='
+                      f'{t.grad_accum}; make the batch a multiple of the micro-batch count.')
+  if not 0 < d.eval_fraction < 1:
+    raise ConfigError(f'data.eval_fraction={d.eval_fraction} must be in (0, 1).')
+  if not 0 <= m.dropout < 1:
+    raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1).')
+
+
+def validate_against_mesh(config: ml_collections.ConfigDict, data_parallel: int) -> None:
+  """Each micro-batch must split evenly over the data-parallel devices."""
+  micro_batch = config.data.batch_size // config.train.grad_accum
+  if micro_batch % data_parallel:
+    raise ConfigError(
+        f'data.batch_size={config.data.batch_size} (micro-batch {micro_batch} with '
+        f'train.grad_accum={config.train.grad_accum}) is not divisible by the {data_parallel} '
+        'data-parallel devices (mesh.data x mesh.fsdp); change data.batch_size or the mesh.')
+
+
+def compute_dtype(config: ml_collections.ConfigDict, platform: str):
+  """'auto' is bfloat16 on GPU/TPU and float32 on CPU."""
+  if config.dtype == 'auto':
+    return jnp.bfloat16 if platform in ('gpu', 'tpu', 'cuda', 'rocm') else jnp.float32
+  return jnp.dtype(config.dtype)

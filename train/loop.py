@@ -1,0 +1,198 @@
+"""train_and_evaluate(config, workdir) and evaluate(config, workdir): what main.py calls."""
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+import input_pipeline
+from models import ModelConfig, build_objective, padded_vocab_size
+from train import checkpointing, config_checks, flops, optimizer, sharding, state as state_lib
+from train import steps as steps_lib
+from train.metrics import MetricsWriter, Throughput, log_line
+
+
+class _StopRequested:
+  """SIGTERM / first Ctrl-C ask the loop to checkpoint and exit after the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    logging.warning('Signal %d: saving a checkpoint and exiting after this step.', signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_vocabulary(config, workdir: str, tokenizer_vocab: int) -> int:
+  """The embedding size, checked against the tokenizer, the config and the saved run."""
+  if tokenizer_vocab != config.data.tokenizer.vocab_size:
+    raise config_checks.ConfigError(
+        f"{workdir}/tokenizer.model has {tokenizer_vocab} pieces but data.tokenizer.vocab_size="
+        f'{config.data.tokenizer.vocab_size}; use a fresh --workdir for a new tokenizer or drop '
+        'the override.')
+  vocab = config.model.vocab_size or padded_vocab_size(tokenizer_vocab)
+  if vocab < tokenizer_vocab:
+    raise config_checks.ConfigError(
+        f'model.vocab_size={vocab} is smaller than the tokenizer ({tokenizer_vocab} pieces); '
+        'set model.vocab_size=0 to size it from the tokenizer.')
+  saved_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(saved_path) and os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    with open(saved_path) as f:
+      saved_vocab = json.load(f)['model']['vocab_size']
+    if saved_vocab and saved_vocab != vocab:
+      raise config_checks.ConfigError(
+          f'The checkpoint in {workdir} has an embedding of {saved_vocab} rows but this run '
+          f'would build {vocab} (tokenizer of {tokenizer_vocab} pieces); use a fresh --workdir '
+          'or the tokenizer and vocabulary the run was started with.')
+  return vocab
+
+
+class Run:
+  """Everything a train or eval run builds before its first step, in order."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_checks.validate(config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    config_checks.validate_against_mesh(config, sharding.data_parallel_size(self.mesh))
+    os.makedirs(workdir, exist_ok=True)
+    self.config, self.workdir = config, workdir
+    self.data = input_pipeline.build_data(config, workdir)
+    vocab = _check_vocabulary(config, workdir, self.data.tokenizer.vocab_size)
+    dtype = config_checks.compute_dtype(config, jax.default_backend())
+    self.model_cfg = ModelConfig.from_config(config, vocab, dtype)
+    self.resolved_config = _with_resolved_vocab(config, vocab)
+    self.objective = build_objective(self.model_cfg, config.train.z_loss)
+    self.schedule = optimizer.learning_rate_schedule(config.train)
+    self.tx = optimizer.make_optimizer(config.train)
+    self.abstract_state, self.state_shardings = state_lib.state_shardings(
+        self.objective, self.tx, self.mesh, config.data.seq_len)
+    self.bytes_per_token = jnp.asarray(
+        np.pad(self.data.tokenizer.bytes_per_token, (0, vocab - self.data.tokenizer.vocab_size)),
+        jnp.float32)
+    self.eval_step = steps_lib.jit_eval_step(self.objective, self.mesh,
+                                             self.state_shardings.params)
+
+  def evaluate(self, params) -> dict[str, float]:
+    """Loss, bits per byte and accuracy over at most train.eval_steps validation batches."""
+    totals: dict[str, float] = {}
+    for i, local_batch in enumerate(self.data.make_eval_iter()):
+      if i >= self.config.train.eval_steps:
+        break
+      sums = self.eval_step(params, sharding.global_batch(local_batch, self.mesh),
+                            self.bytes_per_token)
+      for k, v in jax.device_get(sums).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    tokens = max(totals.get('weight', 0.0), 1.0)
+    results = {'eval_loss': totals['loss'] / tokens,
+               'eval_bits_per_byte': totals['loss'] / max(totals['bytes'], 1.0) / math.log(2),
+               'eval_accuracy': totals['correct'] / tokens, 'eval_tokens': tokens}
+    results['eval_perplexity'] = math.exp(min(results['eval_loss'], 50.0))
+    return results
+
+
+def _with_resolved_vocab(config, vocab: int) -> ml_collections.ConfigDict:
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.model.vocab_size = vocab
+  return resolved
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from workdir's latest checkpoint) and returns the last metrics."""
+  # --- set-up: checks, data, model, optimizer --------------------------------
+  run = Run(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(run.resolved_config.to_json(indent=2))
+  train_cfg = config.train
+
+  # --- state: restore or create ---------------------------------------------
+  manager = checkpointing.make_manager(workdir, train_cfg.keep_checkpoints)
+  state, data_state = checkpointing.restore_latest(manager, run.abstract_state)
+  if state is None:
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    state = state_lib.create_train_state(run.objective, run.tx, run.mesh, config.data.seq_len,
+                                         init_key)
+  else:
+    run.data.train_iter.set_state(data_state)
+  start_step = int(state.step)
+
+  dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  train_step = steps_lib.jit_train_step(run.objective, run.tx, run.schedule, train_cfg.grad_accum,
+                                        dropout_key, run.mesh, run.state_shardings)
+  n_params = state_lib.count_params(state.params)
+  n_matmul = flops.matmul_param_count(state.params, run.model_cfg.tie_embeddings)
+  flops_per_token = flops.flops_per_token(n_matmul, run.model_cfg.num_layers,
+                                          config.data.seq_len, run.model_cfg.d_model)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  peak = flops.peak_flops_per_device(run.model_cfg.dtype) * run.mesh.size
+  logging.info('Model: %s parameters (%s in matmuls), %.3g FLOPs/token, %s devices %s, '
+               'dtype %s; training steps %d..%d on %s tokens.', f'{n_params:,}', f'{n_matmul:,}',
+               flops_per_token, run.mesh.size, dict(run.mesh.shape),
+               jnp.dtype(run.model_cfg.dtype).name, start_step, train_cfg.steps,
+               f'{run.data.train_tokens:,}')
+
+  # --- loop -----------------------------------------------------------------
+  writer = MetricsWriter(workdir)
+  throughput = Throughput(start_step, train_cfg.steps)
+  last: dict[str, float] = {}
+  step = start_step
+  with _StopRequested() as stop:
+    while step < train_cfg.steps:
+      batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      is_last = step == train_cfg.steps
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        throughput.update(step, tokens_per_step)  # starts the clock after compilation
+      if step % train_cfg.log_every == 0 or is_last:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        tokens_per_s, eta = throughput.update(step, tokens_per_step)
+        last.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
+        if step % train_cfg.eval_every == 0 or is_last:
+          last.update(run.evaluate(state.params))
+        log_line(step, train_cfg.steps, last, eta)
+        writer.write(step, last)
+      elif step % train_cfg.eval_every == 0:
+        evaluated = run.evaluate(state.params)
+        log_line(step, train_cfg.steps, evaluated, float('nan'))
+        writer.write(step, evaluated)
+      if step % train_cfg.checkpoint_every == 0 or is_last or stop.requested:
+        checkpointing.save(manager, step, state, run.data.train_iter.get_state())
+      if stop.requested:
+        logging.warning('Stopped at step %d; run the same command to resume.', step)
+        break
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return last
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Evaluates the latest checkpoint in workdir."""
+  run = Run(config, workdir)
+  manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
+  state, _ = checkpointing.restore_latest(manager, run.abstract_state, with_data=False)
+  manager.close()
+  if state is None:
+    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints; train first with '
+                            f'python main.py --config=CFG --workdir={workdir}.')
+  return {'step': int(state.step), **run.evaluate(state.params)}

@@ -1,0 +1,78 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Models name their axes ('embed', 'heads', ...); only this module knows the mesh
+axes ('data', 'fsdp', 'tensor'). Batches are split over data x fsdp; parameters
+over fsdp (ZeRO-3 style) and tensor (Megatron-style heads and MLP columns).
+"""
+import math
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+LOGICAL_AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('layers', None),
+    ('max_len', None),
+    ('relpos_buckets', None),
+)
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the one -1 entry of (data, fsdp, tensor) to 'all remaining devices'."""
+  sizes = [mesh_config[name] for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'At most one of mesh.data/fsdp/tensor may be -1; got {sizes}.')
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+    raise ValueError(f'mesh (data, fsdp, tensor) = {tuple(sizes)} does not fit {num_devices} '
+                     'devices; make their product the device count (or use -1 for one axis).')
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh (data, fsdp, tensor) = {tuple(sizes)} uses {math.prod(sizes)} '
+                     f'devices but {num_devices} are present; set one axis to -1.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  device_array = mesh_utils.create_device_mesh(shape, devices=np.asarray(devices).ravel().tolist())
+  return Mesh(device_array, MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+def logical_to_sharding(boxed_tree, mesh: Mesh):
+  """NamedShardings for a tree of logically partitioned (boxed) values."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sequences split over every data-parallel device; sequence positions kept whole."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Builds global arrays from this process's rows of the batch."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

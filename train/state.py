@@ -1,0 +1,50 @@
+"""Train state, created directly in its sharded layout.
+
+eval_shape gives the boxed (logically named) state without allocating; its
+names become shardings; jit(init, out_shardings=...) then materialises every
+shard on its own device, so no device ever holds the whole model.
+"""
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from models import example_batch
+from train import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _init_boxed(objective, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int):
+  params = objective.init(rng, example_batch(1, seq_len))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(objective, tx, mesh: Mesh, seq_len: int):
+  """(abstract unboxed state, NamedSharding tree) without allocating anything."""
+  boxed = jax.eval_shape(lambda r: _init_boxed(objective, tx, r, seq_len), jax.random.key(0))
+  shardings = sharding.logical_to_sharding(boxed, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def create_train_state(objective, tx, mesh: Mesh, seq_len: int, rng: jax.Array):
+  _, shardings = state_shardings(objective, tx, mesh, seq_len)
+  init = jax.jit(lambda r: nn.unbox(_init_boxed(objective, tx, r, seq_len)),
+                 out_shardings=shardings)
+  with mesh:
+    return init(rng)
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

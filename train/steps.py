@@ -1,0 +1,100 @@
+"""The pure train and eval steps, jitted once with explicit shardings.
+
+Both are family-agnostic: the objective's `loss` returns a scalar to
+differentiate plus metric sums; steps add sums and divide by the summed
+'weight' (scored tokens) once, so gradient accumulation over k micro-batches
+equals one batch k times larger.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from train import sharding
+from train.state import TrainState
+
+
+def _split_micro_batches(batch, num_micro: int):
+  """[B, ...] -> [num_micro, B / num_micro, ...]; micro-batch i takes rows i, i+k, ...
+
+  so each data-parallel device keeps an equal share of every micro-batch.
+  """
+  def split(x):
+    x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_step(state: TrainState, batch, *, objective, tx: optax.GradientTransformation,
+               schedule, grad_accum: int, dropout_key: jax.Array):
+  """One optimizer update. Returns (new_state, metrics) with per-token means."""
+  step_key = jax.random.fold_in(dropout_key, state.step)
+  grad_fn = jax.grad(lambda p, mb, key: objective.loss(p, mb, key, True), has_aux=True)
+
+  if grad_accum == 1:
+    grads, sums = grad_fn(state.params, batch, step_key)
+  else:
+    micro_batches = _split_micro_batches(batch, grad_accum)
+
+    def accumulate(carry, inputs):
+      index, micro_batch = inputs
+      grads, sums = grad_fn(state.params, micro_batch, jax.random.fold_in(step_key, index))
+      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    _, zero_sums = jax.eval_shape(grad_fn, state.params,
+                                  jax.tree.map(lambda x: x[0], micro_batches), step_key)
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
+    (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
+                                    (jnp.arange(grad_accum), micro_batches))
+
+  num_tokens = jnp.maximum(sums['weight'], 1.0)
+  grads = jax.tree.map(lambda g: g / num_tokens, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {k: v / num_tokens for k, v in sums.items() if k != 'weight'}
+  metrics.update(tokens=sums['weight'], grad_norm=_global_norm(grads),
+                 lr=schedule(state.step))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, bytes_per_token, *, objective):
+  """Metric sums of one validation batch (no dropout), with the UTF-8 bytes its
+  scored tokens decode to, for bits per byte."""
+  _, sums = objective.loss(params, batch, None, False)
+  sums['bytes'] = jnp.sum(bytes_per_token[batch['targets']] * batch['weights'])
+  return sums
+
+
+def _traced_with_rules(fn, mesh: Mesh):
+  """Runs `fn` under the mesh and logical-axis rules so activation constraints apply."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      return fn(*args)
+  return wrapped
+
+
+def jit_train_step(objective, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
+                   state_shardings):
+  step = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
+                           grad_accum=grad_accum, dropout_key=dropout_key)
+  return jax.jit(_traced_with_rules(step, mesh),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def jit_eval_step(objective, mesh: Mesh, param_shardings):
+  step = functools.partial(eval_step, objective=objective)
+  return jax.jit(_traced_with_rules(step, mesh),
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh),
+                               sharding.replicated(mesh)),
+                 out_shardings=sharding.replicated(mesh))
