@@ -1,0 +1,92 @@
+"""Training throughput of one config on random tokens: one JSON line.
+
+python -m benchmarks.train_step --config=configs/bench_cpu.py --json
+
+Reports tokens/s, step time, MFU, compile time and, on CPU, the float32 matmul
+rate measured in the same process (the practical peak MFU is taken against).
+"""
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from models import ModelConfig, build_objective, padded_vocab_size
+from train import config_checks, flops, optimizer, sharding, state as state_lib, steps
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.',
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).')
+_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line on stdout.')
+
+
+def random_batch(rng: np.random.Generator, batch_size: int, seq_len: int, vocab: int):
+  ids = rng.integers(0, vocab, size=(batch_size, seq_len + 1), dtype=np.int32)
+  return {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
+          'segment_ids': np.ones((batch_size, seq_len), np.int32),
+          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                       (batch_size, seq_len)).copy(),
+          'weights': np.ones((batch_size, seq_len), np.float32)}
+
+
+def measure(config) -> dict:
+  config_checks.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  config_checks.validate_against_mesh(config, sharding.data_parallel_size(mesh))
+  vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
+  cfg = ModelConfig.from_config(config, vocab,
+                                config_checks.compute_dtype(config, jax.default_backend()))
+  objective = build_objective(cfg, config.train.z_loss)
+  tx = optimizer.make_optimizer(config.train)
+  _, shardings = state_lib.state_shardings(objective, tx, mesh, config.data.seq_len)
+  state = state_lib.create_train_state(objective, tx, mesh, config.data.seq_len,
+                                       jax.random.key(config.seed))
+  step = steps.jit_train_step(objective, tx, optimizer.learning_rate_schedule(config.train),
+                              config.train.grad_accum, jax.random.key(1), mesh, shardings)
+  rng = np.random.default_rng(0)
+  batches = [sharding.global_batch(random_batch(rng, config.data.batch_size, config.data.seq_len,
+                                                vocab), mesh) for _ in range(2)]
+
+  start = time.perf_counter()
+  compiled = step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = compiled(state, batches[0])  # warm-up
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for i in range(_STEPS.value):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - start) / _STEPS.value
+
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  n_matmul = flops.matmul_param_count(state.params, cfg.tie_embeddings)
+  flops_per_token = flops.flops_per_token(n_matmul, cfg.num_layers, config.data.seq_len,
+                                          cfg.d_model)
+  peak = flops.peak_flops_per_device(cfg.dtype) * mesh.size
+  tokens_per_s = tokens_per_step / step_s
+  result = {
+      'benchmark': 'train_step', 'backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind, 'devices': mesh.size,
+      'dtype': jax.numpy.dtype(cfg.dtype).name, 'params': state_lib.count_params(state.params),
+      'flops_per_token': flops_per_token, 'batch_size': config.data.batch_size,
+      'seq_len': config.data.seq_len, 'tokens_per_s': tokens_per_s, 'step_s': step_s,
+      'compile_s': compile_s, 'mfu': tokens_per_s * flops_per_token / peak,
+      'peak_flops': peak, 'loss': float(metrics['loss']),
+  }
+  if jax.default_backend() == 'cpu':
+    result['cpu_matmul_flops'] = peak
+  return result
+
+
+def main(argv):
+  del argv
+  result = measure(_CONFIG.value)
+  if not _JSON.value:
+    logging.info('%s', result)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
