@@ -95,9 +95,10 @@ def _dense(cfg: ModelConfig, features, axis, names, stddev, name):
 
 
 def attention_mask(q_segment_BT: Array, kv_segment_BS: Array, causal: bool) -> Array:
-  """[B, 1, T, S] boolean: a query sees a key only in its own document (segment ids
-  equal and non-zero) and, when causal, only at or before its own position."""
-  mask = (q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]) & (q_segment_BT[:, :, None] > 0)
+  """[B, 1, T, S] boolean: a query sees a key only in its own document (equal segment
+  ids) and, when causal, only at or before its own position. Padding (segment 0)
+  sees padding, so no row is fully masked and no NaN reaches weight-0 positions."""
+  mask = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
   if causal:
     t, s = q_segment_BT.shape[1], kv_segment_BS.shape[1]
     mask &= jnp.tril(jnp.ones((t, s), dtype=bool))
