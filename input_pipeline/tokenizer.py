@@ -50,9 +50,13 @@ def train_tokenizer(texts: list[str], model_prefix: str, vocab_size: int, model_
         max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
         train_extremely_large_corpus=False, minloglevel=2)
   except RuntimeError as e:
-    if 'Vocabulary size' in str(e) or 'vocab_size' in str(e):
-      raise ValueError(f'data.tokenizer.vocab_size={vocab_size} is too large for this corpus '
-                       f'({e}); lower data.tokenizer.vocab_size.') from e
+    if 'Vocabulary size is smaller' in str(e):
+      raise ValueError(f'data.tokenizer.vocab_size={vocab_size} is too small to hold the special '
+                       'ids, the 256 byte pieces and the characters of this corpus; raise '
+                       'data.tokenizer.vocab_size.') from e
+    if 'Vocabulary size too high' in str(e):
+      raise ValueError(f'data.tokenizer.vocab_size={vocab_size} is too large for this corpus; '
+                       'lower data.tokenizer.vocab_size.') from e
     raise
   return model_prefix + '.model'
 

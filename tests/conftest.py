@@ -36,8 +36,8 @@ def tiny_config(corpus: str, cache_dir: str):
   config.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=64, max_len=32)
   config.data.update(corpus=corpus, seq_len=32, batch_size=8, cache_dir=cache_dir,
                      eval_fraction=0.1)
-  config.data.tokenizer.vocab_size = 384
-  config.train.update(steps=40, lr=3e-3, warmup_steps=5, log_every=10, eval_every=20,
+  config.data.tokenizer.vocab_size = 512
+  config.train.update(steps=80, lr=1e-2, warmup_steps=5, log_every=20, eval_every=40,
                       eval_steps=4, checkpoint_every=10, keep_checkpoints=2)
   return config
 

@@ -61,6 +61,6 @@ def test_tokenizer_of_another_size_than_the_run(config, tmp_path):
   workdir = str(tmp_path / 'run')
   config.train.steps = 2
   loop.train_and_evaluate(config, workdir)
-  config.data.tokenizer.vocab_size = 512
-  with pytest.raises(config_checks.ConfigError, match='tokenizer.model has 384 pieces'):
+  config.data.tokenizer.vocab_size = 640
+  with pytest.raises(config_checks.ConfigError, match='tokenizer.model has 512 pieces'):
     loop.train_and_evaluate(config, workdir)

@@ -30,7 +30,7 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
   workdir = str(tmp_path / 'run')
   last = loop.train_and_evaluate(config, workdir)
   rows = _metrics(workdir)
-  assert [r['step'] for r in rows if 'loss' in r] == [10, 20, 30, 40]
+  assert [r['step'] for r in rows if 'loss' in r] == [20, 40, 60, 80]
   assert rows[-1]['loss'] < rows[0]['loss'] - 1.0
   for key in ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu', 'eval_loss',
               'eval_bits_per_byte', 'eval_accuracy'):
@@ -41,9 +41,9 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
     ids = np.concatenate([tokenizer.encode(json.loads(line)['text']) for line in f])
   assert last['eval_loss'] < _unigram_entropy_nats(ids) - 0.3
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
-  assert ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).latest_step() == 40
+  assert ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).latest_step() == 80
   saved = json.load(open(os.path.join(workdir, 'config.json')))
-  assert saved['model']['vocab_size'] == 384  # 384 tokenizer pieces, a multiple of 128
+  assert saved['model']['vocab_size'] == 512  # 512 tokenizer pieces, a multiple of 128
 
   # --mode=eval: the same metrics for the latest checkpoint, as one JSON line.
   out = subprocess.run([sys.executable, 'main.py', '--mode=eval', f'--workdir={workdir}',
@@ -51,7 +51,7 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 1, out.stdout
   result = json.loads(lines[0])
-  assert result['step'] == 40
+  assert result['step'] == 80
   np.testing.assert_allclose(result['eval_loss'], last['eval_loss'], rtol=1e-5)
 
 
@@ -66,7 +66,7 @@ def _train_command(config, workdir, steps):
   overrides = {
       'data.corpus': config.data.corpus, 'data.cache_dir': config.data.cache_dir,
       'data.seq_len': 32, 'data.batch_size': 8, 'data.eval_fraction': 0.1,
-      'data.tokenizer.vocab_size': 384, 'model.num_layers': 2, 'model.num_heads': 2,
+      'data.tokenizer.vocab_size': 512, 'model.num_layers': 2, 'model.num_heads': 2,
       'model.d_model': 32, 'model.d_ff': 64, 'model.max_len': 32, 'model.dropout': 0.1,
       'train.steps': steps, 'train.warmup_steps': 5, 'train.log_every': 5,
       'train.eval_every': 1000, 'train.checkpoint_every': 7,
