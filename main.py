@@ -3,6 +3,7 @@
 Parses flags and calls one function of `train.loop`; tests call the same functions.
 """
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -61,8 +62,18 @@ def saved_config(workdir: str, argv: list[str]):
   return config
 
 
+def _quiet_library_info_logs() -> None:
+  """Keeps the console to this project's progress lines: libraries' INFO chatter
+  (Orbax logs dozens of lines per checkpoint) is dropped; their warnings stay."""
+  def keep(record):
+    return record.levelno >= std_logging.WARNING or not any(
+        name in record.pathname for name in ('orbax', 'jax/_src', 'grain', 'absl/'))
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
   del argv
+  _quiet_library_info_logs()
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     import jax
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

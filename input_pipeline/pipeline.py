@@ -76,7 +76,8 @@ def train_iterator(tokens: np.ndarray, seq_len: int, local_batch: int, seed: int
              .shuffle(seed=seed).repeat()
              .batch(local_batch, drop_remainder=True, batch_fn=np.stack)
              .map(pack_windows))
-  return iter(dataset.to_iter_dataset())
+  # Two reader threads suffice for memmap slices and leave the cores to XLA.
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, local_batch: int, shard_index: int,

@@ -6,7 +6,9 @@ Ids (the same for every model this project trains):
   6..105 <extra_id_0>..<extra_id_99>  (T5 span-corruption sentinels)
 then ordinary pieces. The special pieces are sentencepiece control symbols, so no
 text ever encodes to them, even text containing the literal string "[MASK]".
-There is no bos. Byte fallback (on by default) makes every string round-trip.
+There is no bos and no dummy-prefix space, so decode(encode(text)) == text and the
+bytes of the pieces add up to the bytes of the text (bits per byte is exact); byte
+fallback (on by default) covers characters never seen in training.
 """
 import hashlib
 import os
@@ -44,6 +46,7 @@ def train_tokenizer(texts: list[str], model_prefix: str, vocab_size: int, model_
         sentence_iterator=iter(sample), model_prefix=model_prefix, vocab_size=vocab_size,
         model_type=model_type, byte_fallback=byte_fallback, character_coverage=0.9995,
         normalization_rule_name='identity', remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
         split_digits=True, allow_whitespace_only_pieces=True,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
         control_symbols=CONTROL_SYMBOLS, user_defined_symbols=['\n'],

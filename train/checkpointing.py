@@ -24,6 +24,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict | No
   if data_state is not None:
     items['data'] = ocp.args.JsonSave(data_state)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
+  logging.info('Saving checkpoint at step %d to %s (in the background).', step, manager.directory)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, with_data: bool = True):

@@ -153,11 +153,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricsWriter(workdir)
   throughput = Throughput(start_step, train_cfg.steps)
   last: dict[str, float] = {}
-  step = start_step
+  def evaluate_timed():
+    start = time.perf_counter()
+    results = run.evaluate(state.params)
+    throughput.exclude(time.perf_counter() - start)
+    return results
+
+  step, metrics = start_step, None
   with _StopRequested() as stop:
     while step < train_cfg.steps:
       batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
+      previous_metrics = metrics
       state, metrics = train_step(state, batch)
+      # Stay at most one step ahead of the device: bounded memory for queued batches,
+      # and a stop request is served within a step, not after a long queue.
+      jax.block_until_ready(previous_metrics)
       step += 1
       is_last = step == train_cfg.steps
       if step == start_step + 1:
@@ -168,11 +178,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tokens_per_s, eta = throughput.update(step, tokens_per_step)
         last.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
         if step % train_cfg.eval_every == 0 or is_last:
-          last.update(run.evaluate(state.params))
+          last.update(evaluate_timed())
         log_line(step, train_cfg.steps, last, eta)
         writer.write(step, last)
       elif step % train_cfg.eval_every == 0:
-        evaluated = run.evaluate(state.params)
+        evaluated = evaluate_timed()
         log_line(step, train_cfg.steps, evaluated, float('nan'))
         writer.write(step, evaluated)
       if step % train_cfg.checkpoint_every == 0 or is_last or stop.requested:

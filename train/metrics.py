@@ -49,6 +49,11 @@ class Throughput:
     self.total_steps = total_steps
     self._last_step, self._last_time = start_step, None
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves time spent outside training steps (evaluation) out of the rate."""
+    if self._last_time is not None:
+      self._last_time += seconds
+
   def update(self, step: int, tokens_per_step: int) -> tuple[float, float]:
     now = time.perf_counter()
     if self._last_time is None:  # first report follows compilation: restart the clock
