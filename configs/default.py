@@ -21,17 +21,30 @@ def get_config() -> ml_collections.ConfigDict:
   model.head_dim = 0  # 0: d_model // num_heads
   model.vocab_size = 0  # embedding rows; 0: tokenizer vocabulary rounded up to a multiple of 128
   model.max_len = 256  # longest sequence the positions support
-  model.position = 'rope'  # 'learned' | 'sinusoidal' | 'rope'
+  model.position = 'auto'  # 'learned' | 'sinusoidal' | 'rope' | 'relative' (T5 bias) |
+  #                           'auto': rope (decoder), learned (encoder), relative (encoder_decoder)
   model.rope_theta = 10_000.0
   model.norm = 'rmsnorm'  # 'layernorm' | 'rmsnorm'
   model.norm_eps = 1e-6
   model.mlp = 'gelu'  # 'gelu' | 'swiglu'
+  model.num_token_types = 0  # token-type (segment A/B) embeddings; BERT uses 2
   model.tie_embeddings = True  # output projection shares the token embedding
   model.use_bias = False  # biases in attention and MLP projections
   model.dropout = 0.0
   model.scan_layers = True  # nn.scan over layers: compile time does not grow with depth
   model.remat = 'none'  # 'none' | 'dots_saveable' | 'full'
   model.attention = 'auto'  # jax.nn.dot_product_attention implementation: 'auto' | 'xla' | 'cudnn'
+
+  # The pre-training objective; 'auto' follows model.arch: causal_lm (decoder),
+  # masked_lm (encoder), span_corruption (encoder_decoder).
+  config.objective = 'auto'
+  masked_lm = config.masked_lm = ml_collections.ConfigDict()
+  masked_lm.mask_rate = 0.15  # share of ordinary tokens chosen; of those 80% [MASK], 10% random, 10% kept
+  masked_lm.whole_word = False  # choose whole words rather than single pieces
+  masked_lm.next_sentence = False  # [CLS] A [SEP] B [SEP] pairs and a next-sentence head
+  span_corruption = config.span_corruption = ml_collections.ConfigDict()
+  span_corruption.noise_density = 0.15  # share of tokens dropped into spans
+  span_corruption.mean_span_length = 3.0
 
   data = config.data = ml_collections.ConfigDict()
   data.corpus = 'web_bible'  # built-in name, or a path / glob of .txt, .jsonl, .parquet, or hf:NAME

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import ml_collections
 
 ARCHS = ('decoder', 'encoder', 'encoder_decoder')
-POSITIONS = ('learned', 'sinusoidal', 'rope')
+POSITIONS = ('auto', 'learned', 'sinusoidal', 'rope', 'relative')
+# 'auto' picks each family's customary positions.
+DEFAULT_POSITION = {'decoder': 'rope', 'encoder': 'learned', 'encoder_decoder': 'relative'}
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'swiglu')
 REMAT_POLICIES = ('none', 'dots_saveable', 'full')
@@ -29,6 +31,8 @@ class ModelConfig:
   norm: str = 'rmsnorm'
   norm_eps: float = 1e-6
   mlp: str = 'gelu'
+  num_token_types: int = 0  # segment (token-type) embeddings, e.g. 2 for BERT's A/B; 0: none
+  nsp_head: bool = False  # a binary next-sentence head on the first ([CLS]) token
   tie_embeddings: bool = True
   use_bias: bool = False
   dropout: float = 0.0
@@ -47,8 +51,11 @@ class ModelConfig:
         arch=m.arch, vocab_size=vocab_size, num_layers=m.num_layers,
         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
         head_dim=m.head_dim or m.d_model // m.num_heads, d_model=m.d_model,
-        d_ff=m.d_ff, max_len=m.max_len, position=m.position,
-        rope_theta=m.rope_theta, norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp,
+        d_ff=m.d_ff, max_len=m.max_len,
+        position=DEFAULT_POSITION[m.arch] if m.position == 'auto' else m.position,
+        rope_theta=m.rope_theta, num_token_types=m.num_token_types,
+        nsp_head=m.arch == 'encoder' and config.masked_lm.next_sentence,
+        norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp,
         tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
         dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
         attention=m.attention, dtype=dtype,

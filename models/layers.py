@@ -63,6 +63,45 @@ def apply_rope(x_BTNK: Array, positions_BT: Array, theta: float) -> Array:
   return rotated.astype(x_BTNK.dtype)
 
 
+def relative_position_buckets(relative_BTS: Array, bidirectional: bool, num_buckets: int,
+                               max_distance: int) -> Array:
+  """T5's buckets for key position minus query position: exact for small distances,
+  logarithmic up to max_distance, one bucket beyond; a causal decoder only looks back."""
+  if bidirectional:
+    num_buckets //= 2
+    offset_BTS = (relative_BTS > 0).astype(jnp.int32) * num_buckets
+    distance_BTS = jnp.abs(relative_BTS)
+  else:
+    offset_BTS = jnp.zeros_like(relative_BTS)
+    distance_BTS = jnp.maximum(-relative_BTS, 0)
+  exact = num_buckets // 2
+  log_ratio = jnp.log(jnp.maximum(distance_BTS, 1) / exact) / math.log(max_distance / exact)
+  log_bucket_BTS = exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32)
+  log_bucket_BTS = jnp.minimum(log_bucket_BTS, num_buckets - 1)
+  return offset_BTS + jnp.where(distance_BTS < exact, distance_BTS, log_bucket_BTS)
+
+
+class RelativePositionBias(nn.Module):
+  """T5 relative position bias: one learned scalar per (bucket, head), shared by all
+  layers of a stack and added to the attention logits."""
+  cfg: ModelConfig
+  bidirectional: bool
+  num_buckets: int = 32
+  max_distance: int = 128
+
+  @nn.compact
+  def __call__(self, q_positions_BT: Array, kv_positions_BS: Array) -> Array:
+    table_RN = self.param(
+        'relative_attention_bias',
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ('relpos_buckets', 'heads')),
+        (self.num_buckets, self.cfg.num_heads), self.cfg.param_dtype)
+    relative_BTS = kv_positions_BS[:, None, :] - q_positions_BT[:, :, None]
+    buckets_BTS = relative_position_buckets(relative_BTS, self.bidirectional, self.num_buckets,
+                                            self.max_distance)
+    bias_BTSN = jnp.take(table_RN.astype(jnp.float32), buckets_BTS, axis=0)
+    return jnp.transpose(bias_BTSN, (0, 3, 1, 2)).astype(self.cfg.dtype)
+
+
 class Norm(nn.Module):
   """LayerNorm or RMSNorm with float32 statistics and a learned scale (and bias for LayerNorm)."""
   cfg: ModelConfig
@@ -112,7 +151,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, mask_B1TS: Array, positions_BT: Array | None = None,
-               kv_BSD: Array | None = None, kv_positions_BS: Array | None = None) -> Array:
+               kv_BSD: Array | None = None, kv_positions_BS: Array | None = None,
+               bias_BNTS: Array | None = None) -> Array:
     cfg = self.cfg
     N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     self_attention = kv_BSD is None
@@ -126,7 +166,7 @@ class Attention(nn.Module):
       q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
       k_BSGK = apply_rope(k_BSGK, kv_positions_BS, cfg.rope_theta)
     out_BTNK = jax.nn.dot_product_attention(
-        q_BTNK, k_BSGK, v_BSGK, mask=mask_B1TS,
+        q_BTNK, k_BSGK, v_BSGK, bias=bias_BNTS, mask=mask_B1TS,
         implementation=None if cfg.attention == 'auto' else cfg.attention)
     out_std = std / math.sqrt(2 * cfg.num_layers)
     return _dense(cfg, D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out')(out_BTNK)
@@ -161,12 +201,14 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, self_mask_B1TS: Array, positions_BT: Array,
-               encoded_BSD: Array | None = None, cross_mask_B1TS: Array | None = None):
+               self_bias_BNTS: Array | None = None, encoded_BSD: Array | None = None,
+               cross_mask_B1TS: Array | None = None):
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     h = Attention(cfg, use_rope=cfg.position == 'rope', name='self_attention')(
-        Norm(cfg, name='pre_self_attention_norm')(x_BTD), self_mask_B1TS, positions_BT)
+        Norm(cfg, name='pre_self_attention_norm')(x_BTD), self_mask_B1TS, positions_BT,
+        bias_BNTS=self_bias_BNTS)
     x_BTD = x_BTD + dropout(h)
     if self.cross_attention:
       h = Attention(cfg, name='cross_attention')(

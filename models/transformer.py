@@ -1,10 +1,12 @@
-"""Stacks of blocks and the decoder-only language model (GPT)."""
+"""Stacks of blocks and the three families: decoder-only (GPT), encoder-only (BERT)
+and encoder-decoder (T5). They share every layer; only masks and wiring differ."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.layers import Array, Block, Embed, Norm, attention_mask, sinusoidal_positions
+from models.layers import (Array, Block, Embed, Norm, RelativePositionBias, attention_mask,
+                           sinusoidal_positions)
 
 REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
@@ -24,12 +26,13 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, self_mask_B1TS: Array, positions_BT: Array,
-               encoded_BSD: Array | None = None, cross_mask_B1TS: Array | None = None) -> Array:
+               self_bias_BNTS: Array | None = None, encoded_BSD: Array | None = None,
+               cross_mask_B1TS: Array | None = None) -> Array:
     cfg = self.cfg
     block_cls = Block
     if cfg.remat != 'none':
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    args = (self_mask_B1TS, positions_BT, encoded_BSD, cross_mask_B1TS)
+    args = (self_mask_B1TS, positions_BT, self_bias_BNTS, encoded_BSD, cross_mask_B1TS)
     if cfg.scan_layers:
       scanned = nn.scan(
           block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
@@ -44,12 +47,14 @@ class Stack(nn.Module):
 
 
 class InputEmbedding(nn.Module):
-  """Token embedding plus absolute positions (learned or sinusoidal; RoPE acts in attention)."""
+  """Token embedding plus absolute positions (learned or sinusoidal; RoPE and relative
+  biases act inside attention) and optional token-type (segment A/B) embeddings."""
   cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, embed: Embed, ids_BT: Array, positions_BT: Array) -> Array:
+  def __call__(self, embed: Embed, ids_BT: Array, positions_BT: Array,
+               token_type_ids_BT: Array | None = None) -> Array:
     cfg = self.cfg
     x_BTD = embed(ids_BT)
     if cfg.position == 'learned':
@@ -60,6 +65,14 @@ class InputEmbedding(nn.Module):
       x_BTD = x_BTD + jnp.take(table_PD.astype(cfg.dtype), positions_BT, axis=0)
     elif cfg.position == 'sinusoidal':
       x_BTD = x_BTD + sinusoidal_positions(positions_BT, cfg.d_model).astype(cfg.dtype)
+    if cfg.num_token_types:
+      table_YD = self.param(
+          'token_type_embedding',
+          nn.with_logical_partitioning(nn.initializers.normal(0.02), ('token_types', 'embed')),
+          (cfg.num_token_types, cfg.d_model), cfg.param_dtype)
+      if token_type_ids_BT is None:
+        token_type_ids_BT = jnp.zeros_like(ids_BT)
+      x_BTD = x_BTD + jnp.take(table_YD.astype(cfg.dtype), token_type_ids_BT, axis=0)
     return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BTD)
 
 
@@ -79,6 +92,13 @@ class OutputHead(nn.Module):
         name='lm_head')(x_BTD)
 
 
+def _self_attention_bias(cfg: ModelConfig, bidirectional: bool, positions_BT: Array,
+                         name: str) -> Array | None:
+  if cfg.position != 'relative':
+    return None
+  return RelativePositionBias(cfg, bidirectional, name=name)(positions_BT, positions_BT)
+
+
 class DecoderOnly(nn.Module):
   """GPT: causal self-attention over packed sequences; returns logits [B, T, V]."""
   cfg: ModelConfig
@@ -90,5 +110,76 @@ class DecoderOnly(nn.Module):
     embed = Embed(cfg, name='token_embed')
     x_BTD = InputEmbedding(cfg, self.deterministic, name='input')(embed, inputs_BT, positions_BT)
     mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
-    x_BTD = Stack(cfg, self.deterministic, name='decoder')(x_BTD, mask_B1TS, positions_BT)
+    bias_BNTS = _self_attention_bias(cfg, False, positions_BT, 'relative_bias')
+    x_BTD = Stack(cfg, self.deterministic, name='decoder')(x_BTD, mask_B1TS, positions_BT,
+                                                           bias_BNTS)
     return OutputHead(cfg, name='head')(embed, x_BTD)
+
+
+class EncoderOnly(nn.Module):
+  """BERT: bidirectional self-attention; returns (token logits [B, T, V], next-sentence
+  logits [B, 2] from the first token, or None without the NSP head)."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, inputs_BT: Array, segment_ids_BT: Array, positions_BT: Array,
+               token_type_ids_BT: Array | None = None):
+    cfg = self.cfg
+    embed = Embed(cfg, name='token_embed')
+    x_BTD = InputEmbedding(cfg, self.deterministic, name='input')(
+        embed, inputs_BT, positions_BT, token_type_ids_BT)
+    mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
+    bias_BNTS = _self_attention_bias(cfg, True, positions_BT, 'relative_bias')
+    x_BTD = Stack(cfg, self.deterministic, name='encoder')(x_BTD, mask_B1TS, positions_BT,
+                                                           bias_BNTS)
+    logits_BTV = OutputHead(cfg, name='head')(embed, x_BTD)
+    if not cfg.nsp_head:
+      return logits_BTV, None
+    dense = lambda features, name: nn.Dense(
+        features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('embed', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+    pooled_BD = jnp.tanh(dense(cfg.d_model, 'pooler')(Norm(cfg, name='pooler_norm')(x_BTD[:, 0])))
+    return logits_BTV, dense(2, 'next_sentence')(pooled_BD)
+
+
+class EncoderDecoder(nn.Module):
+  """T5: a bidirectional encoder, and a causal decoder that also attends to every
+  encoder token of its own example; returns decoder logits [B, T, V]."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = Embed(cfg, name='token_embed')
+    self.encoder_input = InputEmbedding(cfg, self.deterministic, name='encoder_input')
+    self.decoder_input = InputEmbedding(cfg, self.deterministic, name='decoder_input')
+    self.encoder = Stack(cfg, self.deterministic, name='encoder')
+    self.encoder_norm = Norm(cfg, name='encoder_norm')
+    self.decoder = Stack(cfg, self.deterministic, cross_attention=True, name='decoder')
+    self.head = OutputHead(cfg, name='head')
+    if cfg.position == 'relative':
+      self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, name='encoder_bias')
+      self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, name='decoder_bias')
+
+  def encode(self, inputs_BS: Array, segment_ids_BS: Array, positions_BS: Array) -> Array:
+    x_BSD = self.encoder_input(self.embed, inputs_BS, positions_BS)
+    mask_B1SS = attention_mask(segment_ids_BS, segment_ids_BS, causal=False)
+    bias = self.encoder_bias(positions_BS, positions_BS) if self.cfg.position == 'relative' else None
+    return self.encoder_norm(self.encoder(x_BSD, mask_B1SS, positions_BS, bias))
+
+  def decode(self, encoded_BSD: Array, encoder_segment_ids_BS: Array, inputs_BT: Array,
+             segment_ids_BT: Array, positions_BT: Array) -> Array:
+    x_BTD = self.decoder_input(self.embed, inputs_BT, positions_BT)
+    self_mask_B1TT = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+    cross_mask_B1TS = attention_mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
+    bias = self.decoder_bias(positions_BT, positions_BT) if self.cfg.position == 'relative' else None
+    x_BTD = self.decoder(x_BTD, self_mask_B1TT, positions_BT, bias, encoded_BSD, cross_mask_B1TS)
+    return self.head(self.embed, x_BTD)
+
+  def __call__(self, encoder_inputs_BS, encoder_segment_ids_BS, encoder_positions_BS,
+               decoder_inputs_BT, decoder_segment_ids_BT, decoder_positions_BT) -> Array:
+    encoded_BSD = self.encode(encoder_inputs_BS, encoder_segment_ids_BS, encoder_positions_BS)
+    return self.decode(encoded_BSD, encoder_segment_ids_BS, decoder_inputs_BT,
+                       decoder_segment_ids_BT, decoder_positions_BT)

@@ -56,7 +56,7 @@ class Throughput:
 
   def update(self, step: int, tokens_per_step: int) -> tuple[float, float]:
     now = time.perf_counter()
-    if self._last_time is None:  # first report follows compilation: restart the clock
+    if self._last_time is None or step <= self._last_step:  # no timed steps yet
       self._last_step, self._last_time = step, now
       return float('nan'), float('nan')
     seconds_per_step = (now - self._last_time) / max(1, step - self._last_step)

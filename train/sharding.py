@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES = (
     ('layers', None),
     ('max_len', None),
     ('relpos_buckets', None),
+    ('token_types', None),
 )
 
 

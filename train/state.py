@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from models import example_batch
 from train import sharding
 
 
@@ -25,7 +24,7 @@ class TrainState:
 
 
 def _init_boxed(objective, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int):
-  params = objective.init(rng, example_batch(1, seq_len))
+  params = objective.init(rng, objective.example_batch(1, seq_len))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from models import normalize_metrics
 from train import sharding
 from train.state import TrainState
 
@@ -59,7 +60,7 @@ def train_step(state: TrainState, batch, *, objective, tx: optax.GradientTransfo
   grads = jax.tree.map(lambda g: g / num_tokens, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {k: v / num_tokens for k, v in sums.items() if k != 'weight'}
+  metrics = normalize_metrics(sums)
   metrics.update(tokens=sums['weight'], grad_norm=_global_norm(grads),
                  lr=schedule(state.step))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
