@@ -17,15 +17,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from input_pipeline import corpora, token_cache
-from input_pipeline.tokenizer import EOS_ID, Tokenizer, train_tokenizer
+from input_pipeline import corpora, masking, spans, token_cache
+from input_pipeline.tokenizer import EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 
 Batch = dict[str, np.ndarray]
+Example = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
 class Data:
   tokenizer: Tokenizer
+  task: 'Task'
   train_iter: grain.DatasetIterator  # infinite; get_state() / set_state() resume it exactly
   make_eval_iter: Callable[[], Iterator[Batch]]  # a fresh one-pass iterator
   train_tokens: int
@@ -48,55 +50,144 @@ def pack_windows(windows: np.ndarray) -> Batch:
 
 
 class _Windows:
-  """Random access to window i of a token memmap (a grain data source)."""
+  """Random access to window i (`length` tokens, consecutive windows overlapping by
+  `overlap`) of a token memmap: a grain data source."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
-    self.tokens, self.seq_len = tokens, seq_len
+  def __init__(self, tokens: np.ndarray, length: int, overlap: int = 0):
+    self.tokens, self.length, self.stride = tokens, length, length - overlap
 
   def __len__(self) -> int:
-    return (len(self.tokens) - 1) // self.seq_len
+    return (len(self.tokens) - self.length) // self.stride + 1
 
   def __getitem__(self, i: int) -> np.ndarray:
-    start = int(i) * self.seq_len
-    return np.asarray(self.tokens[start:start + self.seq_len + 1])
+    start = int(i) * self.stride
+    return np.asarray(self.tokens[start:start + self.length])
 
 
-def _check_enough_tokens(split: str, tokens: np.ndarray, seq_len: int, min_windows: int) -> None:
-  if (len(tokens) - 1) // seq_len < min_windows:
+def _segments_and_positions(ids_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  packed = pack_windows(np.concatenate([ids_T, [0]])[None])
+  return packed['segment_ids'][0], packed['positions'][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """How one objective turns the token stream into examples.
+
+  `source(tokens)` is a random-access grain source of raw items; `make_example(item,
+  rng)` turns one into a dict of arrays (rng: a per-example generator, different every
+  epoch, so masks and spans change between epochs and resume exactly).
+  """
+  objective: str
+  seq_len: int
+  vocab_size: int
+  mask_rate: float = 0.15
+  word_starts: np.ndarray | None = None  # [vocab] bool, for whole-word masking
+  next_sentence: bool = False
+  noise_density: float = 0.15
+  mean_span_length: float = 3.0
+
+  @property
+  def raw_length(self) -> int:
+    if self.objective == 'causal_lm':
+      return self.seq_len + 1
+    if self.objective == 'span_corruption':
+      return spans.raw_length_for(self.seq_len, self.noise_density, self.mean_span_length)[0]
+    return self.seq_len
+
+  @property
+  def targets_length(self) -> int:
+    if self.objective == 'span_corruption':
+      return spans.raw_length_for(self.seq_len, self.noise_density, self.mean_span_length)[1]
+    return self.seq_len
+
+  def source(self, tokens: np.ndarray):
+    if self.next_sentence:
+      ends = np.flatnonzero(np.asarray(tokens) == EOS_ID)
+      starts = np.concatenate([[0], ends[:-1] + 1])
+      documents = [tokens[a:b] for a, b in zip(starts, ends) if b > a]
+      return _SentencePairs(documents, max(1, len(tokens) // self.seq_len))
+    return _Windows(tokens, self.raw_length, overlap=1 if self.objective == 'causal_lm' else 0)
+
+  def make_example(self, item, rng: np.random.Generator) -> Example:
+    if self.objective == 'causal_lm':
+      return {k: v[0] for k, v in pack_windows(item[None]).items()}
+    if self.objective == 'masked_lm':
+      return self._masked_example(item, rng)
+    return self._span_example(item, rng)
+
+  def _masked_example(self, item, rng) -> Example:
+    if self.next_sentence:
+      example = masking.sentence_pair(item, rng, self.seq_len)
+    else:
+      segment_ids, positions = _segments_and_positions(item)
+      example = {'inputs': item.astype(np.int32), 'segment_ids': segment_ids,
+                 'positions': positions, 'token_type_ids': np.zeros(self.seq_len, np.int32)}
+    ids = example['inputs']
+    starts = None if self.word_starts is None else self.word_starts[ids]
+    example.update(masking.mask_tokens(ids, rng, self.vocab_size, self.mask_rate, starts))
+    return example
+
+  def _span_example(self, item, rng) -> Example:
+    inputs, targets = spans.corrupt_spans(item.astype(np.int32), rng, self.noise_density,
+                                          self.mean_span_length)
+    pad = lambda x, n: np.pad(x, (0, n - len(x)))
+    real = lambda x, n: (np.arange(n) < len(x)).astype(np.int32)
+    t = self.targets_length
+    decoder_inputs = np.concatenate([[PAD_ID], targets[:-1]])  # T5 starts decoding from pad
+    return {'encoder_inputs': pad(inputs, self.seq_len),
+            'encoder_segment_ids': real(inputs, self.seq_len),
+            'encoder_positions': np.arange(self.seq_len, dtype=np.int32) * real(inputs, self.seq_len),
+            'decoder_inputs': pad(decoder_inputs, t).astype(np.int32),
+            'decoder_segment_ids': real(targets, t),
+            'decoder_positions': np.arange(t, dtype=np.int32) * real(targets, t),
+            'targets': pad(targets, t), 'weights': real(targets, t).astype(np.float32)}
+
+
+class _SentencePairs:
+  """`count` next-sentence examples per epoch; item i is the list of documents (the
+  pair itself is drawn by the per-example rng)."""
+
+  def __init__(self, documents: list[np.ndarray], count: int):
+    self.documents, self.count = documents, count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, i: int) -> list[np.ndarray]:
+    return self.documents
+
+
+def _check_enough_tokens(split: str, tokens: np.ndarray, length: int, min_windows: int) -> None:
+  if (len(tokens) - 1) // length < min_windows:
     raise ValueError(f'The {split} split has {len(tokens):,} tokens, fewer than {min_windows} '
-                     f'window(s) of data.seq_len={seq_len}; lower data.seq_len (or '
-                     'data.batch_size) or use a larger corpus.')
+                     f'example(s) of {length} tokens; lower data.seq_len (or data.batch_size) or '
+                     'use a larger corpus.')
 
 
-def train_iterator(tokens: np.ndarray, seq_len: int, local_batch: int, seed: int,
+def train_iterator(task: Task, tokens: np.ndarray, local_batch: int, seed: int,
                    shard_index: int, shard_count: int) -> grain.DatasetIterator:
   """Shuffled (differently each epoch, same for the same seed), repeated, this process's shard."""
-  windows = _Windows(tokens, seq_len)
-  dataset = (grain.MapDataset.source(windows)[shard_index::shard_count]
+  dataset = (grain.MapDataset.source(task.source(tokens))[shard_index::shard_count]
              .shuffle(seed=seed).repeat()
-             .batch(local_batch, drop_remainder=True, batch_fn=np.stack)
-             .map(pack_windows))
+             .random_map(task.make_example, seed=seed)
+             .batch(local_batch, drop_remainder=True))
   # Two reader threads suffice for memmap slices and leave the cores to XLA.
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, local_batch: int, shard_index: int,
-                 shard_count: int) -> Iterator[Batch]:
-  """Every validation window once, in order; the last batch is padded with weight-0 rows."""
-  windows = _Windows(tokens, seq_len)
-  indices = np.arange(len(windows))
-  # Every process runs the same number of batches, so the global batch stays whole.
-  per_process = -(-len(indices) // shard_count)
-  mine = indices[shard_index::shard_count]
+def eval_batches(task: Task, tokens: np.ndarray, local_batch: int, shard_index: int,
+                 shard_count: int, seed: int = 0) -> Iterator[Batch]:
+  """Every validation example once, in order, with fixed masks / spans; the last batch is
+  padded with weight-0 rows. Every process yields the same number of batches."""
+  source = task.source(tokens)
+  examples = grain.MapDataset.source(source).random_map(task.make_example, seed=seed)
+  per_process = -(-len(source) // shard_count)
+  mine = range(shard_index, len(source), shard_count)
   for start in range(0, per_process, local_batch):
-    rows = [windows[i] for i in mine[start:start + local_batch]]
-    batch = pack_windows(np.stack(rows)) if rows else None
-    padding = local_batch - len(rows)
-    if padding:
-      pad = {k: np.zeros((padding, seq_len), v.dtype) for k, v in
-             pack_windows(np.zeros((1, seq_len + 1), np.int32)).items()}
-      batch = pad if batch is None else {k: np.concatenate([batch[k], pad[k]]) for k in batch}
-    yield batch
+    rows = [examples[i] for i in mine[start:start + local_batch]]
+    template = rows[0] if rows else examples[0]
+    rows += [{k: np.zeros_like(v) for k, v in template.items()}] * (local_batch - len(rows))
+    yield {k: np.stack([row[k] for row in rows]) for k in template}
 
 
 def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -123,12 +214,15 @@ def _tokenizer(config, workdir: str, cache_dir: str, corpus_id: str, train_docs)
       os.remove(tmp_prefix + '.vocab')
       logging.info('Trained a %d-piece %s tokenizer in %.1fs.', t.vocab_size, t.type,
                    time.time() - start)
+    os.makedirs(workdir, exist_ok=True)
     shutil.copyfile(prefix + '.model', path)
   return Tokenizer(path)
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
-  """Tokenizer, train iterator and eval batches for a run; builds caches once."""
+def build_data(config: ml_collections.ConfigDict, workdir: str,
+               objective: str = 'causal_lm') -> Data:
+  """Tokenizer, train iterator and eval batches of `objective` ('causal_lm' |
+  'masked_lm' | 'span_corruption') for a run; builds caches once."""
   d = config.data
   if d.batch_size % jax.process_count():
     raise ValueError(f'data.batch_size={d.batch_size} is not divisible by the '
@@ -156,12 +250,22 @@ def build_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   for split in ('train', 'eval'):
     key = token_cache.cache_key(split_id, split, tokenizer.fingerprint)
     tokens[split], _ = token_cache.tokenized(lambda: splits()[split], tokenizer, cache_dir, key)
-  _check_enough_tokens('train', tokens['train'], d.seq_len, d.batch_size)
-  _check_enough_tokens('eval', tokens['eval'], d.seq_len, 1)
+  task = make_task(config, tokenizer, objective)
+  _check_enough_tokens('train', tokens['train'], task.raw_length, d.batch_size)
+  _check_enough_tokens('eval', tokens['eval'], task.raw_length, 1)
 
   shard = (jax.process_index(), jax.process_count())
   return Data(
-      tokenizer=tokenizer,
-      train_iter=train_iterator(tokens['train'], d.seq_len, local_batch, config.seed, *shard),
-      make_eval_iter=lambda: eval_batches(tokens['eval'], d.seq_len, local_batch, *shard),
+      tokenizer=tokenizer, task=task,
+      train_iter=train_iterator(task, tokens['train'], local_batch, config.seed, *shard),
+      make_eval_iter=lambda: eval_batches(task, tokens['eval'], local_batch, *shard),
       train_tokens=len(tokens['train']))
+
+
+def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer, objective: str) -> Task:
+  m, s = config.masked_lm, config.span_corruption
+  return Task(objective=objective,
+              seq_len=config.data.seq_len, vocab_size=tokenizer.vocab_size,
+              mask_rate=m.mask_rate, next_sentence=m.next_sentence,
+              word_starts=tokenizer.word_starts if m.whole_word else None,
+              noise_density=s.noise_density, mean_span_length=s.mean_span_length)

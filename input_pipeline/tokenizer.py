@@ -74,6 +74,7 @@ class Tokenizer:
     with open(model_path, 'rb') as f:
       self.fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
     self.bytes_per_token = self._bytes_per_token()
+    self.word_starts = np.array([self._starts_word(i) for i in range(self.vocab_size)])
 
   def _bytes_per_token(self) -> np.ndarray:
     counts = np.zeros(self.vocab_size, np.int32)
@@ -85,6 +86,14 @@ class Tokenizer:
       else:
         counts[i] = len(self._sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
     return counts
+
+  def _starts_word(self, i: int) -> bool:
+    """Pieces that begin a word: after a space or a newline, or special ones; byte pieces
+    continue whatever came before (they spell out one character)."""
+    if self._sp.is_byte(i):
+      return False
+    piece = self._sp.id_to_piece(i)
+    return self._sp.is_control(i) or piece.startswith('\u2581') or piece == '\n'
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)

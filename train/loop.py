@@ -12,7 +12,8 @@ import numpy as np
 from absl import logging
 
 import input_pipeline
-from models import ModelConfig, build_objective, padded_vocab_size
+from models import (ModelConfig, build_objective, normalize_metrics, objective_name,
+                    padded_vocab_size)
 from train import checkpointing, config_checks, flops, optimizer, sharding, state as state_lib
 from train import steps as steps_lib
 from train.metrics import MetricsWriter, Throughput, log_line
@@ -74,12 +75,13 @@ class Run:
     config_checks.validate_against_mesh(config, sharding.data_parallel_size(self.mesh))
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
-    self.data = input_pipeline.build_data(config, workdir)
+    objective = objective_name(config.model.arch, config.objective)
+    self.data = input_pipeline.build_data(config, workdir, objective)
     vocab = _check_vocabulary(config, workdir, self.data.tokenizer.vocab_size)
     dtype = config_checks.compute_dtype(config, jax.default_backend())
     self.model_cfg = ModelConfig.from_config(config, vocab, dtype)
     self.resolved_config = _with_resolved_vocab(config, vocab)
-    self.objective = build_objective(self.model_cfg, config.train.z_loss)
+    self.objective = build_objective(self.model_cfg, config.train.z_loss, objective)
     self.schedule = optimizer.learning_rate_schedule(config.train)
     self.tx = optimizer.make_optimizer(config.train)
     self.abstract_state, self.state_shardings = state_lib.state_shardings(
@@ -100,11 +102,13 @@ class Run:
                             self.bytes_per_token)
       for k, v in jax.device_get(sums).items():
         totals[k] = totals.get(k, 0.0) + float(v)
-    tokens = max(totals.get('weight', 0.0), 1.0)
-    results = {'eval_loss': totals['loss'] / tokens,
+    means = {k: float(v) for k, v in normalize_metrics(totals).items()}
+    results = {'eval_loss': means['loss'],
                'eval_bits_per_byte': totals['loss'] / max(totals['bytes'], 1.0) / math.log(2),
-               'eval_accuracy': totals['correct'] / tokens, 'eval_tokens': tokens}
-    results['eval_perplexity'] = math.exp(min(results['eval_loss'], 50.0))
+               'eval_accuracy': means['correct'], 'eval_tokens': totals['weight'],
+               'eval_perplexity': math.exp(min(means['loss'], 50.0))}
+    if 'nsp_count' in totals:
+      results.update(eval_nsp_loss=means['nsp_loss'], eval_nsp_accuracy=means['nsp_correct'])
     return results
 
 

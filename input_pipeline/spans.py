@@ -1,0 +1,74 @@
+"""T5 span corruption in NumPy: noise spans become sentinels in the encoder input, and
+the target lists each sentinel followed by the tokens it replaced.
+
+    raw:     a b c d e f g h i j
+    inputs:  a b <extra_id_0> e f g <extra_id_1> j EOS
+    targets: <extra_id_0> c d <extra_id_1> h i EOS
+"""
+import numpy as np
+
+from input_pipeline.tokenizer import EOS_ID, NUM_SENTINELS, SENTINEL_IDS
+
+
+def _counts(num_tokens: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+  """(noise tokens, noise spans) for a sequence of num_tokens raw tokens."""
+  num_noise = min(max(int(round(num_tokens * noise_density)), 1), num_tokens - 1)
+  num_spans = min(max(int(round(num_noise / mean_span_length)), 1), num_noise, NUM_SENTINELS)
+  return num_noise, num_spans
+
+
+def corrupted_lengths(num_tokens: int, noise_density: float,
+                      mean_span_length: float) -> tuple[int, int]:
+  """(encoder input length, target length) after corrupting num_tokens raw tokens."""
+  num_noise, num_spans = _counts(num_tokens, noise_density, mean_span_length)
+  return num_tokens - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def raw_length_for(inputs_length: int, noise_density: float,
+                   mean_span_length: float) -> tuple[int, int]:
+  """(raw tokens per example, target length): the most raw tokens whose corrupted
+  input still fits inputs_length, so packed inputs fill it (to within a token or two,
+  where one more raw token would add a span and overflow)."""
+  num_tokens = inputs_length
+  while corrupted_lengths(num_tokens + 1, noise_density, mean_span_length)[0] <= inputs_length:
+    num_tokens += 1
+  return num_tokens, corrupted_lengths(num_tokens, noise_density, mean_span_length)[1]
+
+
+def _random_partition(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+  """`parts` positive integers adding up to `total`, uniformly among such partitions."""
+  cuts = np.sort(rng.choice(np.arange(1, total), size=parts - 1, replace=False))
+  return np.diff(np.concatenate([[0], cuts, [total]]))
+
+
+def corrupt_spans(tokens_N: np.ndarray, rng: np.random.Generator, noise_density: float = 0.15,
+                  mean_span_length: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+  """(encoder inputs, targets) for one sequence; spans alternate kept / noise, kept first."""
+  num_noise, num_spans = _counts(len(tokens_N), noise_density, mean_span_length)
+  noise_lengths = _random_partition(num_noise, num_spans, rng)
+  kept_lengths = _random_partition(len(tokens_N) - num_noise, num_spans, rng)
+  inputs, targets, start = [], [], 0
+  for span, (kept, noise) in enumerate(zip(kept_lengths, noise_lengths)):
+    inputs.append(tokens_N[start:start + kept])
+    inputs.append([SENTINEL_IDS[span]])
+    targets.append([SENTINEL_IDS[span]])
+    targets.append(tokens_N[start + kept:start + kept + noise])
+    start += kept + noise
+  inputs.append([EOS_ID])
+  targets.append([EOS_ID])
+  return (np.concatenate(inputs).astype(np.int32), np.concatenate(targets).astype(np.int32))
+
+
+def reconstruct(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """The raw tokens back from (inputs, targets): each sentinel replaced by its span."""
+  sentinels = set(SENTINEL_IDS)
+  spans, current = {}, None
+  for token in targets[:-1]:
+    if token in sentinels:
+      current = spans.setdefault(int(token), [])
+    else:
+      current.append(int(token))
+  out = []
+  for token in inputs[:-1]:
+    out.extend(spans[int(token)] if token in sentinels else [int(token)])
+  return np.asarray(out, np.int32)
