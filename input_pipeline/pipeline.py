@@ -95,6 +95,14 @@ class Task:
     return self.seq_len
 
   @property
+  def window_overlap(self) -> int:
+    """Causal LM windows share one token: the last target of one is the first input of the next."""
+    return 1 if self.objective == 'causal_lm' else 0
+
+  def num_windows(self, tokens: np.ndarray) -> int:
+    return max(0, len(_Windows(tokens, self.raw_length, self.window_overlap)))
+
+  @property
   def targets_length(self) -> int:
     if self.objective == 'span_corruption':
       return spans.raw_length_for(self.seq_len, self.noise_density, self.mean_span_length)[1]
@@ -106,7 +114,7 @@ class Task:
       starts = np.concatenate([[0], ends[:-1] + 1])
       documents = [tokens[a:b] for a, b in zip(starts, ends) if b > a]
       return _SentencePairs(documents, max(1, len(tokens) // self.seq_len))
-    return _Windows(tokens, self.raw_length, overlap=1 if self.objective == 'causal_lm' else 0)
+    return _Windows(tokens, self.raw_length, self.window_overlap)
 
   def make_example(self, item, rng: np.random.Generator) -> Example:
     if self.objective == 'causal_lm':
@@ -157,18 +165,24 @@ class _SentencePairs:
     return self.documents
 
 
-def _check_enough_tokens(split: str, tokens: np.ndarray, length: int, min_windows: int) -> None:
-  if (len(tokens) - 1) // length < min_windows:
-    raise ValueError(f'The {split} split has {len(tokens):,} tokens, fewer than {min_windows} '
-                     f'example(s) of {length} tokens; lower data.seq_len (or data.batch_size) or '
-                     'use a larger corpus.')
+def _check_enough_tokens(split: str, tokens: np.ndarray, task: Task, min_windows: int) -> None:
+  if task.num_windows(tokens) < min_windows:
+    raise ValueError(f'The {split} split has {len(tokens):,} tokens, too few for {min_windows} '
+                     f'example(s) of data.seq_len={task.seq_len}; lower data.seq_len (or '
+                     'data.batch_size) or use a larger corpus.')
+
+
+def _shuffle_seed(seed: int) -> int:
+  """grain reshuffles epoch e with seed + e, so seeds s and s+1 would share epoch orders
+  one epoch apart; hashing the seed keeps different runs' orders unrelated."""
+  return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 def train_iterator(task: Task, tokens: np.ndarray, local_batch: int, seed: int,
                    shard_index: int, shard_count: int) -> grain.DatasetIterator:
   """Shuffled (differently each epoch, same for the same seed), repeated, this process's shard."""
   dataset = (grain.MapDataset.source(task.source(tokens))[shard_index::shard_count]
-             .shuffle(seed=seed).repeat()
+             .shuffle(seed=_shuffle_seed(seed)).repeat()
              .random_map(task.make_example, seed=seed)
              .batch(local_batch, drop_remainder=True))
   # Two reader threads suffice for memmap slices and leave the cores to XLA.
@@ -199,7 +213,9 @@ def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def _tokenizer(config, workdir: str, cache_dir: str, corpus_id: str, train_docs) -> Tokenizer:
   """The workdir's tokenizer, else one from the cache, else one trained on the train split."""
   path = os.path.join(workdir, 'tokenizer.model')
-  if not os.path.exists(path):
+  if os.path.exists(path):
+    logging.info('Using the run\'s tokenizer %s', path)
+  else:
     t = config.data.tokenizer
     key = token_cache.cache_key(corpus_id, t.type, t.vocab_size, t.byte_fallback,
                                 t.max_train_bytes)
@@ -214,8 +230,11 @@ def _tokenizer(config, workdir: str, cache_dir: str, corpus_id: str, train_docs)
       os.remove(tmp_prefix + '.vocab')
       logging.info('Trained a %d-piece %s tokenizer in %.1fs.', t.vocab_size, t.type,
                    time.time() - start)
+    else:
+      logging.info('Reusing the cached tokenizer %s.model', prefix)
     os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(prefix + '.model', path)
+    shutil.copyfile(prefix + '.model', f'{path}.tmp{os.getpid()}')
+    os.replace(f'{path}.tmp{os.getpid()}', path)  # a killed copy never leaves a broken tokenizer
   return Tokenizer(path)
 
 
@@ -227,6 +246,9 @@ def build_data(config: ml_collections.ConfigDict, workdir: str,
   if d.batch_size % jax.process_count():
     raise ValueError(f'data.batch_size={d.batch_size} is not divisible by the '
                      f'{jax.process_count()} processes; change data.batch_size.')
+  if not d.eval_corpus and not 0 < d.eval_fraction < 1:
+    raise ValueError(f'data.eval_fraction={d.eval_fraction} must be in (0, 1); change it, or set '
+                     'data.eval_corpus to a separate validation corpus.')
   local_batch = d.batch_size // jax.process_count()
   cache_dir = _cache_dir(config, workdir)
 
@@ -251,8 +273,8 @@ def build_data(config: ml_collections.ConfigDict, workdir: str,
     key = token_cache.cache_key(split_id, split, tokenizer.fingerprint)
     tokens[split], _ = token_cache.tokenized(lambda: splits()[split], tokenizer, cache_dir, key)
   task = make_task(config, tokenizer, objective)
-  _check_enough_tokens('train', tokens['train'], task.raw_length, d.batch_size)
-  _check_enough_tokens('eval', tokens['eval'], task.raw_length, 1)
+  _check_enough_tokens('train', tokens['train'], task, d.batch_size)
+  _check_enough_tokens('eval', tokens['eval'], task, 1)
 
   shard = (jax.process_index(), jax.process_count())
   return Data(

@@ -13,6 +13,7 @@ fallback (on by default) covers characters never seen in training.
 import hashlib
 import os
 import random
+import re
 
 import numpy as np
 import sentencepiece as spm
@@ -50,16 +51,17 @@ def train_tokenizer(texts: list[str], model_prefix: str, vocab_size: int, model_
         split_digits=True, allow_whitespace_only_pieces=True,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
         control_symbols=CONTROL_SYMBOLS, user_defined_symbols=['\n'],
-        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
-        train_extremely_large_corpus=False, minloglevel=2)
+        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
     if 'Vocabulary size is smaller' in str(e):
       raise ValueError(f'data.tokenizer.vocab_size={vocab_size} is too small to hold the special '
                        'ids, the 256 byte pieces and the characters of this corpus; raise '
                        'data.tokenizer.vocab_size.') from e
     if 'Vocabulary size too high' in str(e):
+      bound = re.search(r'<= (\d+)', str(e))
       raise ValueError(f'data.tokenizer.vocab_size={vocab_size} is too large for this corpus; '
-                       'lower data.tokenizer.vocab_size.') from e
+                       'lower data.tokenizer.vocab_size'
+                       + (f' to at most {bound[1]}.' if bound else '.')) from e
     raise
   return model_prefix + '.model'
 

@@ -36,17 +36,43 @@ PEAK_FLOPS = {
 }
 
 
-def matmul_param_count(params, tie_embeddings: bool) -> int:
-  """Parameters that take part in a matmul for each token (see module docstring)."""
-  total = 0
+def matmul_param_counts(params, tie_embeddings: bool) -> dict[str, int]:
+  """Parameters that take part in a matmul for each token (see module docstring), by
+  top-level module: 'encoder' and 'decoder' stacks, and everything else (output head,
+  poolers) under 'other'."""
+  counts = {'encoder': 0, 'decoder': 0, 'other': 0}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = [getattr(p, 'key', str(p)) for p in path]
-    if names[-1] in ('scale', 'bias', 'position_embedding', 'relative_attention_bias'):
+    if names[-1] in ('scale', 'bias', 'position_embedding', 'relative_attention_bias',
+                     'token_type_embedding'):
       continue
     if names[-1] == 'embedding' and not tie_embeddings:
       continue  # lookup only; the separate lm_head kernel is counted instead
-    total += int(np.prod(leaf.shape))
-  return total
+    counts[names[0] if names[0] in counts else 'other'] += int(np.prod(leaf.shape))
+  return counts
+
+
+def matmul_param_count(params, tie_embeddings: bool) -> int:
+  return sum(matmul_param_counts(params, tie_embeddings).values())
+
+
+def train_flops_per_step(params, tie_embeddings: bool, arch: str, num_layers: int, d_model: int,
+                         batch_size: int, seq_len: int, targets_len: int) -> float:
+  """Training FLOPs of one step, for every family.
+
+  Decoder-only and encoder-only: batch x flops_per_token(N_matmul, L, T, D) x T.
+  Encoder-decoder: the encoder's matmuls see the S = seq_len input tokens, the decoder's
+  and the output head's the T = targets_len target tokens; attention adds
+  12 L D (S^2 + T^2 + T S) per example (encoder self, decoder self, cross).
+  """
+  counts = matmul_param_counts(params, tie_embeddings)
+  if arch != 'encoder_decoder':
+    return batch_size * seq_len * flops_per_token(sum(counts.values()), num_layers, seq_len,
+                                                  d_model)
+  s, t = seq_len, targets_len
+  per_example = (6.0 * (counts['encoder'] * s + (counts['decoder'] + counts['other']) * t)
+                 + 12.0 * num_layers * d_model * (s * s + t * t + t * s))
+  return batch_size * per_example
 
 
 def flops_per_token(n_matmul: int, num_layers: int, seq_len: int, d_model: int) -> float:

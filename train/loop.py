@@ -143,9 +143,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         dropout_key, run.mesh, run.state_shardings)
   n_params = state_lib.count_params(state.params)
   n_matmul = flops.matmul_param_count(state.params, run.model_cfg.tie_embeddings)
-  flops_per_token = flops.flops_per_token(n_matmul, run.model_cfg.num_layers,
-                                          config.data.seq_len, run.model_cfg.d_model)
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  flops_per_step = flops.train_flops_per_step(
+      state.params, run.model_cfg.tie_embeddings, run.model_cfg.arch, run.model_cfg.num_layers,
+      run.model_cfg.d_model, config.data.batch_size, config.data.seq_len,
+      run.data.task.targets_length)
+  flops_per_token = flops_per_step / tokens_per_step
   peak = flops.peak_flops_per_device(run.model_cfg.dtype) * run.mesh.size
   logging.info('Model: %s parameters (%s in matmuls), %.3g FLOPs/token, %s devices %s, '
                'dtype %s; training steps %d..%d on %s tokens.', f'{n_params:,}', f'{n_matmul:,}',
