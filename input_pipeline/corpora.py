@@ -12,7 +12,6 @@ import glob
 import gzip
 import hashlib
 import importlib.metadata
-import io
 import json
 import os
 import re

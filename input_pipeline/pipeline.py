@@ -210,14 +210,14 @@ def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(workdir)), 'data_cache')
 
 
-def _tokenizer(config, workdir: str, cache_dir: str, corpus_id: str, train_docs) -> Tokenizer:
+def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs) -> Tokenizer:
   """The workdir's tokenizer, else one from the cache, else one trained on the train split."""
   path = os.path.join(workdir, 'tokenizer.model')
   if os.path.exists(path):
     logging.info('Using the run\'s tokenizer %s', path)
   else:
     t = config.data.tokenizer
-    key = token_cache.cache_key(corpus_id, t.type, t.vocab_size, t.byte_fallback,
+    key = token_cache.cache_key(train_id, t.type, t.vocab_size, t.byte_fallback,
                                 t.max_train_bytes)
     prefix = os.path.join(cache_dir, f'tokenizer-{key}')
     if not os.path.exists(prefix + '.model'):
@@ -246,9 +246,6 @@ def build_data(config: ml_collections.ConfigDict, workdir: str,
   if d.batch_size % jax.process_count():
     raise ValueError(f'data.batch_size={d.batch_size} is not divisible by the '
                      f'{jax.process_count()} processes; change data.batch_size.')
-  if not d.eval_corpus and not 0 < d.eval_fraction < 1:
-    raise ValueError(f'data.eval_fraction={d.eval_fraction} must be in (0, 1); change it, or set '
-                     'data.eval_corpus to a separate validation corpus.')
   local_batch = d.batch_size // jax.process_count()
   cache_dir = _cache_dir(config, workdir)
 
@@ -264,13 +261,17 @@ def build_data(config: ml_collections.ConfigDict, workdir: str,
         documents['train'], documents['eval'] = corpora.split_documents(docs, d.eval_fraction)
     return documents
 
+  # What each split's text depends on; fingerprints read no file, so a cache hit is cheap.
   train_id = corpora.corpus_fingerprint(d.corpus)
-  eval_id = corpora.corpus_fingerprint(d.eval_corpus) if d.eval_corpus else None
-  split_id = (train_id, eval_id, None if eval_id else d.eval_fraction)
-  tokenizer = _tokenizer(config, workdir, cache_dir, split_id, lambda: splits()['train'])
+  if d.eval_corpus:
+    split_ids = {'train': [train_id], 'eval': [corpora.corpus_fingerprint(d.eval_corpus)]}
+  else:
+    split_ids = {split: [train_id, d.eval_fraction] for split in ('train', 'eval')}
+  tokenizer = _tokenizer(config, workdir, cache_dir, split_ids['train'],
+                         lambda: splits()['train'])
   tokens = {}
   for split in ('train', 'eval'):
-    key = token_cache.cache_key(split_id, split, tokenizer.fingerprint)
+    key = token_cache.cache_key(split_ids[split], split, tokenizer.fingerprint)
     tokens[split], _ = token_cache.tokenized(lambda: splits()[split], tokenizer, cache_dir, key)
   task = make_task(config, tokenizer, objective)
   _check_enough_tokens('train', tokens['train'], task, d.batch_size)

@@ -22,9 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('train.steps', 0, 'train.steps=0 must be positive'),
 ])
 def test_bad_config_values_name_the_field(config, field, value, message):
-  section, name = field.rsplit('.', 1)
+  *sections, name = field.split('.')
   node = config
-  for part in section.split('.'):
+  for part in sections:
     node = node[part]
   node[name] = value
   with pytest.raises(config_checks.ConfigError, match=message.replace('(', r'\(')):
