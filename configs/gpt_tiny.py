@@ -10,8 +10,8 @@ def get_config():
   config.model.update(num_layers=4, num_heads=4, d_model=256, d_ff=1024, max_len=256)
   config.data.update(seq_len=128, batch_size=16)
   config.data.tokenizer.vocab_size = 4096
-  config.train.update(steps=1000, lr=1e-3, warmup_steps=100, log_every=50, eval_every=200,
-                      eval_steps=20, checkpoint_every=200)
+  config.train.update(steps=600, lr=1e-3, warmup_steps=60, log_every=25, eval_every=100,
+                      eval_steps=20, checkpoint_every=100)
   # Unrolled layers: 1.27x the tokens/s of nn.scan on a 2-core CPU at this depth
   # (benchmarks/RESULTS.md); compile time is small either way.
   config.model.scan_layers = False

@@ -65,3 +65,14 @@ def test_tokenizer_of_another_size_than_the_run(config, tmp_path):
   config.data.tokenizer.vocab_size = 640
   with pytest.raises(config_checks.ConfigError, match='tokenizer.model has 512 pieces'):
     loop.train_and_evaluate(config, workdir)
+
+
+def test_eval_mode_reads_the_saved_config_and_applies_overrides(tmp_path):
+  import main
+  (tmp_path / 'config.json').write_text('{"train": {"eval_steps": 20, "lr": 0.001}, "dtype": "float32"}')
+  config = main.saved_config(str(tmp_path), ['--config.train.eval_steps=2', '--json'])
+  assert config.train.eval_steps == 2 and config.train.lr == 0.001
+  with pytest.raises(Exception, match='no such config field'):
+    main.saved_config(str(tmp_path), ['--config.train.eval_stepz=2'])
+  with pytest.raises(Exception, match='train a run'):
+    main.saved_config(str(tmp_path / 'missing'), [])

@@ -287,3 +287,11 @@ def test_split_shorter_than_one_window(corpus, tmp_path):
   config = _config(corpus, tmp_path, eval_corpus=str(tmp_path / 'eval.txt'))
   with pytest.raises(ValueError, match=r'eval split has \d+ tokens.*lower data.seq_len'):
     pipeline.build_data(config, str(tmp_path / 'run'))
+
+
+def test_unigram_tokenizer_round_trips(tmp_path):
+  docs = corpora.load_documents(write_tiny_corpus(tmp_path / 'c.jsonl'))
+  path = tokenizer_lib.train_tokenizer(docs, str(tmp_path / 'uni'), 400, model_type='unigram')
+  tokenizer = tokenizer_lib.Tokenizer(path)
+  text = 'the café dog — 中文'
+  assert tokenizer.decode(tokenizer.encode(text)) == text

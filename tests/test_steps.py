@@ -77,3 +77,18 @@ def test_schedule_warms_up_then_decays_to_min_ratio():
   np.testing.assert_allclose(float(schedule(10)), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 0.1, rtol=1e-6)
   assert float(schedule(50)) < float(schedule(20))
+
+
+def test_matmul_parameters_count_the_output_projection_not_the_lookup():
+  import flax.linen as nn
+  from train import flops
+  base = dict(vocab_size=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, d_model=16,
+              d_ff=32, max_len=16, position='learned')
+  per_layer = 4 * 16 * 16 + 2 * 16 * 32
+  for tie in (True, False):
+    cfg = ModelConfig(tie_embeddings=tie, **base)
+    params = nn.unbox(build_objective(cfg).init(jax.random.key(0),
+                                                build_objective(cfg).example_batch(1, 8)))
+    # the output projection (tied embedding or lm_head) counts once; positions never
+    assert flops.matmul_param_count(params, tie) == 2 * per_layer + 128 * 16
+  assert flops.flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
