@@ -14,8 +14,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); override fields with --config.a.b=VALUE.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, checkpoints, metrics.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'], 'What to do.')
 _JSON = flags.DEFINE_bool('json', False, 'Print exactly one JSON line on stdout (logs on stderr).')
+_PROMPT = flags.DEFINE_string('prompt', None, 'sample: the text to continue.')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'sample: one prompt per line, batched.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'sample: tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'sample: softmax temperature; 0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample: keep the smallest set with this mass.')
+_REPETITION_PENALTY = flags.DEFINE_float('repetition_penalty', 1.0,
+                                         'sample: >1 discourages repeating seen tokens.')
+_STOP = flags.DEFINE_multi_string('stop', [], 'sample: cut each completion at this string.')
+_SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+_GREEDY = flags.DEFINE_bool('greedy', False, 'sample: always take the most likely token.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'HOST:PORT of process 0, for runs over several processes.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
@@ -71,6 +82,44 @@ def _quiet_library_info_logs() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def _sample(config, workdir: str) -> None:
+  """Prints each prompt's completion; streams tokens when there is one prompt."""
+  from inference.generate import generate
+  from inference.load import load_run
+  from inference.sampling import Sampling
+  if _PROMPT_FILE.value:
+    with open(_PROMPT_FILE.value) as f:
+      prompts = [line.rstrip('\n') for line in f if line.strip()]
+  else:
+    prompts = [_PROMPT.value or '']
+  sampling = Sampling(temperature=0.0 if _GREEDY.value else _TEMPERATURE.value,
+                      top_k=_TOP_K.value, top_p=_TOP_P.value,
+                      repetition_penalty=_REPETITION_PENALTY.value)
+  sampling.check()
+  cfg, params, tokenizer = load_run(config, workdir)
+  streamed = []
+
+  def stream(tokens):
+    streamed.append(int(tokens[0]))
+    text = tokenizer.decode(streamed)
+    print(text[len(tokenizer.decode(streamed[:-1])):], end='', flush=True)
+
+  one = len(prompts) == 1 and sys.stdout.isatty() and not _STOP.value
+  if one:
+    print(prompts[0], end='', flush=True)
+  completions = generate(cfg, params, [tokenizer.encode(p) for p in prompts],
+                         _MAX_NEW_TOKENS.value, sampling, _SEED.value,
+                         on_token=stream if one else None)
+  if one:
+    print()
+    return
+  for prompt, ids in zip(prompts, completions):
+    text = tokenizer.decode(ids)
+    for stop in _STOP.value:
+      text = text.split(stop)[0]
+    print(prompt + text, flush=True)
+
+
 def main(argv):
   del argv
   _quiet_library_info_logs()
@@ -84,6 +133,8 @@ def main(argv):
     if _CONFIG.value is None:
       raise app.UsageError('--config is required for training, e.g. --config=configs/gpt_tiny.py')
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == 'sample':
+    _sample(saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
   elif _MODE.value == 'eval':
     config = saved_config(_WORKDIR.value, sys.argv[1:])
     results = loop.evaluate(config, _WORKDIR.value)

@@ -41,6 +41,7 @@ class ModelConfig:
   attention: str = 'auto'
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  decode: bool = False  # one token at a time over a key/value cache (inference only)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int,

@@ -152,7 +152,10 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array, mask_B1TS: Array, positions_BT: Array | None = None,
                kv_BSD: Array | None = None, kv_positions_BS: Array | None = None,
-               bias_BNTS: Array | None = None) -> Array:
+               bias_BNTS: Array | None = None, cache_index: Array | None = None) -> Array:
+    """In decode mode (self-attention), this call's keys and values are written into a
+    [B, max_len, G, K] cache at `cache_index`, and the queries attend to the whole cache
+    (`mask_B1TS` then has S = max_len)."""
     cfg = self.cfg
     N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     self_attention = kv_BSD is None
@@ -165,6 +168,14 @@ class Attention(nn.Module):
     if self.use_rope:
       q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
       k_BSGK = apply_rope(k_BSGK, kv_positions_BS, cfg.rope_theta)
+    if cfg.decode and self_attention:
+      cache_shape = (k_BSGK.shape[0], cfg.max_len) + k_BSGK.shape[2:]
+      cached_k = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, k_BSGK.dtype)
+      cached_v = self.variable('cache', 'cached_value', jnp.zeros, cache_shape, v_BSGK.dtype)
+      start = (0, cache_index, 0, 0)
+      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSGK, start)
+      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BSGK, start)
+      k_BSGK, v_BSGK = cached_k.value, cached_v.value
     out_BTNK = jax.nn.dot_product_attention(
         q_BTNK, k_BSGK, v_BSGK, bias=bias_BNTS, mask=mask_B1TS,
         implementation=None if cfg.attention == 'auto' else cfg.attention)
@@ -202,13 +213,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array, self_mask_B1TS: Array, positions_BT: Array,
                self_bias_BNTS: Array | None = None, encoded_BSD: Array | None = None,
-               cross_mask_B1TS: Array | None = None):
+               cross_mask_B1TS: Array | None = None, cache_index: Array | None = None):
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     h = Attention(cfg, use_rope=cfg.position == 'rope', name='self_attention')(
         Norm(cfg, name='pre_self_attention_norm')(x_BTD), self_mask_B1TS, positions_BT,
-        bias_BNTS=self_bias_BNTS)
+        bias_BNTS=self_bias_BNTS, cache_index=cache_index)
     x_BTD = x_BTD + dropout(h)
     if self.cross_attention:
       h = Attention(cfg, name='cross_attention')(

@@ -27,15 +27,17 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array, self_mask_B1TS: Array, positions_BT: Array,
                self_bias_BNTS: Array | None = None, encoded_BSD: Array | None = None,
-               cross_mask_B1TS: Array | None = None) -> Array:
+               cross_mask_B1TS: Array | None = None, cache_index: Array | None = None) -> Array:
     cfg = self.cfg
     block_cls = Block
     if cfg.remat != 'none':
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    args = (self_mask_B1TS, positions_BT, self_bias_BNTS, encoded_BSD, cross_mask_B1TS)
+    args = (self_mask_B1TS, positions_BT, self_bias_BNTS, encoded_BSD, cross_mask_B1TS,
+            cache_index)
     if cfg.scan_layers:
       scanned = nn.scan(
-          block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          block_cls, variable_axes={'params': 0, 'cache': 0},
+          split_rngs={'params': True, 'dropout': True},
           in_axes=nn.broadcast, length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BTD, _ = scanned(cfg, self.deterministic, self.cross_attention, name='layers')(x_BTD, *args)
@@ -109,11 +111,32 @@ class DecoderOnly(nn.Module):
     cfg = self.cfg
     embed = Embed(cfg, name='token_embed')
     x_BTD = InputEmbedding(cfg, self.deterministic, name='input')(embed, inputs_BT, positions_BT)
-    mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+    cache_index = None
+    if cfg.decode:
+      mask_B1TS, cache_index = self._cache_mask(segment_ids_BT)
+    else:
+      mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
     bias_BNTS = _self_attention_bias(cfg, False, positions_BT, 'relative_bias')
     x_BTD = Stack(cfg, self.deterministic, name='decoder')(x_BTD, mask_B1TS, positions_BT,
-                                                           bias_BNTS)
+                                                           bias_BNTS, cache_index=cache_index)
     return OutputHead(cfg, name='head')(embed, x_BTD)
+
+  def _cache_mask(self, segment_ids_BT: Array) -> tuple[Array, Array]:
+    """Decode mode: the [B, 1, T, max_len] mask over the key/value cache, and the slot
+    this call's first token is written to. Cache slots remember which rows hold real
+    tokens (left padding does not), so rows of different prompt lengths share a batch."""
+    cfg = self.cfg
+    batch, length = segment_ids_BT.shape
+    valid = self.variable('cache', 'valid', jnp.zeros, (batch, cfg.max_len), bool)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids_BT > 0, (0, start))
+    slot_T1 = (start + jnp.arange(length))[:, None]
+    slots_1S = jnp.arange(cfg.max_len)[None, :]
+    # Each query sees the real tokens up to its own slot, and always itself.
+    mask_BTS = (valid.value[:, None, :] & (slots_1S <= slot_T1)) | (slots_1S == slot_T1)
+    index.value = start + length
+    return mask_BTS[:, None], start
 
 
 class EncoderOnly(nn.Module):

@@ -54,6 +54,15 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
   assert result['step'] == 80
   np.testing.assert_allclose(result['eval_loss'], last['eval_loss'], rtol=1e-5)
 
+  # --mode=sample: the prompt and a greedy continuation, for each prompt of a file.
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('The cat\nA small bird sees\n')
+  out = subprocess.run([sys.executable, 'main.py', '--mode=sample', f'--workdir={workdir}',
+                        f'--prompt_file={prompts}', '--max_new_tokens=6', '--greedy'],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 2 and lines[0].startswith('The cat') and len(lines[0]) > len('The cat')
+
 
 def _final_params(workdir):
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))

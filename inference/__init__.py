@@ -1,0 +1,1 @@
+"""Sampling from trained checkpoints: decoding strategies over a key/value cache."""
