@@ -41,6 +41,21 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_len: int) -
           f"model's context is {max_len} tokens; shorten the prompt or lower --max_new_tokens.")
 
 
+def unrolled_layers(cfg: ModelConfig, params):
+  """The same model with its scanned layer stack split into per-layer parameters.
+
+  Decoding reads every weight once per token; inside a scan each step would first
+  slice its layer out of the stacked arrays, copying the whole model per token
+  (1.5x slower on a CPU, benchmarks/RESULTS.md).
+  """
+  if not cfg.scan_layers:
+    return cfg, params
+  stacked = params['decoder']['layers']
+  layers = {f'layer_{i}': jax.tree.map(lambda x, i=i: x[i], stacked)
+            for i in range(cfg.num_layers)}
+  return dataclasses.replace(cfg, scan_layers=False), {**params, 'decoder': layers}
+
+
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'sampling', 'eos_id',
                                              'on_token'))
 def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelConfig,
@@ -100,6 +115,7 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens:
   sampling.check()
   check_prompts(prompts, max_new_tokens, cfg.max_len)
   ids, real = left_pad(prompts)
+  cfg, params = unrolled_layers(cfg, params)
   out = np.asarray(_generate(params, ids, real, jax.random.key(seed), cfg=cfg,
                              max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
                              on_token=on_token))

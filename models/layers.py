@@ -202,8 +202,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm transformer block: self-attention, optional cross-attention, MLP.
 
-  The same block serves every family: `causal` masks the future (decoders),
-  `cross_attention` attends to an encoder's output (encoder-decoder).
+  The same block serves every family: the caller's mask makes it causal (decoders)
+  or bidirectional (encoders); `cross_attention` adds attention to an encoder's
+  output (encoder-decoder).
   Returns (x, None) so that nn.scan can stack it.
   """
   cfg: ModelConfig

@@ -1,0 +1,63 @@
+"""Greedy decoding throughput of the GPT peer shape with random weights: one JSON line.
+
+python -m benchmarks.decode --json --batch=1 --new_tokens=128
+
+Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt; reports
+time to first token (prefill + first sample, compiled) and new tokens/s over the
+whole generation (all rows together), excluding compilation.
+"""
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from inference.generate import _generate, left_pad, unrolled_layers
+from inference.sampling import Sampling
+from models import ModelConfig, build_objective
+
+_BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.')
+
+
+def _timed(fn, repeats: int = 3) -> float:
+  jax.block_until_ready(fn())  # compile
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def main(argv):
+  del argv
+  cfg = ModelConfig(vocab_size=8192, num_layers=6, num_heads=6, num_kv_heads=6, head_dim=64,
+                    d_model=384, d_ff=1536, max_len=_PROMPT_LEN.value + _NEW_TOKENS.value,
+                    position='learned', norm='layernorm', dtype=jnp.dtype(_DTYPE.value))
+  objective = build_objective(cfg)
+  params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 8)))
+  params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)  # weights stored as computed
+  cfg, params = unrolled_layers(cfg, params)  # as generate() does
+  prompts = np.random.default_rng(0).integers(200, 8192, (_BATCH.value, _PROMPT_LEN.value))
+  ids, real = left_pad(prompts.tolist())
+  run = lambda new: _generate(params, ids, real, jax.random.key(0), cfg=cfg, max_new_tokens=new,
+                              sampling=Sampling(temperature=0.0), eos_id=-1)
+  first_token_s = _timed(lambda: run(1))
+  total_s = _timed(lambda: run(_NEW_TOKENS.value))
+  result = {'benchmark': 'decode', 'backend': jax.default_backend(),
+            'device': jax.devices()[0].device_kind, 'dtype': _DTYPE.value,
+            'batch': _BATCH.value, 'prompt_len': _PROMPT_LEN.value,
+            'new_tokens': _NEW_TOKENS.value, 'time_to_first_token_s': first_token_s,
+            'total_s': total_s, 'tokens_per_s': _BATCH.value * _NEW_TOKENS.value / total_s}
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
