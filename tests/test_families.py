@@ -171,3 +171,25 @@ def test_blocks_match_a_numpy_reference(cross_attention):
   expected = _np_block(x[0], np_params, np.asarray(self_mask[0, 0]), cfg.norm_eps,
                        encoded[0] if cross_attention else None, np.asarray(cross_mask[0, 0]))
   np.testing.assert_allclose(np.asarray(out[0]), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_masked_lm_loss_counts_only_chosen_positions():
+  objective, params, _ = _objective('encoder', position='learned')
+  rng = np.random.default_rng(6)
+  batch = _encoder_batch(rng.integers(6, 128, size=(2, 12)))
+  weights = np.zeros((2, 12), np.float32)
+  weights[:, [2, 7]] = 1.0
+  targets = rng.integers(6, 128, size=(2, 12))
+  batch.update(targets=jnp.asarray(targets, jnp.int32), weights=jnp.asarray(weights),
+               token_type_ids=jnp.zeros((2, 12), jnp.int32))
+  loss, sums = objective.loss(params, batch, None, False)
+  other = targets.copy()
+  other[weights == 0] = rng.integers(6, 128, size=int((weights == 0).sum()))
+  loss_other, _ = objective.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
+                                 None, False)
+  assert float(sums['weight']) == 4.0
+  np.testing.assert_allclose(float(loss_other), float(loss), rtol=1e-6)
+  other[0, 2] = (targets[0, 2] + 1 - 6) % 122 + 6  # a chosen position does count
+  loss_chosen, _ = objective.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
+                                  None, False)
+  assert abs(float(loss_chosen) - float(loss)) > 1e-4

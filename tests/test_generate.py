@@ -23,13 +23,15 @@ def _params(cfg):
   return objective, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
 
 
-def _greedy_without_cache(objective, params, prompt, steps):
+def _greedy_without_cache(objective, params, prompt, steps, length=32):
+  """Re-runs the whole (right-padded, so one compiled shape) sequence for every token;
+  causality makes the padding invisible to the positions read."""
+  logits = jax.jit(objective.logits)
   sequence = list(prompt)
   for _ in range(steps):
-    ids = jnp.asarray([sequence], jnp.int32)
-    batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids),
-             'positions': jnp.arange(len(sequence))[None]}
-    sequence.append(int(jnp.argmax(objective.logits(params, batch)[0, -1])))
+    ids = jnp.asarray([sequence + [0] * (length - len(sequence))], jnp.int32)
+    batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids), 'positions': jnp.arange(length)[None]}
+    sequence.append(int(jnp.argmax(logits(params, batch)[0, len(sequence) - 1])))
   return sequence[len(prompt):]
 
 
@@ -101,3 +103,10 @@ def test_temperature_to_zero_is_greedy_and_seeds_reproduce():
 def test_bad_requests_say_what_to_change(prompts, kwargs, message):
   with pytest.raises(ValueError, match=message):
     generate(TINY, None, prompts, 8, **kwargs)
+
+
+def test_sampling_from_a_workdir_without_checkpoint_says_to_train(tmp_path):
+  from configs import default
+  from inference.load import load_run
+  with pytest.raises(FileNotFoundError, match='train first'):
+    load_run(default.get_config(), str(tmp_path))
