@@ -26,6 +26,10 @@ _REPETITION_PENALTY = flags.DEFINE_float('repetition_penalty', 1.0,
                                          'sample: >1 discourages repeating seen tokens.')
 _STOP = flags.DEFINE_multi_string('stop', [], 'sample: cut each completion at this string.')
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+_QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
+                              'sample: int8 weight-only quantization (per-channel scales).')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                           'sample: compute dtype and weight storage (default: the run\'s).')
 _GREEDY = flags.DEFINE_bool('greedy', False, 'sample: always take the most likely token.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'HOST:PORT of process 0, for runs over several processes.')
@@ -84,6 +88,7 @@ def _quiet_library_info_logs() -> None:
 
 def _sample(config, workdir: str) -> None:
   """Prints each prompt's completion; streams tokens when there is one prompt."""
+  import jax
   from inference.generate import generate
   from inference.load import load_run
   from inference.sampling import Sampling
@@ -96,7 +101,11 @@ def _sample(config, workdir: str) -> None:
                       top_k=_TOP_K.value, top_p=_TOP_P.value,
                       repetition_penalty=_REPETITION_PENALTY.value)
   sampling.check()
+  if _DTYPE.value:
+    config.dtype = _DTYPE.value
   cfg, params, tokenizer = load_run(config, workdir)
+  if _DTYPE.value == 'bfloat16':
+    params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
   streamed = []
 
   def stream(tokens):
@@ -109,7 +118,7 @@ def _sample(config, workdir: str) -> None:
     print(prompts[0], end='', flush=True)
   completions = generate(cfg, params, [tokenizer.encode(p) for p in prompts],
                          _MAX_NEW_TOKENS.value, sampling, _SEED.value,
-                         on_token=stream if one else None)
+                         on_token=stream if one else None, quantize=_QUANTIZE.value)
   if one:
     print()
     return

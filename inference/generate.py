@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inference.quantize import dequantize, quantize_int8
 from inference.sampling import Sampling, penalize_repeats, sample
 from models.config import ModelConfig
 from models.transformer import DecoderOnly
@@ -62,6 +63,7 @@ def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelCo
               max_new_tokens: int, sampling: Sampling, eos_id: int,
               on_token: Callable | None = None) -> Array:
   model = DecoderOnly(dataclasses.replace(cfg, decode=True))
+  params = dequantize(params)  # int8 weights stay int8 in memory; no-op for dense ones
   batch = ids_BP.shape[0]
   positions_BP = jnp.maximum(jnp.cumsum(real_BP, axis=1) - 1, 0)
   cache = model.init(jax.random.key(0), ids_BP[:, :1], real_BP[:, :1], positions_BP[:, :1])
@@ -103,9 +105,10 @@ def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelCo
 
 def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(temperature=0.0), seed: int = 0, eos_id: int = 1,
-             on_token: Callable | None = None) -> list[list[int]]:
+             on_token: Callable | None = None, quantize: str = 'none') -> list[list[int]]:
   """New tokens for each prompt (ending at EOS, which is kept, or at max_new_tokens).
 
+  quantize='int8' keeps the weights as int8 with per-channel scales (inference/quantize.py).
   `on_token(tokens [B])` is called as each step's tokens are chosen (for streaming).
   """
   if cfg.arch != 'decoder':
@@ -116,6 +119,10 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens:
   check_prompts(prompts, max_new_tokens, cfg.max_len)
   ids, real = left_pad(prompts)
   cfg, params = unrolled_layers(cfg, params)
+  if quantize == 'int8':
+    params = quantize_int8(params)
+  elif quantize != 'none':
+    raise ValueError(f"--quantize={quantize} is not one of none, int8.")
   out = np.asarray(_generate(params, ids, real, jax.random.key(seed), cfg=cfg,
                              max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
                              on_token=on_token))

@@ -110,3 +110,11 @@ def test_sampling_from_a_workdir_without_checkpoint_says_to_train(tmp_path):
   from inference.load import load_run
   with pytest.raises(FileNotFoundError, match='train first'):
     load_run(default.get_config(), str(tmp_path))
+
+
+def test_int8_weights_take_a_quarter_of_the_memory_and_decode():
+  from inference.quantize import quantize_int8, weight_bytes
+  _, params = _params(TINY)
+  assert weight_bytes(quantize_int8(params)) < 0.35 * weight_bytes(params)
+  out = generate(TINY, params, PROMPTS, 6, eos_id=-1, quantize='int8')
+  assert [len(row) for row in out] == [6, 6, 6]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -53,6 +54,25 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
   result = json.loads(lines[0])
   assert result['step'] == 80
   np.testing.assert_allclose(result['eval_loss'], last['eval_loss'], rtol=1e-5)
+
+  # Int8 weights of the trained model reproduce its float32 logits. Stated tolerance:
+  # mean |difference| under 1% and max under 10% of the logits' standard deviation,
+  # and the same most likely token at 95% of positions or more.
+  import main
+  from inference.load import load_run
+  from inference.quantize import dequantize, quantize_int8
+  from models import build_objective
+  cfg, params, tokenizer = load_run(main.saved_config(workdir, []), workdir)
+  objective = build_objective(cfg)
+  ids = jnp.asarray([tokenizer.encode('The old king sees the river. A dog finds the gate.')])
+  batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids),
+           'positions': jnp.arange(ids.shape[1])[None]}
+  exact = objective.logits(params, batch)
+  approx = objective.logits(dequantize(quantize_int8(params)), batch)
+  spread = float(jnp.std(exact))
+  assert float(jnp.mean(jnp.abs(approx - exact))) < 0.01 * spread
+  assert float(jnp.max(jnp.abs(approx - exact))) < 0.10 * spread
+  assert float(jnp.mean(jnp.argmax(approx, -1) == jnp.argmax(exact, -1))) >= 0.95
 
   # --mode=sample: the prompt and a greedy continuation, for each prompt of a file.
   prompts = tmp_path / 'prompts.txt'
