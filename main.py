@@ -4,7 +4,6 @@ Parses flags and calls one function of `train.loop`; tests call the same functio
 """
 import json
 import logging as std_logging
-import os
 import sys
 
 from absl import app, flags, logging
@@ -35,46 +34,6 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'HOST:PORT of process 0, for runs over several processes.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in a multi-host run.')
-
-
-def _config_overrides(argv: list[str]) -> list[tuple[str, str]]:
-  """(field, value) pairs of --config.a.b=VALUE arguments, in order."""
-  pairs = []
-  for arg in argv:
-    if arg.startswith('--config.') and '=' in arg:
-      field, value = arg[len('--config.'):].split('=', 1)
-      pairs.append((field, value))
-  return pairs
-
-
-def _parse_like(value: str, current):
-  """Parses a command-line string to the type of the field it overrides."""
-  if isinstance(current, bool):
-    if value.lower() not in ('true', 'false', '1', '0'):
-      raise app.UsageError(f'Expected true or false, got {value!r}.')
-    return value.lower() in ('true', '1')
-  return type(current)(value) if current is not None else value
-
-
-def saved_config(workdir: str, argv: list[str]):
-  """The run's own config.json, with this command's --config.a.b=VALUE overrides on top."""
-  import ml_collections
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise app.UsageError(f'{path} does not exist; train a run in --workdir={workdir} first.')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  for field, value in _config_overrides(argv):
-    *parents, leaf = field.split('.')
-    node = config
-    for name in parents:
-      node = node[name] if name in node else None
-      if not isinstance(node, ml_collections.ConfigDict):
-        raise app.UsageError(f'--config.{field}: no such config field.')
-    if leaf not in node:
-      raise app.UsageError(f'--config.{field}: no such config field.')
-    node[leaf] = _parse_like(value, node[leaf])
-  return config
 
 
 def _quiet_library_info_logs() -> None:
@@ -135,7 +94,7 @@ def main(argv):
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     import jax
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from train import loop  # after distributed init: importing jax-heavy modules is cheap, using them is not
+  from train import loop, run_config  # after distributed init: importing jax-heavy modules is cheap, using them is not
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required.')
   if _MODE.value == 'train':
@@ -143,9 +102,9 @@ def main(argv):
       raise app.UsageError('--config is required for training, e.g. --config=configs/gpt_tiny.py')
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   elif _MODE.value == 'sample':
-    _sample(saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
+    _sample(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
   elif _MODE.value == 'eval':
-    config = saved_config(_WORKDIR.value, sys.argv[1:])
+    config = run_config.saved_config(_WORKDIR.value, sys.argv[1:])
     results = loop.evaluate(config, _WORKDIR.value)
     print(json.dumps(results) if _JSON.value else results, flush=True)
 

@@ -68,11 +68,11 @@ def test_tokenizer_of_another_size_than_the_run(config, tmp_path):
 
 
 def test_eval_mode_reads_the_saved_config_and_applies_overrides(tmp_path):
-  import main
+  from train import run_config
   (tmp_path / 'config.json').write_text('{"train": {"eval_steps": 20, "lr": 0.001}, "dtype": "float32"}')
-  config = main.saved_config(str(tmp_path), ['--config.train.eval_steps=2', '--json'])
+  config = run_config.saved_config(str(tmp_path), ['--config.train.eval_steps=2', '--json'])
   assert config.train.eval_steps == 2 and config.train.lr == 0.001
   with pytest.raises(Exception, match='no such config field'):
-    main.saved_config(str(tmp_path), ['--config.train.eval_stepz=2'])
+    run_config.saved_config(str(tmp_path), ['--config.train.eval_stepz=2'])
   with pytest.raises(Exception, match='train a run'):
-    main.saved_config(str(tmp_path / 'missing'), [])
+    run_config.saved_config(str(tmp_path / 'missing'), [])

@@ -65,7 +65,7 @@ def test_sentence_pairs_have_the_bert_layout_and_half_are_true_next():
 
 def test_span_corruption_round_trips_and_has_the_configured_statistics():
   rng = np.random.default_rng(3)
-  noise = spans_count = span_tokens = total = 0
+  spans_count = span_tokens = total = 0
   for _ in range(500):
     tokens = rng.integers(NUM_SPECIAL, VOCAB, size=int(rng.integers(50, 200)))
     inputs, targets = spans.corrupt_spans(tokens, rng, 0.15, 3.0)

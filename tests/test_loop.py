@@ -58,11 +58,11 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
   # Int8 weights of the trained model reproduce its float32 logits. Stated tolerance:
   # mean |difference| under 1% and max under 10% of the logits' standard deviation,
   # and the same most likely token at 95% of positions or more.
-  import main
+  from train import run_config
   from inference.load import load_run
   from inference.quantize import dequantize, quantize_int8
   from models import build_objective
-  cfg, params, tokenizer = load_run(main.saved_config(workdir, []), workdir)
+  cfg, params, tokenizer = load_run(run_config.saved_config(workdir, []), workdir)
   objective = build_objective(cfg)
   ids = jnp.asarray([tokenizer.encode('The old king sees the river. A dog finds the gate.')])
   batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids),

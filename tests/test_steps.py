@@ -80,7 +80,6 @@ def test_schedule_warms_up_then_decays_to_min_ratio():
 
 
 def test_matmul_parameters_count_the_output_projection_not_the_lookup():
-  import flax.linen as nn
   from train import flops
   base = dict(vocab_size=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8, d_model=16,
               d_ff=32, max_len=16, position='learned')

@@ -1,0 +1,38 @@
+"""Int8 weight-only quantization of a trained run: weight memory and validation loss
+before and after, as one JSON line.
+
+python -m benchmarks.quantize --workdir=runs/gpt_tiny --json
+"""
+import json
+
+import jax
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run.', required=True)
+_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.')
+
+
+def main(argv):
+  from inference.quantize import dequantize, quantize_int8, weight_bytes
+  from train import checkpointing, loop, run_config
+  config = run_config.saved_config(_WORKDIR.value, argv[1:])
+  run = loop.Run(config, _WORKDIR.value)
+  manager = checkpointing.make_manager(_WORKDIR.value, config.train.keep_checkpoints)
+  state, _ = checkpointing.restore_latest(manager, run.abstract_state, with_data=False)
+  manager.close()
+  if state is None:
+    raise app.UsageError(f'No checkpoint in {_WORKDIR.value}; train first.')
+  quantized = quantize_int8(state.params)
+  before = run.evaluate(state.params)
+  after = run.evaluate(jax.jit(dequantize)(quantized))
+  result = {'benchmark': 'quantize', 'workdir': _WORKDIR.value, 'step': int(state.step),
+            'float32_weight_bytes': weight_bytes(state.params),
+            'int8_weight_bytes': weight_bytes(quantized),
+            'eval_loss_float32': before['eval_loss'], 'eval_loss_int8': after['eval_loss'],
+            'eval_bits_per_byte_float32': before['eval_bits_per_byte'],
+            'eval_bits_per_byte_int8': after['eval_bits_per_byte']}
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,48 @@
+"""A run's own config: the workdir's config.json, with command-line overrides on top.
+
+`eval`, `sample` and the benchmarks that read a trained run use it, so they see the
+run exactly as it was trained (vocabulary size resolved) unless told otherwise.
+"""
+import json
+import os
+
+import ml_collections
+
+
+def _config_overrides(argv: list[str]) -> list[tuple[str, str]]:
+  """(field, value) pairs of --config.a.b=VALUE arguments, in order."""
+  pairs = []
+  for arg in argv:
+    if arg.startswith('--config.') and '=' in arg:
+      field, value = arg[len('--config.'):].split('=', 1)
+      pairs.append((field, value))
+  return pairs
+
+
+def _parse_like(value: str, current):
+  """Parses a command-line string to the type of the field it overrides."""
+  if isinstance(current, bool):
+    if value.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'Expected true or false, got {value!r}.')
+    return value.lower() in ('true', '1')
+  return type(current)(value) if current is not None else value
+
+
+def saved_config(workdir: str, argv: list[str]):
+  """The run's own config.json, with this command's --config.a.b=VALUE overrides on top."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ValueError(f'{path} does not exist; train a run in --workdir={workdir} first.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for field, value in _config_overrides(argv):
+    *parents, leaf = field.split('.')
+    node = config
+    for name in parents:
+      node = node[name] if name in node else None
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f'--config.{field}: no such config field.')
+    if leaf not in node:
+      raise ValueError(f'--config.{field}: no such config field.')
+    node[leaf] = _parse_like(value, node[leaf])
+  return config
