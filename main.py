@@ -63,6 +63,12 @@ def _sample(config, workdir: str) -> None:
   if _DTYPE.value:
     config.dtype = _DTYPE.value
   cfg, params, tokenizer = load_run(config, workdir)
+  if cfg.arch == 'encoder':  # BERT: fill the prompt's [MASK]s
+    from inference.fill_mask import fill_masks
+    from models import build_objective
+    for text in fill_masks(build_objective(cfg), params, tokenizer, prompts, cfg.max_len):
+      print(text, flush=True)
+    return
   if _DTYPE.value == 'bfloat16':
     params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
   streamed = []

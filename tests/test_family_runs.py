@@ -42,6 +42,16 @@ def test_family_trains_and_resumes_exactly(config, tmp_path, monkeypatch, family
   assert 'eval_accuracy' in last
   if FAMILIES[family]['next_sentence']:
     assert 'nsp_loss' in rows[-1] and 'eval_nsp_accuracy' in last
+    # --mode=sample on an encoder run fills the prompt's [MASK]s.
+    from inference.fill_mask import fill_masks
+    from inference.load import load_run
+    from models import build_objective
+    from train import run_config
+    cfg, params, tokenizer = load_run(run_config.saved_config(straight, []), straight)
+    filled = fill_masks(build_objective(cfg), params, tokenizer, ['The cat [MASK] the bread.'],
+                        cfg.max_len)[0]
+    assert filled.startswith('The cat ') and filled.endswith(' the bread.')
+    assert '[MASK]' not in filled and len(filled) > len('The cat  the bread.')
 
   # Stop with SIGTERM right after step 30 is logged (a checkpoint is saved), then resume.
   original_write = metrics.MetricsWriter.write
