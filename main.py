@@ -25,6 +25,10 @@ _REPETITION_PENALTY = flags.DEFINE_float('repetition_penalty', 1.0,
                                          'sample: >1 discourages repeating seen tokens.')
 _STOP = flags.DEFINE_multi_string('stop', [], 'sample: cut each completion at this string.')
 _SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+_BEAM_SIZE = flags.DEFINE_integer('beam_size', 0, 'sample: beam search with this many beams '
+                                  '(0: sampling / greedy as the other flags say).')
+_LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 0.6, 'sample: GNMT length penalty of '
+                                     'beam search (0: raw log-probabilities).')
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
                               'sample: int8 weight-only quantization (per-channel scales).')
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
@@ -78,12 +82,18 @@ def _sample(config, workdir: str) -> None:
     text = tokenizer.decode(streamed)
     print(text[len(tokenizer.decode(streamed[:-1])):], end='', flush=True)
 
-  one = len(prompts) == 1 and sys.stdout.isatty() and not _STOP.value
+  one = (len(prompts) == 1 and sys.stdout.isatty() and not _STOP.value
+         and not _BEAM_SIZE.value)  # beams are only known at the end
   if one:
     print(prompts[0], end='', flush=True)
-  completions = generate(cfg, params, [tokenizer.encode(p) for p in prompts],
-                         _MAX_NEW_TOKENS.value, sampling, _SEED.value,
-                         on_token=stream if one else None, quantize=_QUANTIZE.value)
+  prompt_ids = [tokenizer.encode(p) for p in prompts]
+  if _BEAM_SIZE.value:
+    from inference.beam import beam_search
+    completions = beam_search(cfg, params, prompt_ids, _MAX_NEW_TOKENS.value, _BEAM_SIZE.value,
+                              _LENGTH_PENALTY.value, quantize=_QUANTIZE.value)
+  else:
+    completions = generate(cfg, params, prompt_ids, _MAX_NEW_TOKENS.value, sampling, _SEED.value,
+                           on_token=stream if one else None, quantize=_QUANTIZE.value)
   if one:
     print()
     return

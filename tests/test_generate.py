@@ -118,3 +118,24 @@ def test_int8_weights_take_a_quarter_of_the_memory_and_decode():
   assert weight_bytes(quantize_int8(params)) < 0.35 * weight_bytes(params)
   out = generate(TINY, params, PROMPTS, 6, eos_id=-1, quantize='int8')
   assert [len(row) for row in out] == [6, 6, 6]
+
+
+def test_beam_search_is_greedy_at_width_one_and_exact_at_full_width():
+  from inference.beam import beam_search
+  objective, params = _params(TINY)
+  greedy = generate(TINY, params, PROMPTS, 6, eos_id=-1)
+  assert beam_search(TINY, params, PROMPTS, 6, beam_size=1, eos_id=-1) == greedy
+  # With one beam per vocabulary entry, two steps of beam search are exhaustive.
+  prompt = PROMPTS[0]
+  best = beam_search(TINY, params, [prompt], 2, beam_size=TINY.vocab_size, length_penalty=0.0,
+                     eos_id=-1)[0]
+  logits = jax.jit(objective.logits)
+  ids = jnp.asarray([prompt + [t, 0] for t in range(TINY.vocab_size)], jnp.int32)
+  batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids),
+           'positions': jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)}
+  logp = jax.nn.log_softmax(logits(params, batch).astype(jnp.float32))
+  first = logp[0, len(prompt) - 1]  # [V]: every row shares the prompt
+  second = logp[:, len(prompt)]  # [V, V]: row t continues after first token t
+  total = first[:, None] + second
+  expected = list(np.unravel_index(int(jnp.argmax(total)), total.shape))
+  assert best == [int(t) for t in expected]

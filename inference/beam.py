@@ -1,0 +1,98 @@
+"""Beam search for the decoder family, over the same key/value cache as sampling.
+
+Each prompt keeps `beam_size` hypotheses; every step extends each by every token
+and keeps the best `beam_size` by summed log-probability, reordering the cache
+rows to follow their hypotheses. A finished hypothesis (EOS) only extends by
+padding at no cost. The winner maximises score / ((5 + length) / 6) ** length_penalty
+(GNMT); length_penalty 0 compares raw log-probabilities.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inference.generate import check_prompts, left_pad, unrolled_layers
+from inference.quantize import dequantize, quantize_int8
+from models.config import ModelConfig
+from models.transformer import DecoderOnly
+
+Array = jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'beam_size', 'eos_id',
+                                             'length_penalty'))
+def _beam_search(params, ids_BP: Array, real_BP: Array, *, cfg: ModelConfig, max_new_tokens: int,
+                 beam_size: int, eos_id: int, length_penalty: float):
+  model = DecoderOnly(dataclasses.replace(cfg, decode=True))
+  params = dequantize(params)
+  batch, width, vocab = ids_BP.shape[0], beam_size, cfg.vocab_size
+  rows = batch * width
+  # Every prompt repeated once per beam: rows b * width + w.
+  ids_RP, real_RP = (jnp.repeat(x, width, axis=0) for x in (ids_BP, real_BP))
+  positions_RP = jnp.maximum(jnp.cumsum(real_RP, axis=1) - 1, 0)
+  cache = model.init(jax.random.key(0), ids_RP[:, :1], real_RP[:, :1], positions_RP[:, :1])
+  cache = jax.tree.map(jnp.zeros_like, cache['cache'])
+
+  def forward(cache, ids, real, positions):
+    logits, updated = model.apply({'params': params, 'cache': cache}, ids, real, positions,
+                                  mutable=['cache'])
+    return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), updated['cache']
+
+  logp_RV, cache = forward(cache, ids_RP, real_RP, positions_RP)
+  # Identical beams at the start: only the first may extend, so no duplicates.
+  scores_BW = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf), (batch, 1))
+
+  def step(carry):
+    i, cache, logp_RV, position_R, scores_BW, done_BW, tokens_BWN = carry
+    done_R = done_BW.reshape(rows)
+    # A finished hypothesis extends only by padding (id 0), at no cost.
+    pad_only = jnp.where(jnp.arange(vocab) == 0, 0.0, -jnp.inf)
+    logp_RV = jnp.where(done_R[:, None], pad_only, logp_RV)
+    candidates_BX = (scores_BW[:, :, None] + logp_RV.reshape(batch, width, vocab)).reshape(
+        batch, width * vocab)
+    scores_BW, flat_BW = jax.lax.top_k(candidates_BX, width)
+    beam_BW, token_BW = flat_BW // vocab, (flat_BW % vocab).astype(jnp.int32)
+    source_R = (jnp.arange(batch)[:, None] * width + beam_BW).reshape(rows)
+    cache = jax.tree.map(lambda c: c[source_R] if c.ndim else c, cache)
+    tokens_BWN = jnp.take_along_axis(tokens_BWN, beam_BW[:, :, None], axis=1)
+    tokens_BWN = tokens_BWN.at[:, :, i].set(token_BW)
+    done_BW = jnp.take_along_axis(done_BW, beam_BW, axis=1) | (token_BW == eos_id)
+    position_R = position_R[source_R] + 1
+    logp_RV, cache = forward(cache, token_BW.reshape(rows, 1), jnp.ones((rows, 1), jnp.int32),
+                             position_R[:, None])
+    return i + 1, cache, logp_RV, position_R, scores_BW, done_BW, tokens_BWN
+
+  def not_finished(carry):
+    i, *_, done_BW, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_BW)
+
+  carry = (jnp.zeros((), jnp.int32), cache, logp_RV, positions_RP[:, -1], scores_BW,
+           jnp.zeros((batch, width), bool), jnp.zeros((batch, width, max_new_tokens), jnp.int32))
+  _, _, _, _, scores_BW, _, tokens_BWN = jax.lax.while_loop(not_finished, step, carry)
+  ends_BWN = jnp.cumsum(tokens_BWN == eos_id, axis=-1) - (tokens_BWN == eos_id) > 0
+  lengths_BW = jnp.sum(~ends_BWN, axis=-1)
+  normalized_BW = scores_BW / ((5.0 + lengths_BW) / 6.0) ** length_penalty
+  best_B = jnp.argmax(normalized_BW, axis=1)
+  return jnp.take_along_axis(tokens_BWN, best_B[:, None, None], axis=1)[:, 0], lengths_BW[
+      jnp.arange(batch), best_B]
+
+
+def beam_search(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
+                beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = 1,
+                quantize: str = 'none') -> list[list[int]]:
+  """The best continuation of each prompt (ending at EOS, which is kept, or at max_new_tokens)."""
+  if cfg.arch != 'decoder':
+    raise ValueError(f"Beam search supports model.arch='decoder'; this run is '{cfg.arch}'.")
+  if beam_size < 1:
+    raise ValueError(f'--beam_size={beam_size} must be at least 1.')
+  check_prompts(prompts, max_new_tokens, cfg.max_len)
+  ids, real = left_pad(prompts)
+  cfg, params = unrolled_layers(cfg, params)
+  if quantize == 'int8':
+    params = quantize_int8(params)
+  tokens, lengths = _beam_search(params, ids, real, cfg=cfg, max_new_tokens=max_new_tokens,
+                                 beam_size=beam_size, eos_id=eos_id,
+                                 length_penalty=length_penalty)
+  return [row[:n].tolist() for row, n in zip(np.asarray(tokens), np.asarray(lengths))]
