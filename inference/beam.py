@@ -6,17 +6,15 @@ rows to follow their hypotheses. A finished hypothesis (EOS) only extends by
 padding at no cost. The winner maximises score / ((5 + length) / 6) ** length_penalty
 (GNMT); length_penalty 0 compares raw log-probabilities.
 """
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.generate import check_prompts, left_pad, unrolled_layers
-from inference.quantize import dequantize, quantize_int8
+from inference.generate import check_prompts, left_pad, start_decoding, unrolled_layers
+from inference.quantize import quantize_int8
 from models.config import ModelConfig
-from models.transformer import DecoderOnly
 
 Array = jax.Array
 
@@ -25,20 +23,15 @@ Array = jax.Array
                                              'length_penalty'))
 def _beam_search(params, ids_BP: Array, real_BP: Array, *, cfg: ModelConfig, max_new_tokens: int,
                  beam_size: int, eos_id: int, length_penalty: float):
-  model = DecoderOnly(dataclasses.replace(cfg, decode=True))
-  params = dequantize(params)
   batch, width, vocab = ids_BP.shape[0], beam_size, cfg.vocab_size
   rows = batch * width
   # Every prompt repeated once per beam: rows b * width + w.
   ids_RP, real_RP = (jnp.repeat(x, width, axis=0) for x in (ids_BP, real_BP))
-  positions_RP = jnp.maximum(jnp.cumsum(real_RP, axis=1) - 1, 0)
-  cache = model.init(jax.random.key(0), ids_RP[:, :1], real_RP[:, :1], positions_RP[:, :1])
-  cache = jax.tree.map(jnp.zeros_like, cache['cache'])
+  logits_forward, cache, positions_RP = start_decoding(cfg, params, ids_RP, real_RP)
 
   def forward(cache, ids, real, positions):
-    logits, updated = model.apply({'params': params, 'cache': cache}, ids, real, positions,
-                                  mutable=['cache'])
-    return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), updated['cache']
+    logits_RV, cache = logits_forward(cache, ids, real, positions)
+    return jax.nn.log_softmax(logits_RV), cache
 
   logp_RV, cache = forward(cache, ids_RP, real_RP, positions_RP)
   # Identical beams at the start: only the first may extend, so no duplicates.

@@ -47,7 +47,7 @@ def unrolled_layers(cfg: ModelConfig, params):
 
   Decoding reads every weight once per token; inside a scan each step would first
   slice its layer out of the stacked arrays, copying the whole model per token
-  (1.5x slower on a CPU, benchmarks/RESULTS.md).
+  (half the tokens/s at batch 1 on a CPU, benchmarks/RESULTS.md).
   """
   if not cfg.scan_layers:
     return cfg, params
@@ -57,14 +57,12 @@ def unrolled_layers(cfg: ModelConfig, params):
   return dataclasses.replace(cfg, scan_layers=False), {**params, 'decoder': layers}
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'sampling', 'eos_id',
-                                             'on_token'))
-def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelConfig,
-              max_new_tokens: int, sampling: Sampling, eos_id: int,
-              on_token: Callable | None = None) -> Array:
+def start_decoding(cfg: ModelConfig, params, ids_BP: Array, real_BP: Array):
+  """(forward, empty cache, positions) for decoding these left-padded prompts (traced inside
+  a jitted loop). forward(cache, ids_BT, real_BT, positions_BT) runs the model over the
+  new tokens and returns (float32 logits of the last one [B, V], updated cache)."""
   model = DecoderOnly(dataclasses.replace(cfg, decode=True))
   params = dequantize(params)  # int8 weights stay int8 in memory; no-op for dense ones
-  batch = ids_BP.shape[0]
   positions_BP = jnp.maximum(jnp.cumsum(real_BP, axis=1) - 1, 0)
   cache = model.init(jax.random.key(0), ids_BP[:, :1], real_BP[:, :1], positions_BP[:, :1])
   cache = jax.tree.map(jnp.zeros_like, cache['cache'])
@@ -74,6 +72,16 @@ def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelCo
                                       positions_BT, mutable=['cache'])
     return logits_BTV[:, -1].astype(jnp.float32), updated['cache']
 
+  return forward, cache, positions_BP
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'sampling', 'eos_id',
+                                             'on_token'))
+def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelConfig,
+              max_new_tokens: int, sampling: Sampling, eos_id: int,
+              on_token: Callable | None = None) -> Array:
+  forward, cache, positions_BP = start_decoding(cfg, params, ids_BP, real_BP)
+  batch = ids_BP.shape[0]
   logits_BV, cache = forward(cache, ids_BP, real_BP, positions_BP)  # prefill
   seen_BV = jnp.zeros((batch, cfg.vocab_size), bool).at[
       jnp.arange(batch)[:, None], ids_BP].set(real_BP > 0)

@@ -6,6 +6,7 @@ a window; segment ids (1, 2, ... per document in a row, 0 for padding) and
 positions restarting at each document let attention stay inside documents.
 """
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -86,12 +87,17 @@ class Task:
   noise_density: float = 0.15
   mean_span_length: float = 3.0
 
+  @functools.cached_property
+  def _span_lengths(self) -> tuple[int, int]:
+    """(raw tokens, target length) of span corruption: a search, so done once."""
+    return spans.raw_length_for(self.seq_len, self.noise_density, self.mean_span_length)
+
   @property
   def raw_length(self) -> int:
     if self.objective == 'causal_lm':
       return self.seq_len + 1
     if self.objective == 'span_corruption':
-      return spans.raw_length_for(self.seq_len, self.noise_density, self.mean_span_length)[0]
+      return self._span_lengths[0]
     return self.seq_len
 
   @property
@@ -105,7 +111,7 @@ class Task:
   @property
   def targets_length(self) -> int:
     if self.objective == 'span_corruption':
-      return spans.raw_length_for(self.seq_len, self.noise_density, self.mean_span_length)[1]
+      return self._span_lengths[1]
     return self.seq_len
 
   def source(self, tokens: np.ndarray):
