@@ -82,11 +82,16 @@ def _sample(config, workdir: str) -> None:
     text = tokenizer.decode(streamed)
     print(text[len(tokenizer.decode(streamed[:-1])):], end='', flush=True)
 
-  one = (len(prompts) == 1 and sys.stdout.isatty() and not _STOP.value
+  spans = cfg.arch == 'encoder_decoder'  # T5: the decoder writes a span for each [MASK]
+  one = (len(prompts) == 1 and sys.stdout.isatty() and not _STOP.value and not spans
          and not _BEAM_SIZE.value)  # beams are only known at the end
   if one:
     print(prompts[0], end='', flush=True)
-  prompt_ids = [tokenizer.encode(p) for p in prompts]
+  if spans:
+    from inference.fill_mask import fill_spans, span_prompt
+    prompt_ids = [span_prompt(tokenizer, p) for p in prompts]
+  else:
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
   if _BEAM_SIZE.value:
     from inference.beam import beam_search
     completions = beam_search(cfg, params, prompt_ids, _MAX_NEW_TOKENS.value, _BEAM_SIZE.value,
@@ -97,7 +102,10 @@ def _sample(config, workdir: str) -> None:
   if one:
     print()
     return
-  for prompt, ids in zip(prompts, completions):
+  for prompt, context, ids in zip(prompts, prompt_ids, completions):
+    if spans:
+      print(fill_spans(tokenizer, context, ids), flush=True)
+      continue
     text = tokenizer.decode(ids)
     for stop in _STOP.value:
       text = text.split(stop)[0]

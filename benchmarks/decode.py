@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from inference.generate import _generate, left_pad, unrolled_layers
+from inference.generate import _generate, prepare
 from inference.sampling import Sampling
 from models import ModelConfig, build_objective
 
@@ -23,6 +23,7 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'], 'Weight quantization.')
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.')
 
 
@@ -44,15 +45,16 @@ def main(argv):
   objective = build_objective(cfg)
   params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 8)))
   params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)  # weights stored as computed
-  cfg, params = unrolled_layers(cfg, params)  # as generate() does
   prompts = np.random.default_rng(0).integers(200, 8192, (_BATCH.value, _PROMPT_LEN.value))
-  ids, real = left_pad(prompts.tolist())
+  cfg, params, ids, real = prepare(cfg, params, prompts.tolist(), _NEW_TOKENS.value,
+                                   _QUANTIZE.value)  # as generate() does
   run = lambda new: _generate(params, ids, real, jax.random.key(0), cfg=cfg, max_new_tokens=new,
                               sampling=Sampling(temperature=0.0), eos_id=-1)
   first_token_s = _timed(lambda: run(1))
   total_s = _timed(lambda: run(_NEW_TOKENS.value))
   result = {'benchmark': 'decode', 'backend': jax.default_backend(),
             'device': jax.devices()[0].device_kind, 'dtype': _DTYPE.value,
+            'quantize': _QUANTIZE.value,
             'batch': _BATCH.value, 'prompt_len': _PROMPT_LEN.value,
             'new_tokens': _NEW_TOKENS.value, 'time_to_first_token_s': first_token_s,
             'total_s': total_s, 'tokens_per_s': _BATCH.value * _NEW_TOKENS.value / total_s}

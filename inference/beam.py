@@ -1,4 +1,5 @@
-"""Beam search for the decoder family, over the same key/value cache as sampling.
+"""Beam search for the decoder and encoder-decoder families, over the same key/value
+cache as sampling.
 
 Each prompt keeps `beam_size` hypotheses; every step extends each by every token
 and keeps the best `beam_size` by summed log-probability, reordering the cache
@@ -12,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.generate import check_prompts, left_pad, start_decoding, unrolled_layers
-from inference.quantize import quantize_int8
+from inference.generate import prepare, start_decoding
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -27,13 +27,7 @@ def _beam_search(params, ids_BP: Array, real_BP: Array, *, cfg: ModelConfig, max
   rows = batch * width
   # Every prompt repeated once per beam: rows b * width + w.
   ids_RP, real_RP = (jnp.repeat(x, width, axis=0) for x in (ids_BP, real_BP))
-  logits_forward, cache, positions_RP = start_decoding(cfg, params, ids_RP, real_RP)
-
-  def forward(cache, ids, real, positions):
-    logits_RV, cache = logits_forward(cache, ids, real, positions)
-    return jax.nn.log_softmax(logits_RV), cache
-
-  logp_RV, cache = forward(cache, ids_RP, real_RP, positions_RP)
+  decoding = start_decoding(cfg, params, ids_RP, real_RP)
   # Identical beams at the start: only the first may extend, so no duplicates.
   scores_BW = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf), (batch, 1))
 
@@ -53,16 +47,17 @@ def _beam_search(params, ids_BP: Array, real_BP: Array, *, cfg: ModelConfig, max
     tokens_BWN = tokens_BWN.at[:, :, i].set(token_BW)
     done_BW = jnp.take_along_axis(done_BW, beam_BW, axis=1) | (token_BW == eos_id)
     position_R = position_R[source_R] + 1
-    logp_RV, cache = forward(cache, token_BW.reshape(rows, 1), jnp.ones((rows, 1), jnp.int32),
-                             position_R[:, None])
+    logits_RV, cache = decoding.step(cache, token_BW.reshape(rows), position_R)
+    logp_RV = jax.nn.log_softmax(logits_RV)
     return i + 1, cache, logp_RV, position_R, scores_BW, done_BW, tokens_BWN
 
   def not_finished(carry):
     i, *_, done_BW, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done_BW)
 
-  carry = (jnp.zeros((), jnp.int32), cache, logp_RV, positions_RP[:, -1], scores_BW,
-           jnp.zeros((batch, width), bool), jnp.zeros((batch, width, max_new_tokens), jnp.int32))
+  carry = (jnp.zeros((), jnp.int32), decoding.cache, jax.nn.log_softmax(decoding.logits_BV),
+           decoding.position_B, scores_BW, jnp.zeros((batch, width), bool),
+           jnp.zeros((batch, width, max_new_tokens), jnp.int32))
   _, _, _, _, scores_BW, _, tokens_BWN = jax.lax.while_loop(not_finished, step, carry)
   ends_BWN = jnp.cumsum(tokens_BWN == eos_id, axis=-1) - (tokens_BWN == eos_id) > 0
   lengths_BW = jnp.sum(~ends_BWN, axis=-1)
@@ -76,15 +71,9 @@ def beam_search(cfg: ModelConfig, params, prompts: list[list[int]], max_new_toke
                 beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = 1,
                 quantize: str = 'none') -> list[list[int]]:
   """The best continuation of each prompt (ending at EOS, which is kept, or at max_new_tokens)."""
-  if cfg.arch != 'decoder':
-    raise ValueError(f"Beam search supports model.arch='decoder'; this run is '{cfg.arch}'.")
   if beam_size < 1:
     raise ValueError(f'--beam_size={beam_size} must be at least 1.')
-  check_prompts(prompts, max_new_tokens, cfg.max_len)
-  ids, real = left_pad(prompts)
-  cfg, params = unrolled_layers(cfg, params)
-  if quantize == 'int8':
-    params = quantize_int8(params)
+  cfg, params, ids, real = prepare(cfg, params, prompts, max_new_tokens, quantize)
   tokens, lengths = _beam_search(params, ids, real, cfg=cfg, max_new_tokens=max_new_tokens,
                                  beam_size=beam_size, eos_id=eos_id,
                                  length_penalty=length_penalty)

@@ -1,19 +1,21 @@
-"""Encoder-only (BERT) runs: fill each [MASK] of a prompt with the most likely token."""
+"""Filling the [MASK]s of a prompt: an encoder-only run (BERT) predicts each masked
+token; an encoder-decoder run (T5) writes a span of any length for each [MASK]."""
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline.tokenizer import MASK_ID, Tokenizer
+from input_pipeline.tokenizer import EOS_ID, MASK_ID, NUM_SENTINELS, SENTINEL_IDS, Tokenizer
 
 MASK_TEXT = '[MASK]'
 
 
-def encode_with_masks(tokenizer: Tokenizer, text: str) -> list[int]:
-  """Token ids of `text` with the literal '[MASK]' turned into the mask id (ordinary
-  encoding never produces control ids, so the parts are encoded separately)."""
+def encode_with_masks(tokenizer: Tokenizer, text: str, mask_ids=None) -> list[int]:
+  """Token ids of `text` with the i-th literal '[MASK]' turned into mask_ids[i] (default:
+  the mask id). Ordinary encoding never produces control ids, so the parts are
+  encoded separately."""
   ids = []
   for i, part in enumerate(text.split(MASK_TEXT)):
     if i:
-      ids.append(MASK_ID)
+      ids.append(MASK_ID if mask_ids is None else mask_ids[i - 1])
     ids.extend(tokenizer.encode(part))
   return ids
 
@@ -39,3 +41,35 @@ def fill_masks(objective, params, tokenizer: Tokenizer, prompts: list[str], max_
     filled = [int(best_T[t]) if token == MASK_ID else token for t, token in enumerate(ids)]
     results.append(tokenizer.decode(filled))
   return results
+
+
+def span_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+  """The encoder input of a T5 run: each [MASK] becomes the next sentinel, as span
+  corruption wrote them in training, then EOS. A prompt without [MASK] gets one at
+  its end, so the model continues it."""
+  if MASK_TEXT not in text:
+    text += MASK_TEXT
+  if text.count(MASK_TEXT) > NUM_SENTINELS:
+    raise ValueError(f'The prompt has {text.count(MASK_TEXT)} {MASK_TEXT}s; at most '
+                     f'{NUM_SENTINELS} fit the sentinels.')
+  return encode_with_masks(tokenizer, text, SENTINEL_IDS) + [EOS_ID]
+
+
+def fill_spans(tokenizer: Tokenizer, prompt_ids: list[int], target_ids: list[int]) -> str:
+  """The prompt's text with each sentinel replaced by the span the decoder wrote after
+  that sentinel (target: <extra_id_0> span <extra_id_1> span ... EOS); a sentinel the
+  decoder never wrote leaves an empty span."""
+  spans, current = {}, None
+  for token in target_ids:
+    if token == EOS_ID:
+      break
+    if token in SENTINEL_IDS:
+      current = spans.setdefault(token, [])
+    elif current is not None:
+      current.append(token)
+  filled = []
+  for token in prompt_ids:
+    if token == EOS_ID:
+      break
+    filled.extend(spans.get(token, []) if token in SENTINEL_IDS else [token])
+  return tokenizer.decode(filled)

@@ -145,30 +145,38 @@ def attention_mask(q_segment_BT: Array, kv_segment_BS: Array, causal: bool) -> A
 
 
 class Attention(nn.Module):
-  """Multi-head attention with grouped-query heads; self-attention when `kv_BSD` is None."""
+  """Multi-head attention with grouped-query heads: self-attention, or cross-attention
+  to `kv_BSD` (an encoder's output) when `cross`."""
   cfg: ModelConfig
   use_rope: bool = False
+  cross: bool = False
 
   @nn.compact
   def __call__(self, x_BTD: Array, mask_B1TS: Array, positions_BT: Array | None = None,
-               kv_BSD: Array | None = None, kv_positions_BS: Array | None = None,
-               bias_BNTS: Array | None = None, cache_index: Array | None = None) -> Array:
-    """In decode mode (self-attention), this call's keys and values are written into a
-    [B, max_len, G, K] cache at `cache_index`, and the queries attend to the whole cache
-    (`mask_B1TS` then has S = max_len)."""
+               kv_BSD: Array | None = None, bias_BNTS: Array | None = None,
+               cache_index: Array | None = None) -> Array:
+    """In decode mode, causal self-attention writes this call's keys and values into a
+    [B, max_len, G, K] cache at `cache_index` (the encoder's gets none) and the queries attend to the whole cache
+    (`mask_B1TS` then has S = max_len). Cross-attention projects the encoder output
+    once, on the call that passes `kv_BSD`, and later calls (kv_BSD None) reuse it."""
     cfg = self.cfg
     N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-    self_attention = kv_BSD is None
-    kv_BSD = x_BTD if self_attention else kv_BSD
-    kv_positions_BS = positions_BT if self_attention else kv_positions_BS
     std = 0.02
     q_BTNK = _dense(cfg, (N, K), -1, ('embed', 'heads', 'kv'), std, 'query')(x_BTD)
-    k_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key')(kv_BSD)
-    v_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value')(kv_BSD)
+    if self.cross and cfg.decode and kv_BSD is None:
+      k_BSGK = self.get_variable('cache', 'cross_key')
+      v_BSGK = self.get_variable('cache', 'cross_value')
+    else:
+      kv_BSD = kv_BSD if self.cross else x_BTD
+      k_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key')(kv_BSD)
+      v_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value')(kv_BSD)
+    if self.cross and cfg.decode and kv_BSD is not None:
+      self.put_variable('cache', 'cross_key', k_BSGK)
+      self.put_variable('cache', 'cross_value', v_BSGK)
     if self.use_rope:
       q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
-      k_BSGK = apply_rope(k_BSGK, kv_positions_BS, cfg.rope_theta)
-    if cfg.decode and self_attention:
+      k_BSGK = apply_rope(k_BSGK, positions_BT, cfg.rope_theta)
+    if cache_index is not None:  # a causal stack in decode mode
       cache_shape = (k_BSGK.shape[0], cfg.max_len) + k_BSGK.shape[2:]
       cached_k = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, k_BSGK.dtype)
       cached_v = self.variable('cache', 'cached_value', jnp.zeros, cache_shape, v_BSGK.dtype)
@@ -223,7 +231,7 @@ class Block(nn.Module):
         bias_BNTS=self_bias_BNTS, cache_index=cache_index)
     x_BTD = x_BTD + dropout(h)
     if self.cross_attention:
-      h = Attention(cfg, name='cross_attention')(
+      h = Attention(cfg, cross=True, name='cross_attention')(
           Norm(cfg, name='pre_cross_attention_norm')(x_BTD), cross_mask_B1TS, kv_BSD=encoded_BSD)
       x_BTD = x_BTD + dropout(h)
     h = Mlp(cfg, name='mlp')(Norm(cfg, name='pre_mlp_norm')(x_BTD))

@@ -94,15 +94,53 @@ class OutputHead(nn.Module):
         name='lm_head')(x_BTD)
 
 
-def _self_attention_bias(cfg: ModelConfig, bidirectional: bool, positions_BT: Array,
-                         name: str) -> Array | None:
-  if cfg.position != 'relative':
-    return None
-  return RelativePositionBias(cfg, bidirectional, name=name)(positions_BT, positions_BT)
+class CacheSlots(nn.Module):
+  """Decode-mode bookkeeping of a causal self-attention key/value cache.
+
+  Returns the [B, 1, T, max_len] mask over the cache, the positions of the tokens in
+  its slots [B, max_len] (for relative position biases), and the slot this call's
+  first token is written to. Slots remember which rows hold real tokens (left padding
+  does not), so rows of different prompt lengths share a batch.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, segment_ids_BT: Array, positions_BT: Array):
+    cfg = self.cfg
+    batch, length = segment_ids_BT.shape
+    valid = self.variable('cache', 'valid', jnp.zeros, (batch, cfg.max_len), bool)
+    slot_positions = self.variable('cache', 'positions', jnp.zeros, (batch, cfg.max_len),
+                                   jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids_BT > 0, (0, start))
+    slot_positions.value = jax.lax.dynamic_update_slice(
+        slot_positions.value, positions_BT.astype(jnp.int32), (0, start))
+    slot_T1 = (start + jnp.arange(length))[:, None]
+    slots_1S = jnp.arange(cfg.max_len)[None, :]
+    # Each query sees the real tokens up to its own slot, and always itself.
+    mask_BTS = (valid.value[:, None, :] & (slots_1S <= slot_T1)) | (slots_1S == slot_T1)
+    index.value = start + length
+    return mask_BTS[:, None], slot_positions.value, start
+
+
+def causal_self_attention_inputs(cfg: ModelConfig, slots: CacheSlots | None,
+                                 bias: RelativePositionBias | None, segment_ids_BT: Array,
+                                 positions_BT: Array):
+  """(mask, relative bias or None, cache slot or None) for a causal stack: over the
+  sequence itself when training, over the key/value cache (`slots`) in decode mode."""
+  if cfg.decode:
+    mask_B1TS, kv_positions_BS, cache_index = slots(segment_ids_BT, positions_BT)
+  else:
+    mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+    kv_positions_BS, cache_index = positions_BT, None
+  bias_BNTS = None if bias is None else bias(positions_BT, kv_positions_BS)
+  return mask_B1TS, bias_BNTS, cache_index
 
 
 class DecoderOnly(nn.Module):
-  """GPT: causal self-attention over packed sequences; returns logits [B, T, V]."""
+  """GPT: causal self-attention over packed sequences; returns logits [B, T, V].
+  In decode mode it runs over a key/value cache (see CacheSlots)."""
   cfg: ModelConfig
   deterministic: bool = True
 
@@ -111,32 +149,14 @@ class DecoderOnly(nn.Module):
     cfg = self.cfg
     embed = Embed(cfg, name='token_embed')
     x_BTD = InputEmbedding(cfg, self.deterministic, name='input')(embed, inputs_BT, positions_BT)
-    cache_index = None
-    if cfg.decode:
-      mask_B1TS, cache_index = self._cache_mask(segment_ids_BT)
-    else:
-      mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
-    bias_BNTS = _self_attention_bias(cfg, False, positions_BT, 'relative_bias')
+    slots = CacheSlots(cfg, name='cache_slots') if cfg.decode else None
+    bias = (RelativePositionBias(cfg, bidirectional=False, name='relative_bias')
+            if cfg.position == 'relative' else None)
+    mask_B1TS, bias_BNTS, cache_index = causal_self_attention_inputs(
+        cfg, slots, bias, segment_ids_BT, positions_BT)
     x_BTD = Stack(cfg, self.deterministic, name='decoder')(x_BTD, mask_B1TS, positions_BT,
                                                            bias_BNTS, cache_index=cache_index)
     return OutputHead(cfg, name='head')(embed, x_BTD)
-
-  def _cache_mask(self, segment_ids_BT: Array) -> tuple[Array, Array]:
-    """Decode mode: the [B, 1, T, max_len] mask over the key/value cache, and the slot
-    this call's first token is written to. Cache slots remember which rows hold real
-    tokens (left padding does not), so rows of different prompt lengths share a batch."""
-    cfg = self.cfg
-    batch, length = segment_ids_BT.shape
-    valid = self.variable('cache', 'valid', jnp.zeros, (batch, cfg.max_len), bool)
-    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
-    start = index.value
-    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids_BT > 0, (0, start))
-    slot_T1 = (start + jnp.arange(length))[:, None]
-    slots_1S = jnp.arange(cfg.max_len)[None, :]
-    # Each query sees the real tokens up to its own slot, and always itself.
-    mask_BTS = (valid.value[:, None, :] & (slots_1S <= slot_T1)) | (slots_1S == slot_T1)
-    index.value = start + length
-    return mask_BTS[:, None], start
 
 
 class EncoderOnly(nn.Module):
@@ -153,7 +173,8 @@ class EncoderOnly(nn.Module):
     x_BTD = InputEmbedding(cfg, self.deterministic, name='input')(
         embed, inputs_BT, positions_BT, token_type_ids_BT)
     mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
-    bias_BNTS = _self_attention_bias(cfg, True, positions_BT, 'relative_bias')
+    bias_BNTS = (RelativePositionBias(cfg, bidirectional=True, name='relative_bias')(
+        positions_BT, positions_BT) if cfg.position == 'relative' else None)
     x_BTD = Stack(cfg, self.deterministic, name='encoder')(x_BTD, mask_B1TS, positions_BT,
                                                            bias_BNTS)
     logits_BTV = OutputHead(cfg, name='head')(embed, x_BTD)
@@ -182,23 +203,30 @@ class EncoderDecoder(nn.Module):
     self.encoder_norm = Norm(cfg, name='encoder_norm')
     self.decoder = Stack(cfg, self.deterministic, cross_attention=True, name='decoder')
     self.head = OutputHead(cfg, name='head')
-    if cfg.position == 'relative':
-      self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, name='encoder_bias')
-      self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, name='decoder_bias')
+    relative = cfg.position == 'relative'
+    self.encoder_bias = (RelativePositionBias(cfg, bidirectional=True, name='encoder_bias')
+                         if relative else None)
+    self.decoder_bias = (RelativePositionBias(cfg, bidirectional=False, name='decoder_bias')
+                         if relative else None)
+    self.cache_slots = CacheSlots(cfg, name='cache_slots') if cfg.decode else None
 
   def encode(self, inputs_BS: Array, segment_ids_BS: Array, positions_BS: Array) -> Array:
     x_BSD = self.encoder_input(self.embed, inputs_BS, positions_BS)
     mask_B1SS = attention_mask(segment_ids_BS, segment_ids_BS, causal=False)
-    bias = self.encoder_bias(positions_BS, positions_BS) if self.cfg.position == 'relative' else None
+    bias = None if self.encoder_bias is None else self.encoder_bias(positions_BS, positions_BS)
     return self.encoder_norm(self.encoder(x_BSD, mask_B1SS, positions_BS, bias))
 
-  def decode(self, encoded_BSD: Array, encoder_segment_ids_BS: Array, inputs_BT: Array,
+  def decode(self, encoded_BSD: Array | None, encoder_segment_ids_BS: Array, inputs_BT: Array,
              segment_ids_BT: Array, positions_BT: Array) -> Array:
+    """Decoder logits [B, T, V]. In decode mode (one step at a time over a key/value
+    cache) only the first call needs `encoded_BSD`: its cross-attention keys and values
+    are cached, and later calls pass None."""
     x_BTD = self.decoder_input(self.embed, inputs_BT, positions_BT)
-    self_mask_B1TT = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+    self_mask_B1TS, bias_BNTS, cache_index = causal_self_attention_inputs(
+        self.cfg, self.cache_slots, self.decoder_bias, segment_ids_BT, positions_BT)
     cross_mask_B1TS = attention_mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
-    bias = self.decoder_bias(positions_BT, positions_BT) if self.cfg.position == 'relative' else None
-    x_BTD = self.decoder(x_BTD, self_mask_B1TT, positions_BT, bias, encoded_BSD, cross_mask_B1TS)
+    x_BTD = self.decoder(x_BTD, self_mask_B1TS, positions_BT, bias_BNTS, encoded_BSD,
+                         cross_mask_B1TS, cache_index)
     return self.head(self.embed, x_BTD)
 
   def __call__(self, encoder_inputs_BS, encoder_segment_ids_BS, encoder_positions_BS,

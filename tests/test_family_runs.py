@@ -52,6 +52,19 @@ def test_family_trains_and_resumes_exactly(config, tmp_path, monkeypatch, family
                         cfg.max_len)[0]
     assert filled.startswith('The cat ') and filled.endswith(' the bread.')
     assert '[MASK]' not in filled and len(filled) > len('The cat  the bread.')
+  if FAMILIES[family]['arch'] == 'encoder_decoder':
+    # --mode=sample on a T5 run writes a span for each [MASK], starting with its sentinel.
+    from inference.fill_mask import fill_spans, span_prompt
+    from inference.generate import generate
+    from inference.load import load_run
+    from input_pipeline.tokenizer import SENTINEL_IDS
+    from train import run_config
+    cfg, params, tokenizer = load_run(run_config.saved_config(straight, []), straight)
+    prompt = span_prompt(tokenizer, 'The cat [MASK] the bread.')
+    target = generate(cfg, params, [prompt], 8)[0]
+    assert target[0] == SENTINEL_IDS[0], target
+    filled = fill_spans(tokenizer, prompt, target)
+    assert filled.startswith('The cat ') and filled.endswith(' the bread.'), filled
 
   # Stop with SIGTERM right after step 30 is logged (a checkpoint is saved), then resume.
   original_write = metrics.MetricsWriter.write

@@ -14,6 +14,7 @@ from models import ModelConfig, build_objective
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
 PROMPTS = [[5, 9, 20, 33], [7, 8], [100, 101, 102, 103, 104, 105]]
+ENCODER_DECODER = dict(arch='encoder_decoder', position='relative', mlp='swiglu')  # T5-like
 
 
 def _params(cfg):
@@ -35,13 +36,32 @@ def _greedy_without_cache(objective, params, prompt, steps, length=32):
   return sequence[len(prompt):]
 
 
-@pytest.mark.parametrize('changes', [{}, dict(scan_layers=False, position='learned',
-                                              num_kv_heads=4)])
+def _greedy_encoder_decoder_without_cache(objective, params, prompt, steps, length=32):
+  """The encoder reads the right-padded prompt; the decoder re-runs its whole sequence
+  (starting from pad, as in training) for every token."""
+  logits = jax.jit(objective.logits)
+  real = (jnp.arange(length) < len(prompt)).astype(jnp.int32)[None]
+  encoder = {'encoder_inputs': jnp.asarray([prompt + [0] * (length - len(prompt))], jnp.int32),
+             'encoder_segment_ids': real, 'encoder_positions': jnp.arange(length)[None] * real}
+  sequence = [0]
+  for _ in range(steps):
+    ids = jnp.asarray([sequence + [0] * (length - len(sequence))], jnp.int32)
+    batch = {**encoder, 'decoder_inputs': ids, 'decoder_segment_ids': jnp.ones_like(ids),
+             'decoder_positions': jnp.arange(length)[None]}
+    sequence.append(int(jnp.argmax(logits(params, batch)[0, len(sequence) - 1])))
+  return sequence[1:]
+
+
+@pytest.mark.parametrize('changes', [
+    {}, dict(scan_layers=False, position='learned', num_kv_heads=4), dict(position='relative'),
+    ENCODER_DECODER, dict(arch='encoder_decoder', position='rope', scan_layers=False)])
 def test_cached_greedy_equals_rerunning_the_full_sequence(changes):
   cfg = dataclasses.replace(TINY, **changes)
   objective, params = _params(cfg)
   cached = generate(cfg, params, PROMPTS, 10, eos_id=-1)
-  expected = [_greedy_without_cache(objective, params, p, 10) for p in PROMPTS]
+  reference = (_greedy_encoder_decoder_without_cache if cfg.arch == 'encoder_decoder'
+               else _greedy_without_cache)
+  expected = [reference(objective, params, p, 10) for p in PROMPTS]
   assert cached == expected
   assert any(len(set(row)) > 2 for row in expected)  # not a degenerate repetition
 
@@ -120,22 +140,54 @@ def test_int8_weights_take_a_quarter_of_the_memory_and_decode():
   assert [len(row) for row in out] == [6, 6, 6]
 
 
-def test_beam_search_is_greedy_at_width_one_and_exact_at_full_width():
+def _log_probs_after_each_first_token(objective, params, cfg, prompt):
+  """([V] log-probs of the first new token, [V, V] of the second after each first token)."""
+  vocab = cfg.vocab_size
+  logits = jax.jit(objective.logits)
+  positions = lambda ids: jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  if cfg.arch == 'decoder':
+    ids = jnp.asarray([prompt + [t, 0] for t in range(vocab)], jnp.int32)
+    batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids), 'positions': positions(ids)}
+    offset = len(prompt) - 1
+  else:
+    decoder = jnp.asarray([[0, t] for t in range(vocab)], jnp.int32)
+    encoder = jnp.asarray([prompt] * vocab, jnp.int32)
+    batch = {'encoder_inputs': encoder, 'encoder_segment_ids': jnp.ones_like(encoder),
+             'encoder_positions': positions(encoder), 'decoder_inputs': decoder,
+             'decoder_segment_ids': jnp.ones_like(decoder), 'decoder_positions': positions(decoder)}
+    offset = 0
+  logp = jax.nn.log_softmax(logits(params, batch).astype(jnp.float32))
+  return logp[0, offset], logp[:, offset + 1]  # every row shares the first step
+
+
+@pytest.mark.parametrize('changes', [{}, ENCODER_DECODER])
+def test_beam_search_is_greedy_at_width_one_and_exact_at_full_width(changes):
   from inference.beam import beam_search
-  objective, params = _params(TINY)
-  greedy = generate(TINY, params, PROMPTS, 6, eos_id=-1)
-  assert beam_search(TINY, params, PROMPTS, 6, beam_size=1, eos_id=-1) == greedy
+  cfg = dataclasses.replace(TINY, **changes)
+  objective, params = _params(cfg)
+  greedy = generate(cfg, params, PROMPTS, 6, eos_id=-1)
+  assert beam_search(cfg, params, PROMPTS, 6, beam_size=1, eos_id=-1) == greedy
   # With one beam per vocabulary entry, two steps of beam search are exhaustive.
   prompt = PROMPTS[0]
-  best = beam_search(TINY, params, [prompt], 2, beam_size=TINY.vocab_size, length_penalty=0.0,
+  best = beam_search(cfg, params, [prompt], 2, beam_size=cfg.vocab_size, length_penalty=0.0,
                      eos_id=-1)[0]
-  logits = jax.jit(objective.logits)
-  ids = jnp.asarray([prompt + [t, 0] for t in range(TINY.vocab_size)], jnp.int32)
-  batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids),
-           'positions': jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)}
-  logp = jax.nn.log_softmax(logits(params, batch).astype(jnp.float32))
-  first = logp[0, len(prompt) - 1]  # [V]: every row shares the prompt
-  second = logp[:, len(prompt)]  # [V, V]: row t continues after first token t
+  first, second = _log_probs_after_each_first_token(objective, params, cfg, prompt)
   total = first[:, None] + second
   expected = list(np.unravel_index(int(jnp.argmax(total)), total.shape))
   assert best == [int(t) for t in expected]
+
+
+def test_spans_fill_their_sentinels_and_a_prompt_without_mask_is_continued():
+  from inference.fill_mask import fill_spans, span_prompt
+  from input_pipeline.tokenizer import EOS_ID, SENTINEL_IDS
+
+  class Letters:  # a tokenizer of single letters: 'a' is 200, 'b' 201, ...
+    encode = staticmethod(lambda text: [200 + ord(c) - ord('a') for c in text])
+    decode = staticmethod(lambda ids: ''.join(chr(ord('a') + i - 200) for i in ids))
+
+  s0, s1 = SENTINEL_IDS[:2]
+  assert span_prompt(Letters, 'ab[MASK]c[MASK]') == [200, 201, s0, 202, s1, EOS_ID]
+  assert span_prompt(Letters, 'ab') == [200, 201, s0, EOS_ID]
+  prompt = span_prompt(Letters, 'ab[MASK]c[MASK]d')
+  assert fill_spans(Letters, prompt, [s0, 210, 211, s1, 212, EOS_ID, 213]) == 'abklcmd'
+  assert fill_spans(Letters, prompt, [s0, 210, EOS_ID]) == 'abkcd'  # the second span left empty
