@@ -4,6 +4,7 @@ Parses flags and calls one function of `train.loop`; tests call the same functio
 """
 import json
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -13,8 +14,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); override fields with --config.a.b=VALUE.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, checkpoints, metrics.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'estimate', 'plan', 'sweep'],
+                          'What to do.')
 _JSON = flags.DEFINE_bool('json', False, 'Print exactly one JSON line on stdout (logs on stderr).')
+_COMPILE = flags.DEFINE_bool('compile', True, 'estimate: also compile the train step on one '
+                             "device and show XLA's memory analysis beside the estimate.")
+_FLOPS = flags.DEFINE_float('flops', None, 'plan: the training compute budget in FLOPs, e.g. 1e18.')
+_LAW = flags.DEFINE_enum('law', 'rule', ['rule', 'chinchilla', 'besiroglu'],
+                         'plan: D = 20 N (rule), or the minimum of a fitted L(N, D).')
+_TOKENS_PER_PARAM = flags.DEFINE_float('tokens_per_param', 20.0, 'plan: D / N for --law=rule.')
+_VOCAB = flags.DEFINE_integer('vocab_size', 32_000, 'plan: vocabulary of the proposed shape.')
+_SWEEP_RUN = flags.DEFINE_string('sweep_run', None, 'sweep: run only this member (a cluster job).')
 _PROMPT = flags.DEFINE_string('prompt', None, 'sample: the text to continue.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'sample: one prompt per line, batched.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'sample: tokens to generate.')
@@ -112,19 +122,91 @@ def _sample(config, workdir: str) -> None:
     print(prompt + text, flush=True)
 
 
+def _estimate(config) -> None:
+  """Parameters, FLOPs, compute and memory of a config; XLA's figure beside it."""
+  from scaling import estimate
+  result = estimate.estimate(config)
+  if _COMPILE.value:
+    result['compiled'] = estimate.compiled_memory(config)
+  print(json.dumps(result) if _JSON.value else estimate.report(result), flush=True)
+
+
+def _plan() -> None:
+  """Compute-optimal parameters and tokens for --flops."""
+  from scaling import planner
+  if _FLOPS.value is None:
+    raise app.UsageError('--flops is required for --mode=plan, e.g. --flops=1e18.')
+  result = planner.plan(_FLOPS.value, _LAW.value, _TOKENS_PER_PARAM.value, _VOCAB.value)
+  if _JSON.value:
+    print(json.dumps(result), flush=True)
+    return
+  shape = result['shape']
+  loss = f", predicted loss {result['predicted_loss']:.3f}" if 'predicted_loss' in result else ''
+  print(f"{result['flops']:.3g} FLOPs ({result['pf_days']:.3g} PF-days), law={result['law']}: "
+        f"{result['params']:.3g} parameters on {result['tokens']:.3g} tokens "
+        f"({result['tokens_per_param']:.1f} tokens/parameter){loss}\n"
+        f"a shape of that size: num_layers={shape['num_layers']} d_model={shape['d_model']} "
+        f"num_heads={shape['num_heads']} d_ff={shape['d_ff']} ({shape['params']:.3g} parameters "
+        f"with a {_VOCAB.value}-token vocabulary)", flush=True)
+
+
+def _multi_host_environment() -> bool:
+  """A TPU VM pod slice (several workers) or a SLURM job of several tasks, where
+  jax.distributed.initialize() finds the coordinator and process ids by itself."""
+  tpu_workers = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return (',' in tpu_workers or 'MEGASCALE_COORDINATOR_ADDRESS' in os.environ
+          or int(os.environ.get('SLURM_NTASKS', '1')) > 1)
+
+
+def _initialize_distributed() -> None:
+  """JAX's multi-controller runtime: one process per host, all running this command."""
+  explicit = _COORDINATOR.value or _NUM_PROCESSES.value
+  if not explicit and not _multi_host_environment():
+    return
+  import jax
+  # CPU processes (tests, simulated hosts) exchange collectives through gloo.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  else:
+    jax.distributed.initialize()
+  logging.info('Process %d of %d; %d local and %d global devices.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _use_compilation_cache(workdir: str) -> None:
+  """Compiled programs persist beside the workdir, so a resumed run or the next run of
+  a sweep skips compilation."""
+  import jax
+  parent = (os.path.expanduser('~/.cache') if '://' in workdir  # a bucket: cache locally
+            else os.path.dirname(os.path.abspath(workdir.rstrip('/'))))
+  jax.config.update('jax_compilation_cache_dir', os.path.join(parent, 'jax_cache'))
+
+
 def main(argv):
   del argv
   _quiet_library_info_logs()
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    import jax
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  _initialize_distributed()
   from train import loop, run_config  # after distributed init: importing jax-heavy modules is cheap, using them is not
+  if _MODE.value in ('train', 'estimate', 'sweep') and _CONFIG.value is None:
+    raise app.UsageError(f'--config is required for --mode={_MODE.value}, e.g. '
+                         '--config=configs/gpt_tiny.py')
+  if _MODE.value == 'estimate':
+    _estimate(_CONFIG.value)
+    return
+  if _MODE.value == 'plan':
+    _plan()
+    return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required.')
+  _use_compilation_cache(_WORKDIR.value)
   if _MODE.value == 'train':
-    if _CONFIG.value is None:
-      raise app.UsageError('--config is required for training, e.g. --config=configs/gpt_tiny.py')
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  elif _MODE.value == 'sweep':
+    from scaling import sweep
+    config_path = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')),
+                       'CONFIG')
+    sweep.run_sweep(_CONFIG.value, _WORKDIR.value, _SWEEP_RUN.value, config_path)
   elif _MODE.value == 'sample':
     _sample(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
   elif _MODE.value == 'eval':

@@ -184,12 +184,32 @@ def _shuffle_seed(seed: int) -> int:
   return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
+class _RowsOfProcess:
+  """Process i's rows of every global batch of an endless example stream: rows
+  [i b, (i + 1) b) of global batch n are stream elements (n P + i) b + r. Every
+  process shuffles the same stream, so a global batch holds the same examples
+  whatever the number of processes (a run on 2 hosts matches a run on 1)."""
+
+  def __init__(self, stream, local_batch: int, shard_index: int, shard_count: int):
+    self.stream, self.local_batch = stream, local_batch
+    self.shard_index, self.shard_count = shard_index, shard_count
+
+  def __len__(self) -> int:
+    return len(self.stream) // self.shard_count
+
+  def __getitem__(self, j: int):
+    batch, row = divmod(j, self.local_batch)
+    return self.stream[(batch * self.shard_count + self.shard_index) * self.local_batch + row]
+
+
 def train_iterator(task: Task, tokens: np.ndarray, local_batch: int, seed: int,
                    shard_index: int, shard_count: int) -> grain.DatasetIterator:
-  """Shuffled (differently each epoch, same for the same seed), repeated, this process's shard."""
-  dataset = (grain.MapDataset.source(task.source(tokens))[shard_index::shard_count]
-             .shuffle(seed=_shuffle_seed(seed)).repeat()
-             .random_map(task.make_example, seed=seed)
+  """Shuffled (differently each epoch, same for the same seed), repeated, and this
+  process's rows of each global batch."""
+  stream = (grain.MapDataset.source(task.source(tokens))
+            .shuffle(seed=_shuffle_seed(seed)).repeat()
+            .random_map(task.make_example, seed=seed))
+  dataset = (grain.MapDataset.source(_RowsOfProcess(stream, local_batch, shard_index, shard_count))
              .batch(local_batch, drop_remainder=True))
   # Two reader threads suffice for memmap slices and leave the cores to XLA.
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))

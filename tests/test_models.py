@@ -97,3 +97,31 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
   assert objective.logits(params, batch).dtype == jnp.bfloat16
   loss, sums = objective.loss(params, batch, None, False)
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize('arch', ['decoder', 'encoder_decoder'])
+def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
+  from inference.generate import unrolled_layers
+  base = dataclasses.replace(TINY, arch=arch, position='learned' if arch == 'decoder'
+                             else 'relative')
+  objective = build_objective(base)
+  batch = objective.example_batch(2, 16)
+  rng = np.random.default_rng(0)
+  for key in ('inputs', 'targets', 'encoder_inputs', 'decoder_inputs'):
+    if key in batch:
+      batch[key] = jnp.asarray(rng.integers(6, 128, batch[key].shape), jnp.int32)
+  scanned_params = nn.unbox(objective.init(jax.random.key(0), batch))
+
+  def gradients(cfg, params):
+    loss = lambda p: build_objective(cfg).loss(p, batch, jax.random.key(1), train=False)[0]
+    return jax.jit(jax.grad(loss))(params)
+
+  expected = gradients(base, scanned_params)  # scanned, no remat
+  _, unrolled_params = unrolled_layers(base, scanned_params)
+  _, expected_unrolled = unrolled_layers(base, expected)
+  for remat, scan in [('none', False), ('dots_saveable', True), ('full', True), ('full', False)]:
+    cfg = dataclasses.replace(base, remat=remat, scan_layers=scan)
+    got = gradients(cfg, scanned_params if scan else unrolled_params)
+    want = expected if scan else expected_unrolled
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

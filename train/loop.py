@@ -1,4 +1,6 @@
 """train_and_evaluate(config, workdir) and evaluate(config, workdir): what main.py calls."""
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 import input_pipeline
 from models import (ModelConfig, build_objective, normalize_metrics, objective_name,
@@ -19,16 +22,36 @@ from train import steps as steps_lib
 from train.metrics import MetricsWriter, Throughput, log_line
 
 
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN/inf, or rose past train.max_loss."""
+
+
+def _check_divergence(step: int, loss: float, max_loss: float) -> None:
+  if not math.isfinite(loss):
+    raise TrainingDiverged(f'The training loss is {loss} at step {step}; lower train.lr, raise '
+                           'train.warmup_steps or set train.grad_clip, and start a fresh --workdir.')
+  if max_loss and loss > max_loss:
+    raise TrainingDiverged(f'The training loss {loss:.4f} at step {step} rose past '
+                           f'train.max_loss={max_loss}; lower train.lr or raise the bound.')
+
+
 class _StopRequested:
-  """SIGTERM / first Ctrl-C ask the loop to checkpoint and exit after the current step."""
+  """SIGTERM / first Ctrl-C ask the loop to checkpoint and exit after the current step.
+
+  With several processes every host must leave at the same step, so the signal is
+  left to JAX's preemption notifier and the loop asks the coordination service at
+  each step instead (`should_stop`); a TPU maintenance event arrives the same way.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = {}
+    self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if not self._multi_process:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -37,9 +60,37 @@ class _StopRequested:
     logging.warning('Signal %d: saving a checkpoint and exiting after this step.', signum)
     self.requested = True
 
+  def should_stop(self, step: int) -> bool:
+    if self._multi_process and multihost_utils.reached_preemption_sync_point(step):
+      logging.warning('Preemption notice: every process saves at step %d and exits.', step)
+      self.requested = True
+    return self.requested
+
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
+  """model.attention='auto' becomes the implementation that will run, and it is logged:
+  cuDNN's fused (flash) kernel on a GPU where it compiles for these shapes and dtype,
+  else XLA's einsum-softmax-einsum."""
+  if cfg.attention == 'auto':
+    implementation = 'xla'
+    if jax.default_backend() == 'gpu':
+      q = jax.ShapeDtypeStruct((1, seq_len, cfg.num_heads, cfg.head_dim), cfg.dtype)
+      kv = jax.ShapeDtypeStruct((1, seq_len, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+      mask = jax.ShapeDtypeStruct((1, 1, seq_len, seq_len), jnp.bool_)
+      cudnn = functools.partial(jax.nn.dot_product_attention, implementation='cudnn')
+      try:
+        jax.jit(lambda q, k, v, m: cudnn(q, k, v, mask=m)).lower(q, kv, kv, mask).compile()
+        implementation = 'cudnn'
+      except Exception as e:  # unsupported shape, dtype or GPU: XLA's path always works
+        logging.info('cuDNN attention does not apply here (%s); using XLA.', str(e)[:200])
+    cfg = dataclasses.replace(cfg, attention=implementation)
+  logging.info('Attention: %s.', {'xla': "XLA (dot_product_attention, implementation='xla')",
+                                  'cudnn': 'cuDNN fused flash attention'}[cfg.attention])
+  return cfg
 
 
 def _check_vocabulary(config, workdir: str, tokenizer_vocab: int) -> int:
@@ -79,7 +130,8 @@ class Run:
     self.data = input_pipeline.build_data(config, workdir, objective)
     vocab = _check_vocabulary(config, workdir, self.data.tokenizer.vocab_size)
     dtype = config_checks.compute_dtype(config, jax.default_backend())
-    self.model_cfg = ModelConfig.from_config(config, vocab, dtype)
+    self.model_cfg = resolve_attention(ModelConfig.from_config(config, vocab, dtype),
+                                       config.data.seq_len)
     self.resolved_config = _with_resolved_vocab(config, vocab)
     self.objective = build_objective(self.model_cfg, config.train.z_loss, objective)
     self.schedule = optimizer.learning_rate_schedule(config.train)
@@ -119,7 +171,8 @@ def _with_resolved_vocab(config, vocab: int) -> ml_collections.ConfigDict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from workdir's latest checkpoint) and returns the last metrics."""
+  """Trains (resuming from workdir's latest checkpoint) and returns the last logged
+  metrics and the step reached."""
   # --- set-up: checks, data, model, optimizer --------------------------------
   run = Run(config, workdir)
   if jax.process_index() == 0:
@@ -167,40 +220,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
 
   step, metrics = start_step, None
-  with _StopRequested() as stop:
-    while step < train_cfg.steps:
-      batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
-      previous_metrics = metrics
-      state, metrics = train_step(state, batch)
-      # Stay at most one step ahead of the device: bounded memory for queued batches,
-      # and a stop request is served within a step, not after a long queue.
-      jax.block_until_ready(previous_metrics)
-      step += 1
-      is_last = step == train_cfg.steps
-      if step == start_step + 1:
-        jax.block_until_ready(metrics)
-        throughput.update(step, tokens_per_step)  # starts the clock after compilation
-      if step % train_cfg.log_every == 0 or is_last:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        tokens_per_s, eta = throughput.update(step, tokens_per_step)
-        last.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
-        if step % train_cfg.eval_every == 0 or is_last:
-          last.update(evaluate_timed())
-        log_line(step, train_cfg.steps, last, eta)
-        writer.write(step, last)
-      elif step % train_cfg.eval_every == 0:
-        evaluated = evaluate_timed()
-        log_line(step, train_cfg.steps, evaluated, float('nan'))
-        writer.write(step, evaluated)
-      if step % train_cfg.checkpoint_every == 0 or is_last or stop.requested:
-        checkpointing.save(manager, step, state, run.data.train_iter.get_state())
-      if stop.requested:
-        logging.warning('Stopped at step %d; run the same command to resume.', step)
-        break
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
-  return last
+  try:
+    with _StopRequested() as stop:
+      while step < train_cfg.steps:
+        batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
+        previous_metrics = metrics
+        state, metrics = train_step(state, batch)
+        # Stay at most one step ahead of the device: bounded memory for queued batches,
+        # and a stop request is served within a step, not after a long queue.
+        jax.block_until_ready(previous_metrics)
+        step += 1
+        is_last = step == train_cfg.steps
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          throughput.update(step, tokens_per_step)  # starts the clock after compilation
+        if step % train_cfg.log_every == 0 or is_last:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          tokens_per_s, eta = throughput.update(step, tokens_per_step)
+          last.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
+          if step % train_cfg.eval_every == 0 or is_last:
+            last.update(evaluate_timed())
+          log_line(step, train_cfg.steps, last, eta)
+          writer.write(step, last)
+          _check_divergence(step, last['loss'], train_cfg.max_loss)
+        elif step % train_cfg.eval_every == 0:
+          evaluated = evaluate_timed()
+          log_line(step, train_cfg.steps, evaluated, float('nan'))
+          writer.write(step, evaluated)
+        stopping = stop.should_stop(step)
+        if step % train_cfg.checkpoint_every == 0 or is_last or stopping:
+          checkpointing.save(manager, step, state, run.data.train_iter.get_state())
+        if stopping:
+          logging.warning('Stopped at step %d; run the same command to resume.', step)
+          break
+  finally:  # also when the run diverged: pending checkpoints land, files close
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return {**last, 'step': step}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -1,0 +1,98 @@
+"""Run by tests/test_sharding.py in a fresh process with 8 simulated CPU devices
+(XLA_FLAGS must be set before JAX starts): trains the same tiny model for 5 steps on
+several meshes and prints one JSON object per mesh with its losses and the per-device
+shard shapes of a few parameters; also checks a checkpoint saved on one mesh
+restores onto another.
+
+python tests/mesh_check.py (with XLA_FLAGS=--xla_force_host_platform_device_count=8)
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from models import ModelConfig, build_objective  # noqa: E402
+from train import checkpointing, optimizer, sharding, state as state_lib, steps  # noqa: E402
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+SEQ_LEN, BATCH = 16, 8
+CFG = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, num_kv_heads=8, head_dim=4,
+                  d_model=32, d_ff=64, max_len=SEQ_LEN)
+
+
+def batches(count: int):
+  rng = np.random.default_rng(0)
+  for _ in range(count):
+    ids = rng.integers(6, CFG.vocab_size, size=(BATCH, SEQ_LEN + 1)).astype(np.int32)
+    yield {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
+           'segment_ids': np.ones((BATCH, SEQ_LEN), np.int32),
+           'positions': np.broadcast_to(np.arange(SEQ_LEN, dtype=np.int32), (BATCH, SEQ_LEN)),
+           'weights': np.ones((BATCH, SEQ_LEN), np.float32)}
+
+
+def setup(shape):
+  train_config = default.get_config().train
+  train_config.update(warmup_steps=2, lr=1e-2)
+  mesh_config = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape)))
+  mesh = sharding.make_mesh(mesh_config, jax.devices()[:int(np.prod(shape))])
+  objective = build_objective(CFG)
+  tx = optimizer.make_optimizer(train_config)
+  abstract, shardings = state_lib.state_shardings(objective, tx, mesh, SEQ_LEN)
+  step = steps.jit_train_step(objective, tx, optimizer.learning_rate_schedule(train_config), 1,
+                              jax.random.key(1), mesh, shardings)
+  return mesh, objective, tx, abstract, step
+
+
+def main():
+  results = {}
+  workdir = tempfile.mkdtemp()
+  manager = checkpointing.make_manager(workdir, 1)
+  for shape in MESHES:
+    mesh, objective, tx, _, step = setup(shape)
+    state = state_lib.create_train_state(objective, tx, mesh, SEQ_LEN, jax.random.key(0))
+    losses = []
+    for batch in batches(5):
+      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      losses.append(float(metrics['loss']))
+    params = state.params['decoder']['layers']
+    shard = lambda x: list(x.addressable_shards[0].data.shape)
+    leaves = jax.tree.leaves((state.params, state.opt_state))
+    on_one_device = sum(x.addressable_shards[0].data.size for x in leaves)
+    results[str(shape)] = {
+        'losses': losses,
+        'state_fraction_per_device': on_one_device / sum(x.size for x in leaves),
+        'up_kernel': [list(params['mlp']['up']['kernel'].shape),
+                      shard(params['mlp']['up']['kernel'])],
+        'query_kernel': [list(params['self_attention']['query']['kernel'].shape),
+                         shard(params['self_attention']['query']['kernel'])],
+        'embedding': [list(state.params['token_embed']['embedding'].shape),
+                      shard(state.params['token_embed']['embedding'])],
+    }
+    if shape == (2, 2, 2):  # save here, restore on two other meshes and go on training
+      checkpointing.save(manager, 5, state, None)
+      manager.wait_until_finished()
+      _, metrics = step(state, sharding.global_batch(next(batches(1)), mesh))
+      results['sixth step on (2, 2, 2)'] = float(metrics['loss'])
+  for shape in [(1, 1, 8), (1, 1, 1)]:
+    mesh, _, _, abstract, step = setup(shape)
+    restored, _ = checkpointing.restore_latest(manager, abstract, with_data=False)
+    kernel_shard = list(restored.params['decoder']['layers']['mlp']['up']['kernel']
+                        .addressable_shards[0].data.shape)
+    state, metrics = step(restored, sharding.global_batch(next(batches(1)), mesh))
+    results[f'restored on {shape}'] = {'step': int(state.step), 'loss': float(metrics['loss']),
+                                       'up_kernel_shard': kernel_shard}
+  manager.close()
+  shutil.rmtree(workdir)
+  print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()
