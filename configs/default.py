@@ -82,4 +82,5 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # -1: all remaining devices
   mesh.fsdp = 1
   mesh.tensor = 1
+  mesh.num_slices = 1  # >1: TPU slices / GPU hosts joined by the data-centre network; data spans them
   return config

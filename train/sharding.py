@@ -48,9 +48,23 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh. With mesh.num_slices > 1 (several TPU slices, or
+  several GPU hosts) the data axis spans the slower data-centre network between them
+  and fsdp / tensor stay within each fast interconnect (ICI, NVLink)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  device_array = mesh_utils.create_device_mesh(shape, devices=np.asarray(devices).ravel().tolist())
+  slices = mesh_config.get('num_slices', 1)
+  if slices > 1:
+    if shape[0] % slices:
+      raise ValueError(f'mesh.data={shape[0]} must be a multiple of mesh.num_slices={slices}: '
+                       'data parallelism is what crosses between slices.')
+    per_slice = (shape[0] // slices, shape[1], shape[2])
+    device_array = mesh_utils.create_hybrid_device_mesh(
+        per_slice, (slices, 1, 1), devices=devices,
+        process_is_granule=not hasattr(devices[0], 'slice_index'))  # GPUs: one host a granule
+  else:
+    device_array = mesh_utils.create_device_mesh(shape,
+                                                 devices=np.asarray(devices).ravel().tolist())
   return Mesh(device_array, MESH_AXES)
 
 

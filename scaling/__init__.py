@@ -1,0 +1,1 @@
+"""Chinchilla-style scaling: estimator, planner, sweeps, fits and plots."""

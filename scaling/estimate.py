@@ -1,0 +1,218 @@
+"""What a config costs before it runs: parameters, FLOPs, compute and memory.
+
+Parameters are counted exactly from the config (by family and option) and checked
+against the initialised model's shapes. FLOPs follow train/flops.py (6 N + attention
+for training, a third of that for a forward pass). Memory is the training-memory
+rule of thumb made exact: weights, gradients and AdamW's two moments in the
+parameter dtype (4 + 4 + 8 = 16 bytes per float32 parameter), plus the activations
+the backward pass keeps at the configured micro-batch (see `activation_bytes`).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from input_pipeline import spans
+from models import ModelConfig, build_objective, objective_name, padded_vocab_size
+from models.config import REMAT_POLICIES
+from train import config_checks, flops
+
+PF_DAY = 1e15 * 86_400  # FLOPs in one PetaFLOP/s-day
+NUM_RELATIVE_BUCKETS = 32  # models.layers.RelativePositionBias
+
+
+def model_config(config: ml_collections.ConfigDict, platform: str | None = None) -> ModelConfig:
+  """The ModelConfig a run of `config` builds, without reading data: the embedding has
+  model.vocab_size rows, or the tokenizer's size rounded up as training does."""
+  config_checks.validate(config)
+  vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
+  dtype = config_checks.compute_dtype(config, platform or jax.default_backend())
+  return ModelConfig.from_config(config, vocab, dtype)
+
+
+def targets_length(config: ml_collections.ConfigDict) -> int:
+  """Tokens per example on the decoder side: seq_len, or T5's span targets."""
+  if config.model.arch != 'encoder_decoder':
+    return config.data.seq_len
+  sc = config.span_corruption
+  return spans.raw_length_for(config.data.seq_len, sc.noise_density, sc.mean_span_length)[1]
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Exact parameters by part: 'embedding' (token, position and token-type tables,
+  relative biases), 'encoder' and 'decoder' stacks (with their final norms), 'head'."""
+  D, N, G, K, F, V, L = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff,
+                         cfg.vocab_size, cfg.num_layers)
+  bias = cfg.use_bias
+  norm = D * (2 if cfg.norm == 'layernorm' else 1)
+  attention = 2 * D * N * K + 2 * D * G * K + bias * (N * K + 2 * G * K + D)
+  up_projections = 2 if cfg.mlp == 'swiglu' else 1
+  mlp = up_projections * D * F + F * D + bias * (up_projections * F + D)
+  block = lambda cross: 2 * norm + attention + mlp + cross * (norm + attention)
+  inputs = (cfg.max_len * D if cfg.position == 'learned' else 0) + cfg.num_token_types * D
+  relative_bias = NUM_RELATIVE_BUCKETS * N if cfg.position == 'relative' else 0
+  head = norm + (0 if cfg.tie_embeddings else D * V)
+  if cfg.arch == 'encoder_decoder':
+    return {'embedding': V * D + 2 * (inputs + relative_bias),
+            'encoder': L * block(False) + norm, 'decoder': L * block(True), 'head': head}
+  if cfg.nsp_head:  # pooler norm and dense, next-sentence classifier
+    head += norm + D * D + D + 2 * D + 2
+  stack = 'encoder' if cfg.arch == 'encoder' else 'decoder'
+  return {'embedding': V * D + inputs + relative_bias, stack: L * block(False), 'head': head}
+
+
+def abstract_params(cfg: ModelConfig, objective: str = 'auto'):
+  """The initialised model's parameter shapes, without allocating them."""
+  import flax.linen as nn
+  model = build_objective(cfg, objective=objective_name(cfg.arch, objective))
+  boxed = jax.eval_shape(lambda key: model.init(key, model.example_batch(1, 8)),
+                         jax.random.key(0))
+  return nn.unbox(boxed)
+
+
+def example_batch(config: ml_collections.ConfigDict, objective, sequences: int):
+  """A batch of the shapes a run of `config` trains on (T5's decoder side is the
+  span-target length)."""
+  batch = objective.example_batch(sequences, config.data.seq_len)
+  if config.model.arch == 'encoder_decoder':
+    t = targets_length(config)
+    batch.update({k: batch[k][:, :t] for k in ('decoder_inputs', 'decoder_segment_ids',
+                                                'decoder_positions', 'targets', 'weights')})
+  return batch
+
+
+def saved_activation_bytes(config: ml_collections.ConfigDict, cfg: ModelConfig, params,
+                           remat: str) -> int:
+  """Bytes the backward pass keeps for one micro-batch, exactly as JAX traces it: the
+  residuals of the loss's VJP under this remat policy, less the parameters themselves
+  (which it also references), plus the float32 gradient of the logits that the
+  backward pass starts from. Traced with shapes only; nothing is allocated."""
+  cfg = dataclasses.replace(cfg, remat=remat, dropout=0.0)
+  objective = build_objective(cfg, objective=objective_name(cfg.arch, config.objective))
+  sequences = config.data.batch_size // config.train.grad_accum
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       example_batch(config, objective, sequences))
+  def residuals(params, batch):
+    loss = lambda p: objective.loss(p, batch, jax.random.key(0), train=False)[0]
+    return jax.vjp(loss, params)[1]
+  param_shapes = {(x.shape, x.dtype) for x in jax.tree.leaves(params)}
+  kept = sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(jax.eval_shape(residuals, params, batch))
+             if (x.shape, x.dtype) not in param_shapes)
+  logits_gradient = sequences * targets_length(config) * cfg.vocab_size * 4
+  return kept + logits_gradient
+
+
+def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> dict:
+  """Parameters, FLOPs, compute and memory of a config (one device, no sharding)."""
+  from inference.quantize import quantize_int8, weight_bytes
+  cfg = model_config(config, platform)
+  counts = param_counts(cfg)
+  params = abstract_params(cfg, config.objective)
+  initialised = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+  n = sum(counts.values())
+  if n != initialised:  # a new layer that this module does not know about yet
+    raise AssertionError(f'Counted {n:,} parameters but the model has {initialised:,}; update '
+                         'scaling/estimate.py:param_counts.')
+  seq_len, targets_len, batch = config.data.seq_len, targets_length(config), config.data.batch_size
+  step_flops = flops.train_flops_per_step(params, cfg.tie_embeddings, cfg.arch, cfg.num_layers,
+                                          cfg.d_model, batch, seq_len, targets_len)
+  tokens_per_step = batch * seq_len
+  train_flops = step_flops * config.train.steps
+  param_bytes = jnp.dtype(cfg.param_dtype).itemsize
+  int8_bytes = weight_bytes(jax.eval_shape(quantize_int8, params))
+  activations = {policy: saved_activation_bytes(config, cfg, params, policy)
+                 for policy in REMAT_POLICIES}
+  weights = n * param_bytes
+  # Gradients, and with accumulation over micro-batches their running sum.
+  gradients = weights * (2 if config.train.grad_accum > 1 else 1)
+  state = {'weights': weights, 'gradients': gradients, 'adam_moments': 2 * weights}
+  return {
+      'arch': cfg.arch, 'params': n, 'params_by_part': counts,
+      'matmul_params': flops.matmul_param_count(params, cfg.tie_embeddings),
+      'flops_per_token': step_flops / tokens_per_step,
+      'forward_flops_per_token': step_flops / tokens_per_step / 3,
+      'tokens_per_step': tokens_per_step, 'steps': config.train.steps,
+      'train_tokens': tokens_per_step * config.train.steps,
+      'train_flops': train_flops, 'pf_days': train_flops / PF_DAY,
+      'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'int8': int8_bytes},
+      'train_state_bytes': state,
+      'activation_bytes': activations,
+      'memory_bytes': sum(state.values()) + activations[cfg.remat],
+      'remat': cfg.remat, 'compute_dtype': jnp.dtype(cfg.dtype).name,
+  }
+
+
+def compiled_memory(config: ml_collections.ConfigDict) -> dict | None:
+  """XLA's memory analysis of the compiled train step, per device: arguments (train
+  state and batch), temporaries (activations, gradients) and outputs not aliased to
+  the donated state. On the configured mesh where these devices can form it, else on
+  one device; None where the backend does not report it."""
+  from train import optimizer, sharding, state as state_lib, steps as steps_lib
+  cfg = model_config(config)
+  objective = build_objective(cfg, config.train.z_loss, objective_name(cfg.arch, config.objective))
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+  except ValueError:  # e.g. a pod's mesh estimated on a laptop
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
+                              jax.devices()[:1])
+  tx = optimizer.make_optimizer(config.train)
+  abstract_state, shardings = state_lib.state_shardings(objective, tx, mesh, config.data.seq_len)
+  batch_sharding = sharding.batch_sharding(mesh)
+  abstract_batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+      example_batch(config, objective, config.data.batch_size))
+  step = steps_lib.jit_train_step(objective, tx, optimizer.learning_rate_schedule(config.train),
+                                  config.train.grad_accum, jax.random.key(0), mesh, shardings)
+  analysis = step.lower(abstract_state, abstract_batch).compile().memory_analysis()
+  if analysis is None:
+    return None
+  total = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+           + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  return {'mesh': dict(mesh.shape), 'argument_bytes': int(analysis.argument_size_in_bytes),
+          'temp_bytes': int(analysis.temp_size_in_bytes),
+          'output_bytes': int(analysis.output_size_in_bytes),
+          'alias_bytes': int(analysis.alias_size_in_bytes), 'total_bytes': int(total)}
+
+
+def _size(n: float) -> str:
+  for unit in ('', 'K', 'M', 'G', 'T', 'P'):
+    if abs(n) < 1000:
+      return f'{n:.3g}{unit}'
+    n /= 1000
+  return f'{n:.3g}E'
+
+
+def _bytes(n: float) -> str:
+  return f'{n / 2**30:.3f} GiB' if n >= 2**30 else f'{n / 2**20:.2f} MiB'
+
+
+def report(result: dict) -> str:
+  """Human-readable lines of an estimate (with the compiled analysis if present)."""
+  lines = [f"{result['arch']}: {result['params']:,} parameters "
+           f"({', '.join(f'{k} {v:,}' for k, v in result['params_by_part'].items())}); "
+           f"{result['matmul_params']:,} in matmuls",
+           f"FLOPs per token: {_size(result['flops_per_token'])} training, "
+           f"{_size(result['forward_flops_per_token'])} forward",
+           f"Training: {result['steps']:,} steps x {result['tokens_per_step']:,} tokens = "
+           f"{_size(result['train_tokens'])} tokens, {result['train_flops']:.3g} FLOPs = "
+           f"{result['pf_days']:.3g} PF-days",
+           'Weights: ' + ', '.join(f'{k} {_bytes(v)}' for k, v in result['weight_bytes'].items()),
+           'Train state: ' + ', '.join(f'{k} {_bytes(v)}'
+                                       for k, v in result['train_state_bytes'].items()),
+           'Activations (' + result['compute_dtype'] + '): ' + ', '.join(
+               f'remat={k} {_bytes(v)}' for k, v in result['activation_bytes'].items()),
+           f"Estimated training memory per device (remat={result['remat']}): "
+           f"{_bytes(result['memory_bytes'])}"]
+  compiled = result.get('compiled')
+  if compiled:
+    line = (f"XLA compiled train step on mesh {compiled['mesh']}, per device: "
+            f"{_bytes(compiled['total_bytes'])} (arguments {_bytes(compiled['argument_bytes'])}, "
+            f"temporaries {_bytes(compiled['temp_bytes'])})")
+    if all(size == 1 for size in compiled['mesh'].values()):
+      line += f"; estimate / XLA = {result['memory_bytes'] / compiled['total_bytes']:.3f}"
+    lines.append(line)
+  return '\n'.join(lines)

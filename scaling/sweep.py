@@ -1,0 +1,153 @@
+"""IsoFLOP sweeps: for each compute budget C, several model sizes N, each trained for
+D = C / (6 N) tokens (Hoffmann et al. 2022, approach 2), then fitted (scaling/fit.py).
+
+A sweep config (configs/sweeps/*.py) holds a full run config under `base` and the
+sweep's own fields (budgets, size_factors, head_dim, aspect_ratio, max_loss_factor,
+launch). Sizes are spread around the 20-tokens-per-parameter optimum of each budget
+(planner.model_shape). N counts the parameters in matmuls (train/flops.py), so
+6 N D is the training compute of the run up to attention.
+
+Each run trains in DIR/runs/NAME through the ordinary loop, so an interrupted run
+resumes from its checkpoint. A finished run appends one line to DIR/sweep.jsonl
+(status 'done' or 'diverged'); runs already there are skipped on restart.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import ml_collections
+from absl import logging
+
+from models import padded_vocab_size
+from scaling import estimate, planner
+from train import flops
+
+RESULTS = 'sweep.jsonl'
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+  name: str
+  budget: float  # the IsoFLOP budget C this run belongs to
+  shape: dict  # model.num_layers, d_model, num_heads, d_ff
+  params: int  # N: parameters in matmuls
+  steps: int
+
+  def config(self, sweep: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's full config: the base with this size and step count."""
+    config = ml_collections.ConfigDict(sweep.base.to_dict())
+    config.model.update(**self.shape)
+    train = config.train
+    train.steps = self.steps
+    train.warmup_steps = min(train.warmup_steps, max(1, self.steps // 10))
+    train.eval_every = train.checkpoint_every = max(1, min(train.checkpoint_every, self.steps))
+    train.log_every = max(1, min(train.log_every, self.steps))
+    vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
+    train.max_loss = sweep.max_loss_factor * math.log(vocab)  # well above a uniform guess
+    return config
+
+
+def plan_runs(sweep: ml_collections.ConfigDict) -> list[SweepRun]:
+  """Every run of the sweep, smallest budget first; sizes repeated after rounding to a
+  shape are dropped."""
+  base = sweep.base
+  vocab = base.model.vocab_size or padded_vocab_size(base.data.tokenizer.vocab_size)
+  tokens_per_step = base.data.batch_size * base.data.seq_len
+  runs = []
+  for budget in sorted(sweep.budgets):
+    optimum = planner.plan(budget, 'rule')['params']
+    shapes = []
+    for factor in sweep.size_factors:
+      shape = planner.model_shape(optimum * factor, vocab, sweep.head_dim, sweep.aspect_ratio)
+      shape.pop('params')
+      if shape not in shapes:
+        shapes.append(shape)
+    for shape in shapes:
+      config = ml_collections.ConfigDict(base.to_dict())
+      config.model.update(**shape)
+      cfg = estimate.model_config(config)
+      n = flops.matmul_param_count(estimate.abstract_params(cfg, config.objective),
+                                   cfg.tie_embeddings)
+      steps = max(1, round(budget / (6 * n * tokens_per_step)))
+      name = f"C{budget:.0e}_L{shape['num_layers']}_D{shape['d_model']}".replace('+', '')
+      runs.append(SweepRun(name, budget, shape, n, steps))
+  return runs
+
+
+def read_results(workdir: str) -> dict[str, dict]:
+  """Finished runs by name, from DIR/sweep.jsonl."""
+  path = os.path.join(workdir, RESULTS)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {row['run']: row for row in rows}
+
+
+def _append(workdir: str, row: dict) -> None:
+  with open(os.path.join(workdir, RESULTS), 'a') as f:
+    f.write(json.dumps(row) + '\n')
+
+
+def run_one(sweep: ml_collections.ConfigDict, run: SweepRun, workdir: str) -> dict:
+  """Trains (or resumes) one run and records its result."""
+  from train import loop
+  config = run.config(sweep)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  row = {'run': run.name, 'flops': run.budget, 'params': run.params,
+         'tokens': run.steps * tokens_per_step, 'steps': run.steps,
+         'train_flops': 6.0 * run.params * run.steps * tokens_per_step, **run.shape}
+  try:
+    last = loop.train_and_evaluate(config, os.path.join(workdir, 'runs', run.name))
+  except loop.TrainingDiverged as e:
+    logging.warning('Run %s diverged: %s', run.name, e)
+    row.update(status='diverged', reason=str(e))
+  else:
+    if last.get('step') != run.steps:  # stopped by a signal: resume later
+      return {}
+    row.update(status='done', eval_loss=last['eval_loss'], loss=last['loss'],
+               eval_bits_per_byte=last['eval_bits_per_byte'])
+  _append(workdir, row)
+  return row
+
+
+def launch_command(config_path: str, workdir: str, run: SweepRun) -> str:
+  return (f'python main.py --mode=sweep --config={config_path} --workdir={workdir} '
+          f'--sweep_run={run.name}')
+
+
+def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, only: str | None = None,
+              config_path: str = 'CONFIG') -> list[dict]:
+  """Runs the sweep's unfinished runs one after another (or, with launch='print', prints
+  one command per run for a cluster queue), then writes the fits and plots."""
+  os.makedirs(workdir, exist_ok=True)
+  runs = plan_runs(sweep)
+  if only is not None:
+    runs = [r for r in runs if r.name == only]
+    if not runs:
+      raise ValueError(f'--sweep_run={only} is not a run of this sweep; its runs: '
+                       f"{', '.join(r.name for r in plan_runs(sweep))}.")
+  finished = read_results(workdir)
+  pending = [r for r in runs if r.name not in finished]
+  logging.info('Sweep: %d runs, %d finished, %d to run.', len(runs), len(runs) - len(pending),
+               len(pending))
+  if sweep.launch == 'print':
+    for run in pending:
+      print(launch_command(config_path, workdir, run), flush=True)
+    print(f'# then: python main.py --mode=sweep --config={config_path} --workdir={workdir}',
+          file=sys.stderr)
+    return list(finished.values())
+  for i, run in enumerate(pending):
+    logging.info('Sweep run %d/%d: %s (N=%s, %d steps)', i + 1, len(pending), run.name,
+                 f'{run.params:,}', run.steps)
+    if not run_one(sweep, run, workdir):
+      logging.warning('Sweep stopped; run the same command to resume.')
+      return list(read_results(workdir).values())
+  rows = list(read_results(workdir).values())
+  if only is None:
+    from scaling import report
+    summary = report.write_report(workdir, rows)
+    logging.info('Sweep finished: %s', summary)
+  return rows

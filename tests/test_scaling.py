@@ -1,0 +1,177 @@
+"""Estimator, planner and sweep runner: counts match the model, FLOPs match XLA, the
+planner reproduces Chinchilla's table, and an interrupted sweep resumes."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from models import ModelConfig, build_objective
+from scaling import estimate, planner, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ModelConfig(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
+                    d_model=128, d_ff=512, max_len=64)
+
+
+@pytest.mark.parametrize('changes', [
+    {}, dict(num_kv_heads=2), dict(mlp='swiglu'), dict(tie_embeddings=False),
+    dict(position='learned', norm='layernorm', use_bias=True), dict(position='relative'),
+    dict(arch='encoder', position='learned', num_token_types=2, nsp_head=True),
+    dict(arch='encoder_decoder', position='relative', mlp='swiglu', num_kv_heads=2),
+    dict(arch='encoder_decoder', position='learned', tie_embeddings=False),
+])
+def test_parameter_count_equals_the_initialised_model(changes):
+  cfg = dataclasses.replace(SMALL, **changes)
+  counted = sum(estimate.param_counts(cfg).values())
+  initialised = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(estimate.abstract_params(cfg)))
+  assert counted == initialised
+
+
+def _run_config(arch: str) -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.model.update(arch=arch, num_layers=2, num_heads=4, d_model=128, d_ff=512, max_len=64,
+                      vocab_size=1024, position='learned')
+  config.data.update(seq_len=64, batch_size=4)
+  config.train.steps = 10
+  return config
+
+
+@pytest.mark.parametrize('arch', ['decoder', 'encoder_decoder'])
+def test_forward_flops_per_token_agree_with_xla_cost_analysis(arch):
+  config = _run_config(arch)
+  config.model.scan_layers = False  # XLA's cost analysis counts a loop body once
+  result = estimate.estimate(config)
+  cfg = estimate.model_config(config)
+  objective = build_objective(cfg)
+  batch = estimate.example_batch(config, objective, config.data.batch_size)
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), estimate.abstract_params(cfg))
+  compiled = jax.jit(objective.logits).lower(params, batch).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  xla_per_token = analysis['flops'] / (config.data.batch_size * config.data.seq_len)
+  assert abs(result['forward_flops_per_token'] / xla_per_token - 1) < 0.10, (
+      result['forward_flops_per_token'], xla_per_token)
+
+
+def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step():
+  config = _run_config('decoder')  # scanned layers, as on accelerators
+  config.data.batch_size = 8
+  result = estimate.estimate(config)
+  compiled = estimate.compiled_memory(config)
+  assert abs(result['memory_bytes'] / compiled['total_bytes'] - 1) < 0.10, (result, compiled)
+  state = result['train_state_bytes']
+  assert state['weights'] == 4 * result['params'] and state['adam_moments'] == 8 * result['params']
+  activations = result['activation_bytes']
+  assert activations['full'] < activations['dots_saveable'] < activations['none']
+
+
+# Hoffmann et al. (2022), Table 3 (approach 1): (FLOPs, parameters, tokens).
+CHINCHILLA_TABLE_3 = [
+    (1.92e19, 400e6, 8.0e9), (1.21e20, 1e9, 20.2e9), (1.23e22, 10e9, 205.1e9),
+    (5.76e23, 67e9, 1.5e12), (3.85e24, 175e9, 3.7e12), (9.90e24, 280e9, 5.9e12),
+    (3.43e25, 520e9, 11.0e12), (1.27e26, 1e12, 21.2e12), (1.30e28, 10e12, 216.2e12),
+]
+
+
+@pytest.mark.parametrize('flops, params, tokens', CHINCHILLA_TABLE_3)
+def test_planner_reproduces_chinchilla_table_3(flops, params, tokens):
+  result = planner.plan(flops)
+  assert abs(result['params'] / params - 1) < 0.15
+  assert abs(result['tokens'] / tokens - 1) < 0.15
+  shape = result['shape']
+  assert abs(shape['params'] / result['params'] - 1) < 0.15
+  assert shape['d_model'] == 64 * shape['num_heads']
+
+
+def test_planner_with_a_fitted_law_and_shapes():
+  result = planner.plan(5.76e23, law='chinchilla')
+  assert 6 * result['params'] * result['tokens'] == pytest.approx(5.76e23)
+  assert planner.model_shape(124e6, 50304) == dict(num_layers=12, d_model=768, num_heads=12,
+                                                   d_ff=3072, params=123_568_128)
+  with pytest.raises(ValueError, match='--flops'):
+    planner.plan(-1.0)
+
+
+def test_estimate_and_plan_print_one_json_line():
+  for args in (['--mode=plan', '--flops=1e18', '--json'],
+               ['--mode=estimate', '--config=configs/gpt_tiny.py', '--nocompile', '--json']):
+    out = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    result = json.loads(lines[0])
+    assert result['params'] > 0
+  assert result['flops_per_token'] > 6 * result['matmul_params']
+  assert result['memory_bytes'] > 16 * result['params']
+
+
+def _tiny_sweep(config) -> ml_collections.ConfigDict:
+  config.train.update(log_every=10, eval_every=1000, checkpoint_every=10, eval_steps=2)
+  s = ml_collections.ConfigDict()
+  s.base = config
+  s.budgets = [5e8, 1e9]
+  s.size_factors = [0.5, 4.0]
+  s.head_dim = 8
+  s.aspect_ratio = 16.0
+  s.max_loss_factor = 1.5
+  s.launch = 'local'
+  return s
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(config, tmp_path,
+                                                                    monkeypatch):
+  from train import loop, metrics
+  spec = _tiny_sweep(config)
+  runs = sweep.plan_runs(spec)
+  assert len(runs) == 4 and len({r.name for r in runs}) == 4
+  for run in runs:  # 6 N D within one step of the budget
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    assert abs(6 * run.params * run.steps * tokens_per_step / run.budget - 1) < (
+        6 * run.params * tokens_per_step / run.budget)
+  workdir = str(tmp_path / 'sweep')
+  original_write, trained = metrics.MetricsWriter.write, []
+
+  def write_then_stop(self, step, scalars):  # SIGTERM in the second run, after step 10
+    original_write(self, step, scalars)
+    if len(set(trained)) == 2 and step == 10:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  original_train = loop.train_and_evaluate
+
+  def recording_train(config, run_dir):
+    trained.append(os.path.basename(run_dir))
+    return original_train(config, run_dir)
+
+  monkeypatch.setattr(metrics.MetricsWriter, 'write', write_then_stop)
+  monkeypatch.setattr(loop, 'train_and_evaluate', recording_train)
+  monkeypatch.setattr('scaling.report.write_report', lambda *a, **k: 'summary.md')
+  sweep.run_sweep(spec, workdir)
+  assert list(sweep.read_results(workdir)) == [runs[0].name]  # the second was interrupted
+
+  monkeypatch.setattr(metrics.MetricsWriter, 'write', original_write)
+  trained.clear()
+  rows = sweep.run_sweep(spec, workdir)
+  assert trained == [r.name for r in runs[1:]]  # the finished run was skipped
+  assert sorted(r['run'] for r in rows) == sorted(r.name for r in runs)
+  assert all(r['status'] == 'done' and np.isfinite(r['eval_loss']) for r in rows)
+  with open(os.path.join(workdir, 'runs', runs[1].name, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == sorted(steps) and steps.count(10) == 1  # resumed after step 10
+
+  # A run whose loss passes the bound is marked diverged and not run again.
+  spec.max_loss_factor = 0.01
+  diverged = str(tmp_path / 'diverged')
+  sweep.run_sweep(spec, diverged, only=runs[0].name)
+  assert sweep.read_results(diverged)[runs[0].name]['status'] == 'diverged'
+  trained.clear()
+  sweep.run_sweep(spec, diverged, only=runs[0].name)
+  assert trained == []
