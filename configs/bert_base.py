@@ -8,7 +8,6 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.dtype = 'auto'
   config.model.update(arch='encoder', num_layers=12, num_heads=12, d_model=768, d_ff=3072,
                       max_len=512, position='learned', norm='layernorm', mlp='gelu',
                       use_bias=True, num_token_types=2, dropout=0.1)

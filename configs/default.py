@@ -8,7 +8,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # every random key of a run is split from this
-  config.dtype = 'float32'  # computation dtype: 'float32' | 'bfloat16' | 'auto' (bf16 on GPU/TPU)
+  config.dtype = 'auto'  # compute: 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
   config.param_dtype = 'float32'  # parameters (and optimizer state) are stored in this
 
   model = config.model = ml_collections.ConfigDict()

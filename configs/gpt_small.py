@@ -8,7 +8,6 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.dtype = 'auto'
   config.model.update(num_layers=12, num_heads=12, d_model=768, d_ff=3072, max_len=1024,
                       position='learned', norm='layernorm', mlp='gelu', use_bias=True,
                       vocab_size=50304)

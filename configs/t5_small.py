@@ -8,7 +8,6 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.dtype = 'auto'
   config.model.update(arch='encoder_decoder', num_layers=6, num_heads=8, d_model=512,
                       d_ff=2048, max_len=512, position='relative', norm='rmsnorm', mlp='gelu',
                       dropout=0.1)

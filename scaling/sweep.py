@@ -17,6 +17,7 @@ import math
 import os
 import sys
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -87,6 +88,8 @@ def read_results(workdir: str) -> dict[str, dict]:
 
 
 def _append(workdir: str, row: dict) -> None:
+  if jax.process_index():  # a run over several hosts: process 0 writes for all
+    return
   with open(os.path.join(workdir, RESULTS), 'a') as f:
     f.write(json.dumps(row) + '\n')
 
@@ -146,7 +149,7 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, only: str | None =
       logging.warning('Sweep stopped; run the same command to resume.')
       return list(read_results(workdir).values())
   rows = list(read_results(workdir).values())
-  if only is None:
+  if only is None and jax.process_index() == 0:
     from scaling import report
     summary = report.write_report(workdir, rows)
     logging.info('Sweep finished: %s', summary)
