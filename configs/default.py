@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.grad_clip = 1.0  # global-norm clip; 0 disables
   train.grad_accum = 1  # micro-batches per step; data.batch_size is split among them
   train.max_loss = 0.0  # stop (TrainingDiverged) when a logged loss exceeds this; 0: only NaN/inf
+  train.offload_optimizer = False  # keep AdamW's moments in host memory (frees 8 bytes/param)
   train.z_loss = 0.0  # weight of log(Z)^2, keeps the softmax normaliser near 1
   train.log_every = 10
   train.eval_every = 200

@@ -141,7 +141,10 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'int8': int8_bytes},
       'train_state_bytes': state,
       'activation_bytes': activations,
-      'memory_bytes': sum(state.values()) + activations[cfg.remat],
+      # With train.offload_optimizer the moments live in host memory instead.
+      'memory_bytes': (sum(state.values()) + activations[cfg.remat]
+                       - state['adam_moments'] * config.train.offload_optimizer),
+      'host_bytes': state['adam_moments'] * config.train.offload_optimizer,
       'remat': cfg.remat, 'compute_dtype': jnp.dtype(cfg.dtype).name,
   }
 
@@ -206,7 +209,9 @@ def report(result: dict) -> str:
            'Activations (' + result['compute_dtype'] + '): ' + ', '.join(
                f'remat={k} {_bytes(v)}' for k, v in result['activation_bytes'].items()),
            f"Estimated training memory per device (remat={result['remat']}): "
-           f"{_bytes(result['memory_bytes'])}"]
+           f"{_bytes(result['memory_bytes'])}"
+           + (f" (+ {_bytes(result['host_bytes'])} of AdamW moments in host memory)"
+              if result['host_bytes'] else '')]
   compiled = result.get('compiled')
   if compiled:
     line = (f"XLA compiled train step on mesh {compiled['mesh']}, per device: "

@@ -10,7 +10,7 @@ from models import ModelConfig, build_objective
 from train import optimizer, sharding, state as state_lib, steps
 
 
-def _setup(grad_accum: int):
+def _setup(grad_accum: int, offload_optimizer: bool = False):
   config = default.get_config()
   config.train.update(steps=10, warmup_steps=2, grad_accum=grad_accum, lr=1e-2)
   cfg = ModelConfig(vocab_size=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
@@ -20,8 +20,9 @@ def _setup(grad_accum: int):
   schedule = optimizer.learning_rate_schedule(config.train)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                             jax.devices()[:1])
-  _, shardings = state_lib.state_shardings(objective, tx, mesh, 16)
-  state = state_lib.create_train_state(objective, tx, mesh, 16, jax.random.key(0))
+  _, shardings = state_lib.state_shardings(objective, tx, mesh, 16, offload_optimizer)
+  state = state_lib.create_train_state(objective, tx, mesh, 16, jax.random.key(0),
+                                       offload_optimizer)
   step = steps.jit_train_step(objective, tx, schedule, grad_accum, jax.random.key(1), mesh,
                               shardings)
   return state, step
@@ -49,6 +50,20 @@ def test_gradient_accumulation_equals_one_large_batch():
   np.testing.assert_allclose(loss_4, loss_1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_state_offloaded_to_host_memory_gives_the_same_updates():
+  results = []
+  for offload in (False, True):
+    state, step = _setup(1, offload_optimizer=offload)
+    for i in range(3):
+      state, metrics = step(state, _random_batch(i))
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
+    assert kinds == ({'pinned_host'} if offload else {'device'})
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state.params)} == {'device'}
+    results.append(jax.device_get(state.params))
+  for a, b in zip(*(jax.tree.leaves(r) for r in results)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_loss_falls_when_fitting_one_batch():

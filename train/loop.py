@@ -137,7 +137,7 @@ class Run:
     self.schedule = optimizer.learning_rate_schedule(config.train)
     self.tx = optimizer.make_optimizer(config.train)
     self.abstract_state, self.state_shardings = state_lib.state_shardings(
-        self.objective, self.tx, self.mesh, config.data.seq_len)
+        self.objective, self.tx, self.mesh, config.data.seq_len, config.train.offload_optimizer)
     self.bytes_per_token = jnp.asarray(
         np.pad(self.data.tokenizer.bytes_per_token, (0, vocab - self.data.tokenizer.vocab_size)),
         jnp.float32)
@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if state is None:
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     state = state_lib.create_train_state(run.objective, run.tx, run.mesh, config.data.seq_len,
-                                         init_key)
+                                         init_key, train_cfg.offload_optimizer)
   else:
     run.data.train_iter.set_state(data_state)
   start_step = int(state.step)

@@ -28,17 +28,24 @@ def _init_boxed(objective, tx: optax.GradientTransformation, rng: jax.Array, seq
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def state_shardings(objective, tx, mesh: Mesh, seq_len: int):
-  """(abstract unboxed state, NamedSharding tree) without allocating anything."""
+def state_shardings(objective, tx, mesh: Mesh, seq_len: int, offload_optimizer: bool = False):
+  """(abstract unboxed state, NamedSharding tree) without allocating anything.
+
+  offload_optimizer keeps the optimizer state (AdamW's moments: twice the parameters)
+  in pinned host memory; the train step brings it in for the update only."""
   boxed = jax.eval_shape(lambda r: _init_boxed(objective, tx, r, seq_len), jax.random.key(0))
   shardings = sharding.logical_to_sharding(boxed, mesh)
+  if offload_optimizer:
+    shardings = shardings.replace(opt_state=jax.tree.map(
+        lambda s: s.with_memory_kind('pinned_host'), shardings.opt_state))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   return abstract, shardings
 
 
-def create_train_state(objective, tx, mesh: Mesh, seq_len: int, rng: jax.Array):
-  _, shardings = state_shardings(objective, tx, mesh, seq_len)
+def create_train_state(objective, tx, mesh: Mesh, seq_len: int, rng: jax.Array,
+                       offload_optimizer: bool = False):
+  _, shardings = state_shardings(objective, tx, mesh, seq_len, offload_optimizer)
   init = jax.jit(lambda r: nn.unbox(_init_boxed(objective, tx, r, seq_len)),
                  out_shardings=shardings)
   with mesh:

@@ -34,8 +34,12 @@ def _global_norm(tree) -> jax.Array:
 
 
 def train_step(state: TrainState, batch, *, objective, tx: optax.GradientTransformation,
-               schedule, grad_accum: int, dropout_key: jax.Array):
-  """One optimizer update. Returns (new_state, metrics) with per-token means."""
+               schedule, grad_accum: int, dropout_key: jax.Array, offloaded_opt_state=None):
+  """One optimizer update. Returns (new_state, metrics) with per-token means.
+
+  offloaded_opt_state: (device, host) shardings of an optimizer state kept in host
+  memory; it is brought to the devices for the update and sent back after it.
+  """
   step_key = jax.random.fold_in(dropout_key, state.step)
   grad_fn = jax.grad(lambda p, mb, key: objective.loss(p, mb, key, True), has_aux=True)
 
@@ -58,7 +62,12 @@ def train_step(state: TrainState, batch, *, objective, tx: optax.GradientTransfo
 
   num_tokens = jnp.maximum(sums['weight'], 1.0)
   grads = jax.tree.map(lambda g: g / num_tokens, grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  opt_state = state.opt_state
+  if offloaded_opt_state is not None:
+    opt_state = jax.device_put(opt_state, offloaded_opt_state[0])
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  if offloaded_opt_state is not None:
+    opt_state = jax.device_put(opt_state, offloaded_opt_state[1])
   params = optax.apply_updates(state.params, updates)
   metrics = normalize_metrics(sums)
   metrics.update(tokens=sums['weight'], grad_norm=_global_norm(grads),
@@ -85,8 +94,14 @@ def _traced_with_rules(fn, mesh: Mesh):
 
 def jit_train_step(objective, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
                    state_shardings):
+  offloaded = None
+  host_opt_state = state_shardings.opt_state
+  if any(s.memory_kind == 'pinned_host' for s in jax.tree.leaves(host_opt_state)):
+    offloaded = (jax.tree.map(lambda s: s.with_memory_kind('device'), host_opt_state),
+                 host_opt_state)
   step = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
-                           grad_accum=grad_accum, dropout_key=dropout_key)
+                           grad_accum=grad_accum, dropout_key=dropout_key,
+                           offloaded_opt_state=offloaded)
   return jax.jit(_traced_with_rules(step, mesh),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
