@@ -155,7 +155,7 @@ def _multi_host_environment() -> bool:
   jax.distributed.initialize() finds the coordinator and process ids by itself."""
   tpu_workers = os.environ.get('TPU_WORKER_HOSTNAMES', '')
   return (',' in tpu_workers or 'MEGASCALE_COORDINATOR_ADDRESS' in os.environ
-          or int(os.environ.get('SLURM_NTASKS', '1')) > 1)
+          or int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1)  # inside `srun`, not sbatch
 
 
 def _initialize_distributed() -> None:
@@ -186,7 +186,8 @@ def _use_compilation_cache(workdir: str) -> None:
 def main(argv):
   del argv
   _quiet_library_info_logs()
-  _initialize_distributed()
+  if _MODE.value not in ('plan', 'estimate'):  # those run alone, on one process
+    _initialize_distributed()
   from train import loop, run_config  # after distributed init: importing jax-heavy modules is cheap, using them is not
   if _MODE.value in ('train', 'estimate', 'sweep') and _CONFIG.value is None:
     raise app.UsageError(f'--config is required for --mode={_MODE.value}, e.g. '
@@ -204,9 +205,12 @@ def main(argv):
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   elif _MODE.value == 'sweep':
     from scaling import sweep
-    config_path = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')),
-                       'CONFIG')
-    sweep.run_sweep(_CONFIG.value, _WORKDIR.value, _SWEEP_RUN.value, config_path)
+    # This very command (config file and --config.* overrides), for printed cluster jobs.
+    command = ' '.join(['python main.py --mode=sweep',
+                        f'--config={config_flags.get_config_filename(flags.FLAGS["config"])}',
+                        f'--workdir={_WORKDIR.value}',
+                        *[a for a in sys.argv[1:] if a.startswith('--config.')]])
+    sweep.run_sweep(_CONFIG.value, _WORKDIR.value, _SWEEP_RUN.value, command)
   elif _MODE.value == 'sample':
     _sample(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
   elif _MODE.value == 'eval':

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from input_pipeline import corpora, masking, spans, token_cache
 from input_pipeline.tokenizer import EOS_ID, PAD_ID, Tokenizer, train_tokenizer
@@ -237,11 +238,12 @@ def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs) -> Tokenizer:
-  """The workdir's tokenizer, else one from the cache, else one trained on the train split."""
+  """The workdir's tokenizer, else one from the cache, else one trained on the train split.
+  With several processes, process 0 makes it and the others read its file."""
   path = os.path.join(workdir, 'tokenizer.model')
   if os.path.exists(path):
     logging.info('Using the run\'s tokenizer %s', path)
-  else:
+  elif jax.process_index() == 0:
     t = config.data.tokenizer
     key = token_cache.cache_key(train_id, t.type, t.vocab_size, t.byte_fallback,
                                 t.max_train_bytes)
@@ -261,6 +263,8 @@ def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs)
     os.makedirs(workdir, exist_ok=True)
     shutil.copyfile(prefix + '.model', f'{path}.tmp{os.getpid()}')
     os.replace(f'{path}.tmp{os.getpid()}', path)  # a killed copy never leaves a broken tokenizer
+  if jax.process_count() > 1:  # every process passes here exactly once
+    multihost_utils.sync_global_devices('tokenizer.model written')
   return Tokenizer(path)
 
 

@@ -130,6 +130,11 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   # Gradients, and with accumulation over micro-batches their running sum.
   gradients = weights * (2 if config.train.grad_accum > 1 else 1)
   state = {'weights': weights, 'gradients': gradients, 'adam_moments': 2 * weights}
+  if config.train.offload_optimizer:  # the moments visit the devices for the update only,
+    # after the activations are freed
+    device_bytes = weights + gradients + max(activations[cfg.remat], state['adam_moments'])
+  else:
+    device_bytes = sum(state.values()) + activations[cfg.remat]
   return {
       'arch': cfg.arch, 'params': n, 'params_by_part': counts,
       'matmul_params': flops.matmul_param_count(params, cfg.tie_embeddings),
@@ -141,10 +146,8 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'int8': int8_bytes},
       'train_state_bytes': state,
       'activation_bytes': activations,
-      # With train.offload_optimizer the moments live in host memory instead.
-      'memory_bytes': (sum(state.values()) + activations[cfg.remat]
-                       - state['adam_moments'] * config.train.offload_optimizer),
-      'host_bytes': state['adam_moments'] * config.train.offload_optimizer,
+      'memory_bytes': device_bytes,
+      'host_bytes': state['adam_moments'] if config.train.offload_optimizer else 0,
       'remat': cfg.remat, 'compute_dtype': jnp.dtype(cfg.dtype).name,
   }
 
@@ -163,7 +166,8 @@ def compiled_memory(config: ml_collections.ConfigDict) -> dict | None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                               jax.devices()[:1])
   tx = optimizer.make_optimizer(config.train)
-  abstract_state, shardings = state_lib.state_shardings(objective, tx, mesh, config.data.seq_len)
+  abstract_state, shardings = state_lib.state_shardings(objective, tx, mesh, config.data.seq_len,
+                                                        config.train.offload_optimizer)
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),

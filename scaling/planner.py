@@ -41,9 +41,9 @@ def plan(flops: float, law: str = 'rule', tokens_per_param: float = DEFAULT_TOKE
 def model_shape(params: float, vocab_size: int = 32_000, head_dim: int = 64,
                 aspect_ratio: float = 64.0) -> dict:
   """A GPT shape close to `params` parameters in matmuls: 12 L d^2 for L blocks of width
-  d (d_ff = 4 d) plus the tied embedding V d. Among shapes within a few percent of the
-  target, the one whose d / L is nearest `aspect_ratio` (deep and narrow, as in Kaplan
-  et al.'s flat optimum around 50-100); d is a multiple of head_dim."""
+  d (d_ff = 4 d) plus the tied embedding V d; d is a multiple of head_dim. It trades
+  size error against d / L far from `aspect_ratio` (deep and narrow, as in Kaplan et
+  al.'s flat optimum around 50-100): the cost is |log size ratio| + 0.5 |log aspect ratio|."""
   candidates = []
   for layers in range(1, 257):
     # The width that fits the target at this depth, rounded to whole heads.

@@ -72,8 +72,12 @@ def plan_runs(sweep: ml_collections.ConfigDict) -> list[SweepRun]:
       n = flops.matmul_param_count(estimate.abstract_params(cfg, config.objective),
                                    cfg.tie_embeddings)
       steps = max(1, round(budget / (6 * n * tokens_per_step)))
-      name = f"C{budget:.0e}_L{shape['num_layers']}_D{shape['d_model']}".replace('+', '')
+      name = f"C{budget:.3g}_L{shape['num_layers']}_D{shape['d_model']}".replace('+', '')
       runs.append(SweepRun(name, budget, shape, n, steps))
+  names = [run.name for run in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f'Sweep runs share a name ({names}); make sweep.budgets distinct to 3 '
+                     'significant digits.')
   return runs
 
 
@@ -102,29 +106,31 @@ def run_one(sweep: ml_collections.ConfigDict, run: SweepRun, workdir: str) -> di
   row = {'run': run.name, 'flops': run.budget, 'params': run.params,
          'tokens': run.steps * tokens_per_step, 'steps': run.steps,
          'train_flops': 6.0 * run.params * run.steps * tokens_per_step, **run.shape}
+  run_dir = os.path.join(workdir, 'runs', run.name)
   try:
-    last = loop.train_and_evaluate(config, os.path.join(workdir, 'runs', run.name))
+    last = loop.train_and_evaluate(config, run_dir)
   except loop.TrainingDiverged as e:
     logging.warning('Run %s diverged: %s', run.name, e)
     row.update(status='diverged', reason=str(e))
   else:
     if last.get('step') != run.steps:  # stopped by a signal: resume later
       return {}
-    row.update(status='done', eval_loss=last['eval_loss'], loss=last['loss'],
+    if 'eval_loss' not in last:  # finished earlier, stopped before it was recorded
+      last.update(loop.evaluate(config, run_dir))
+    row.update(status='done', eval_loss=last['eval_loss'], loss=last.get('loss'),
                eval_bits_per_byte=last['eval_bits_per_byte'])
   _append(workdir, row)
   return row
 
 
-def launch_command(config_path: str, workdir: str, run: SweepRun) -> str:
-  return (f'python main.py --mode=sweep --config={config_path} --workdir={workdir} '
-          f'--sweep_run={run.name}')
-
-
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, only: str | None = None,
-              config_path: str = 'CONFIG') -> list[dict]:
-  """Runs the sweep's unfinished runs one after another (or, with launch='print', prints
-  one command per run for a cluster queue), then writes the fits and plots."""
+              command: str = 'python main.py --mode=sweep --config=CONFIG') -> list[dict]:
+  """Runs the sweep's unfinished runs one after another, then writes the fits and plots.
+
+  With launch='print' it prints instead one command per unfinished run for a cluster
+  queue (`command` with --sweep_run=NAME: the sweep's own command line, overrides
+  included); once they are done, the same sweep command writes the fits and plots.
+  """
   os.makedirs(workdir, exist_ok=True)
   runs = plan_runs(sweep)
   if only is not None:
@@ -136,11 +142,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, only: str | None =
   pending = [r for r in runs if r.name not in finished]
   logging.info('Sweep: %d runs, %d finished, %d to run.', len(runs), len(runs) - len(pending),
                len(pending))
-  if sweep.launch == 'print':
+  if sweep.launch == 'print' and only is None and pending:
     for run in pending:
-      print(launch_command(config_path, workdir, run), flush=True)
-    print(f'# then: python main.py --mode=sweep --config={config_path} --workdir={workdir}',
-          file=sys.stderr)
+      print(f'{command} --sweep_run={run.name}', flush=True)
+    print(f'# when they are done, for the fits and plots: {command}', file=sys.stderr)
     return list(finished.values())
   for i, run in enumerate(pending):
     logging.info('Sweep run %d/%d: %s (N=%s, %d steps)', i + 1, len(pending), run.name,

@@ -128,7 +128,7 @@ def _tiny_sweep(config) -> ml_collections.ConfigDict:
 
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(config, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, capsys):
   from train import loop, metrics
   spec = _tiny_sweep(config)
   runs = sweep.plan_runs(spec)
@@ -166,6 +166,27 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(config, tmp_
   with open(os.path.join(workdir, 'runs', runs[1].name, 'metrics.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f]
   assert steps == sorted(steps) and steps.count(10) == 1  # resumed after step 10
+
+  # A run that finished but was not recorded (stopped in between) is evaluated, not retrained.
+  before = sweep.read_results(workdir)
+  os.remove(os.path.join(workdir, sweep.RESULTS))
+  rows = sweep.run_sweep(spec, workdir)
+  for row in rows:
+    np.testing.assert_allclose(row['eval_loss'], before[row['run']]['eval_loss'], rtol=1e-5)
+  with open(os.path.join(workdir, 'runs', runs[1].name, 'metrics.jsonl')) as f:
+    assert [json.loads(line)['step'] for line in f] == steps  # no step trained again
+
+  # launch='print': one command per unfinished run (with this sweep's overrides), and
+  # such a command trains its run.
+  printed = str(tmp_path / 'printed')
+  spec.launch = 'print'
+  command = 'python main.py --mode=sweep --config=S.py --config.base.seed=3'
+  sweep.run_sweep(spec, printed, command=command)
+  assert capsys.readouterr().out.splitlines() == [f'{command} --sweep_run={r.name}' for r in runs]
+  assert not sweep.read_results(printed)
+  sweep.run_sweep(spec, printed, only=runs[0].name, command=command)
+  assert list(sweep.read_results(printed)) == [runs[0].name]
+  spec.launch = 'local'
 
   # A run whose loss passes the bound is marked diverged and not run again.
   spec.max_loss_factor = 0.01

@@ -38,9 +38,10 @@ def _check_divergence(step: int, loss: float, max_loss: float) -> None:
 class _StopRequested:
   """SIGTERM / first Ctrl-C ask the loop to checkpoint and exit after the current step.
 
-  With several processes every host must leave at the same step, so the signal is
-  left to JAX's preemption notifier and the loop asks the coordination service at
-  each step instead (`should_stop`); a TPU maintenance event arrives the same way.
+  With several processes every host must leave at the same step, so SIGTERM is left
+  to JAX's preemption notifier (Ctrl-C is turned into a SIGTERM) and the loop asks the
+  coordination service at each step (`should_stop`); a TPU maintenance event arrives
+  the same way.
   """
 
   def __init__(self):
@@ -49,7 +50,10 @@ class _StopRequested:
     self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
-    if not self._multi_process:
+    if self._multi_process:  # Ctrl-C becomes a SIGTERM for JAX's notifier to spread
+      self._previous[signal.SIGINT] = signal.signal(
+          signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    else:
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -249,6 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(step, evaluated)
         stopping = stop.should_stop(step)
         if step % train_cfg.checkpoint_every == 0 or is_last or stopping:
+          # Never checkpoint a diverged state: a rerun would resume from it.
+          _check_divergence(step, float(metrics['loss']), train_cfg.max_loss)
           checkpointing.save(manager, step, state, run.data.train_iter.get_state())
         if stopping:
           logging.warning('Stopped at step %d; run the same command to resume.', step)

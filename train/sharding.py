@@ -58,10 +58,13 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     if shape[0] % slices:
       raise ValueError(f'mesh.data={shape[0]} must be a multiple of mesh.num_slices={slices}: '
                        'data parallelism is what crosses between slices.')
+    granule_is_process = not hasattr(devices[0], 'slice_index')  # GPUs: one host a granule
+    if granule_is_process and slices != jax.process_count():
+      raise ValueError(f'mesh.num_slices={slices} must equal the number of processes '
+                       f'({jax.process_count()}) on GPUs: each host is one slice.')
     per_slice = (shape[0] // slices, shape[1], shape[2])
     device_array = mesh_utils.create_hybrid_device_mesh(
-        per_slice, (slices, 1, 1), devices=devices,
-        process_is_granule=not hasattr(devices[0], 'slice_index'))  # GPUs: one host a granule
+        per_slice, (slices, 1, 1), devices=devices, process_is_granule=granule_is_process)
   else:
     device_array = mesh_utils.create_device_mesh(shape,
                                                  devices=np.asarray(devices).ravel().tolist())
