@@ -72,6 +72,7 @@ def test_eval_mode_reads_the_saved_config_and_applies_overrides(tmp_path):
   (tmp_path / 'config.json').write_text('{"train": {"eval_steps": 20, "lr": 0.001}, "dtype": "float32"}')
   config = run_config.saved_config(str(tmp_path), ['--config.train.eval_steps=2', '--json'])
   assert config.train.eval_steps == 2 and config.train.lr == 0.001
+  assert config.train.offload_optimizer is False  # absent from an older run's config.json
   with pytest.raises(Exception, match='no such config field'):
     run_config.saved_config(str(tmp_path), ['--config.train.eval_stepz=2'])
   with pytest.raises(Exception, match='train a run'):

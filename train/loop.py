@@ -85,9 +85,12 @@ def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
       q = jax.ShapeDtypeStruct((1, seq_len, cfg.num_heads, cfg.head_dim), cfg.dtype)
       kv = jax.ShapeDtypeStruct((1, seq_len, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
       mask = jax.ShapeDtypeStruct((1, 1, seq_len, seq_len), jnp.bool_)
+      bias = (jax.ShapeDtypeStruct((1, cfg.num_heads, seq_len, seq_len), cfg.dtype)
+              if cfg.position == 'relative' else None)  # T5's relative position bias
       cudnn = functools.partial(jax.nn.dot_product_attention, implementation='cudnn')
       try:
-        jax.jit(lambda q, k, v, m: cudnn(q, k, v, mask=m)).lower(q, kv, kv, mask).compile()
+        jax.jit(lambda q, k, v, m, b: cudnn(q, k, v, bias=b, mask=m)).lower(
+            q, kv, kv, mask, bias).compile()
         implementation = 'cudnn'
       except Exception as e:  # unsupported shape, dtype or GPU: XLA's path always works
         logging.info('cuDNN attention does not apply here (%s); using XLA.', str(e)[:200])

@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from configs import default
+
 
 def _config_overrides(argv: list[str]) -> list[tuple[str, str]]:
   """(field, value) pairs of --config.a.b=VALUE arguments, in order."""
@@ -33,8 +35,9 @@ def saved_config(workdir: str, argv: list[str]):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise ValueError(f'{path} does not exist; train a run in --workdir={workdir} first.')
+  config = default.get_config()  # fields added since the run was trained keep their defaults
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config.update(json.load(f))
   for field, value in _config_overrides(argv):
     *parents, leaf = field.split('.')
     node = config
