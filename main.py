@@ -164,8 +164,10 @@ def _initialize_distributed() -> None:
   if not explicit and not _multi_host_environment():
     return
   import jax
-  # CPU processes (tests, simulated hosts) exchange collectives through gloo.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:  # CPU processes (tests, simulated hosts) exchange collectives through gloo
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  except AttributeError:  # a JAX without the option (gloo is then its default)
+    pass
   if explicit:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   else:
