@@ -8,7 +8,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # every random key of a run is split from this
-  config.dtype = 'auto'  # compute: 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
+  config.dtype = 'auto'  # compute: 'auto' (bf16 on GPU/TPU, f32 on CPU) | 'float32' | 'bfloat16'
   config.param_dtype = 'float32'  # parameters (and optimizer state) are stored in this
 
   model = config.model = ml_collections.ConfigDict()
@@ -83,5 +83,5 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # -1: all remaining devices
   mesh.fsdp = 1
   mesh.tensor = 1
-  mesh.num_slices = 1  # >1: TPU slices / GPU hosts joined by the data-centre network; data spans them
+  mesh.num_slices = 1  # >1: TPU slices / GPU hosts on the data-centre network; `data` spans them
   return config

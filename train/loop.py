@@ -29,7 +29,7 @@ class TrainingDiverged(RuntimeError):
 def _check_divergence(step: int, loss: float, max_loss: float) -> None:
   if not math.isfinite(loss):
     raise TrainingDiverged(f'The training loss is {loss} at step {step}; lower train.lr, raise '
-                           'train.warmup_steps or set train.grad_clip, and start a fresh --workdir.')
+                           'train.warmup_steps or set train.grad_clip, and use a fresh --workdir.')
   if max_loss and loss > max_loss:
     raise TrainingDiverged(f'The training loss {loss:.4f} at step {step} rose past '
                            f'train.max_loss={max_loss}; lower train.lr or raise the bound.')
