@@ -1,8 +1,9 @@
 """Greedy decoding throughput of the GPT peer shape with random weights: one JSON line.
 
-python -m benchmarks.decode --json --batch=1 --new_tokens=128
+python -m benchmarks.decode --json --batch=1 --new_tokens=128 [--arch=encoder_decoder]
 
-Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt; reports
+Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt (a T5 has
+6 such layers on each side and reads the prompt with its encoder); reports
 time to first token (prefill + first sample, compiled) and new tokens/s over the
 whole generation (all rows together), excluding compilation.
 """
@@ -23,6 +24,9 @@ _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_ARCH = flags.DEFINE_enum('arch', 'decoder', ['decoder', 'encoder_decoder'],
+                          'decoder: GPT; encoder_decoder: a T5 of the same width and depth on '
+                          'each side (the prompt is the encoder input).')
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'], 'Weight quantization.')
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.')
 
@@ -39,9 +43,13 @@ def _timed(fn, repeats: int = 3) -> float:
 
 def main(argv):
   del argv
-  cfg = ModelConfig(vocab_size=8192, num_layers=6, num_heads=6, num_kv_heads=6, head_dim=64,
-                    d_model=384, d_ff=1536, max_len=_PROMPT_LEN.value + _NEW_TOKENS.value,
-                    position='learned', norm='layernorm', dtype=jnp.dtype(_DTYPE.value))
+  decoder = _ARCH.value == 'decoder'
+  cfg = ModelConfig(arch=_ARCH.value, vocab_size=8192, num_layers=6, num_heads=6, num_kv_heads=6,
+                    head_dim=64, d_model=384, d_ff=1536,
+                    max_len=(_PROMPT_LEN.value + _NEW_TOKENS.value if decoder  # prompt + output
+                             else max(_PROMPT_LEN.value, _NEW_TOKENS.value + 1)),  # either side
+                    position='learned' if decoder else 'relative', norm='layernorm',
+                    dtype=jnp.dtype(_DTYPE.value))
   objective = build_objective(cfg)
   params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 8)))
   params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)  # weights stored as computed
@@ -54,7 +62,7 @@ def main(argv):
   total_s = _timed(lambda: run(_NEW_TOKENS.value))
   result = {'benchmark': 'decode', 'backend': jax.default_backend(),
             'device': jax.devices()[0].device_kind, 'dtype': _DTYPE.value,
-            'quantize': _QUANTIZE.value,
+            'quantize': _QUANTIZE.value, 'arch': _ARCH.value,
             'batch': _BATCH.value, 'prompt_len': _PROMPT_LEN.value,
             'new_tokens': _NEW_TOKENS.value, 'time_to_first_token_s': first_token_s,
             'total_s': total_s, 'tokens_per_s': _BATCH.value * _NEW_TOKENS.value / total_s}
