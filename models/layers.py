@@ -156,23 +156,25 @@ class Attention(nn.Module):
                kv_BSD: Array | None = None, bias_BNTS: Array | None = None,
                cache_index: Array | None = None) -> Array:
     """In decode mode, causal self-attention writes this call's keys and values into a
-    [B, max_len, G, K] cache at `cache_index` (the encoder's gets none) and the queries attend to the whole cache
-    (`mask_B1TS` then has S = max_len). Cross-attention projects the encoder output
-    once, on the call that passes `kv_BSD`, and later calls (kv_BSD None) reuse it."""
+    [B, max_len, G, K] cache at `cache_index` (an encoder's gets none), and the queries
+    attend to the whole cache (`mask_B1TS` then has S = max_len). Cross-attention
+    projects the encoder output once, on the call that passes `kv_BSD`, and later
+    calls (kv_BSD None) reuse the cached keys and values."""
     cfg = self.cfg
     N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     std = 0.02
     q_BTNK = _dense(cfg, (N, K), -1, ('embed', 'heads', 'kv'), std, 'query')(x_BTD)
-    if self.cross and cfg.decode and kv_BSD is None:
+    cross_cache = self.cross and cfg.decode
+    if cross_cache and kv_BSD is None:  # a later decoding step
       k_BSGK = self.get_variable('cache', 'cross_key')
       v_BSGK = self.get_variable('cache', 'cross_value')
     else:
       kv_BSD = kv_BSD if self.cross else x_BTD
       k_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key')(kv_BSD)
       v_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value')(kv_BSD)
-    if self.cross and cfg.decode and kv_BSD is not None:
-      self.put_variable('cache', 'cross_key', k_BSGK)
-      self.put_variable('cache', 'cross_value', v_BSGK)
+      if cross_cache:
+        self.put_variable('cache', 'cross_key', k_BSGK)
+        self.put_variable('cache', 'cross_value', v_BSGK)
     if self.use_rope:
       q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
       k_BSGK = apply_rope(k_BSGK, positions_BT, cfg.rope_theta)

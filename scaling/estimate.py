@@ -28,9 +28,13 @@ def model_config(config: ml_collections.ConfigDict, platform: str | None = None)
   """The ModelConfig a run of `config` builds, without reading data: the embedding has
   model.vocab_size rows, or the tokenizer's size rounded up as training does."""
   config_checks.validate(config)
-  vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
   dtype = config_checks.compute_dtype(config, platform or jax.default_backend())
-  return ModelConfig.from_config(config, vocab, dtype)
+  return ModelConfig.from_config(config, embedding_rows(config), dtype)
+
+
+def embedding_rows(config: ml_collections.ConfigDict) -> int:
+  """model.vocab_size, or the tokenizer's size rounded up as training does."""
+  return config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
 
 
 def targets_length(config: ml_collections.ConfigDict) -> int:

@@ -21,7 +21,6 @@ import jax
 import ml_collections
 from absl import logging
 
-from models import padded_vocab_size
 from scaling import estimate, planner
 from train import flops
 
@@ -45,8 +44,8 @@ class SweepRun:
     train.warmup_steps = min(train.warmup_steps, max(1, self.steps // 10))
     train.eval_every = train.checkpoint_every = max(1, min(train.checkpoint_every, self.steps))
     train.log_every = max(1, min(train.log_every, self.steps))
-    vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
-    train.max_loss = sweep.max_loss_factor * math.log(vocab)  # well above a uniform guess
+    # Well above the loss of a uniform guess.
+    train.max_loss = sweep.max_loss_factor * math.log(estimate.embedding_rows(config))
     return config
 
 
@@ -54,8 +53,20 @@ def plan_runs(sweep: ml_collections.ConfigDict) -> list[SweepRun]:
   """Every run of the sweep, smallest budget first; sizes repeated after rounding to a
   shape are dropped."""
   base = sweep.base
-  vocab = base.model.vocab_size or padded_vocab_size(base.data.tokenizer.vocab_size)
+  vocab = estimate.embedding_rows(base)
   tokens_per_step = base.data.batch_size * base.data.seq_len
+  matmul_params = {}  # by shape: budgets share sizes, and each count traces the model
+
+  def count(shape: dict) -> int:
+    key = tuple(sorted(shape.items()))
+    if key not in matmul_params:
+      config = ml_collections.ConfigDict(base.to_dict())
+      config.model.update(**shape)
+      cfg = estimate.model_config(config)
+      matmul_params[key] = flops.matmul_param_count(
+          estimate.abstract_params(cfg, config.objective), cfg.tie_embeddings)
+    return matmul_params[key]
+
   runs = []
   for budget in sorted(sweep.budgets):
     optimum = planner.plan(budget, 'rule')['params']
@@ -66,11 +77,7 @@ def plan_runs(sweep: ml_collections.ConfigDict) -> list[SweepRun]:
       if shape not in shapes:
         shapes.append(shape)
     for shape in shapes:
-      config = ml_collections.ConfigDict(base.to_dict())
-      config.model.update(**shape)
-      cfg = estimate.model_config(config)
-      n = flops.matmul_param_count(estimate.abstract_params(cfg, config.objective),
-                                   cfg.tie_embeddings)
+      n = count(shape)
       steps = max(1, round(budget / (6 * n * tokens_per_step)))
       name = f"C{budget:.3g}_L{shape['num_layers']}_D{shape['d_model']}".replace('+', '')
       runs.append(SweepRun(name, budget, shape, n, steps))
@@ -134,10 +141,10 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, only: str | None =
   os.makedirs(workdir, exist_ok=True)
   runs = plan_runs(sweep)
   if only is not None:
-    runs = [r for r in runs if r.name == only]
-    if not runs:
+    if only not in {r.name for r in runs}:
       raise ValueError(f'--sweep_run={only} is not a run of this sweep; its runs: '
-                       f"{', '.join(r.name for r in plan_runs(sweep))}.")
+                       f"{', '.join(r.name for r in runs)}.")
+    runs = [r for r in runs if r.name == only]
   finished = read_results(workdir)
   pending = [r for r in runs if r.name not in finished]
   logging.info('Sweep: %d runs, %d finished, %d to run.', len(runs), len(runs) - len(pending),
