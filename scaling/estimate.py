@@ -5,7 +5,7 @@ against the initialised model's shapes. FLOPs follow train/flops.py (6 N + atten
 for training, a third of that for a forward pass). Memory is the training-memory
 rule of thumb made exact: weights, gradients and AdamW's two moments in the
 parameter dtype (4 + 4 + 8 = 16 bytes per float32 parameter), plus the activations
-the backward pass keeps at the configured micro-batch (see `activation_bytes`).
+at the peak of the backward pass for the configured micro-batch (scaling/activations.py).
 """
 
 import dataclasses
@@ -18,6 +18,7 @@ import numpy as np
 from input_pipeline import spans
 from models import ModelConfig, build_objective, objective_name, padded_vocab_size
 from models.config import REMAT_POLICIES
+from scaling import activations
 from train import config_checks, flops
 
 PF_DAY = 1e15 * 86_400  # FLOPs in one PetaFLOP/s-day
@@ -88,13 +89,11 @@ def example_batch(config: ml_collections.ConfigDict, objective, sequences: int):
   return batch
 
 
-def saved_activation_bytes(config: ml_collections.ConfigDict, cfg: ModelConfig, params,
-                           remat: str) -> int:
-  """Bytes the backward pass keeps for one micro-batch, exactly as JAX traces it: the
-  residuals of the loss's VJP under this remat policy, less the parameters themselves
-  (which it also references), plus the float32 gradient of the logits that the
-  backward pass starts from. Traced with shapes only; nothing is allocated."""
-  cfg = dataclasses.replace(cfg, remat=remat, dropout=0.0)
+def _residual_trace(config: ml_collections.ConfigDict, cfg: ModelConfig, remat: str,
+                    scan_layers: bool) -> activations.Residuals:
+  """The residuals of the loss's VJP for one micro-batch, traced with shapes only."""
+  cfg = dataclasses.replace(cfg, remat=remat, scan_layers=scan_layers, dropout=0.0)
+  params = abstract_params(cfg, config.objective)
   objective = build_objective(cfg, objective=objective_name(cfg.arch, config.objective))
   sequences = config.data.batch_size // config.train.grad_accum
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -102,17 +101,26 @@ def saved_activation_bytes(config: ml_collections.ConfigDict, cfg: ModelConfig, 
   def residuals(params, batch):
     loss = lambda p: objective.loss(p, batch, jax.random.key(0), train=False)[0]
     return jax.vjp(loss, params)[1]
-  param_shapes = {(x.shape, x.dtype) for x in jax.tree.leaves(params)}
-  kept = sum(int(np.prod(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves(jax.eval_shape(residuals, params, batch))
-             if (x.shape, x.dtype) not in param_shapes)
-  logits_gradient = sequences * targets_length(config) * cfg.vocab_size * 4
-  return kept + logits_gradient
+  return activations.residuals(jax.make_jaxpr(residuals)(params, batch),
+                              len(jax.tree.leaves(params)))
+
+
+def activation_bytes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict[str, int]:
+  """Peak activation bytes of one micro-batch's backward pass under each remat policy
+  (scaling/activations.py), with the run's scanned or unrolled layers."""
+  scanned = {policy: _residual_trace(config, cfg, policy, True) for policy in REMAT_POLICIES}
+  sequences = config.data.batch_size // config.train.grad_accum
+  logits_bytes = sequences * targets_length(config) * cfg.vocab_size * 4
+  return {policy: activations.peak_bytes(
+              scanned[policy] if cfg.scan_layers else _residual_trace(config, cfg, policy, False),
+              scanned[policy], scanned['none'], cfg.num_layers, logits_bytes)
+          for policy in REMAT_POLICIES}
 
 
 def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> dict:
   """Parameters, FLOPs, compute and memory of a config (one device, no sharding)."""
   from inference.quantize import quantize_int8, weight_bytes
+  platform = platform or jax.default_backend()
   cfg = model_config(config, platform)
   counts = param_counts(cfg)
   params = abstract_params(cfg, config.objective)
@@ -128,17 +136,19 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   train_flops = step_flops * config.train.steps
   param_bytes = jnp.dtype(cfg.param_dtype).itemsize
   int8_bytes = weight_bytes(jax.eval_shape(quantize_int8, params))
-  activations = {policy: saved_activation_bytes(config, cfg, params, policy)
-                 for policy in REMAT_POLICIES}
+  activation = activation_bytes(config, cfg)
+  # XLA:CPU schedules unrolled layers' rematerialisation into the forward pass, so it
+  # keeps their activations whatever the policy (measured: equal compiled memory).
+  remat = 'none' if platform == 'cpu' and not cfg.scan_layers else cfg.remat
   weights = n * param_bytes
   # Gradients, and with accumulation over micro-batches their running sum.
   gradients = weights * (2 if config.train.grad_accum > 1 else 1)
   state = {'weights': weights, 'gradients': gradients, 'adam_moments': 2 * weights}
   if config.train.offload_optimizer:  # the moments visit the devices for the update only,
     # after the activations are freed
-    device_bytes = weights + gradients + max(activations[cfg.remat], state['adam_moments'])
+    device_bytes = weights + gradients + max(activation[remat], state['adam_moments'])
   else:
-    device_bytes = sum(state.values()) + activations[cfg.remat]
+    device_bytes = sum(state.values()) + activation[remat]
   return {
       'arch': cfg.arch, 'params': n, 'params_by_part': counts,
       'matmul_params': flops.matmul_param_count(params, cfg.tie_embeddings),
@@ -149,10 +159,10 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       'train_flops': train_flops, 'pf_days': train_flops / PF_DAY,
       'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'int8': int8_bytes},
       'train_state_bytes': state,
-      'activation_bytes': activations,
+      'activation_bytes': activation,
       'memory_bytes': device_bytes,
       'host_bytes': state['adam_moments'] if config.train.offload_optimizer else 0,
-      'remat': cfg.remat, 'compute_dtype': jnp.dtype(cfg.dtype).name,
+      'remat': cfg.remat, 'effective_remat': remat, 'compute_dtype': jnp.dtype(cfg.dtype).name,
   }
 
 
@@ -220,6 +230,10 @@ def report(result: dict) -> str:
            f"{_bytes(result['memory_bytes'])}"
            + (f" (+ {_bytes(result['host_bytes'])} of AdamW moments in host memory)"
               if result['host_bytes'] else '')]
+  if result['effective_remat'] != result['remat']:
+    lines.append(f"  XLA:CPU keeps unrolled layers' activations whatever the remat policy: counted "
+                 f"with remat={result['effective_remat']}; set model.scan_layers=True for remat "
+                 "to save memory here")
   compiled = result.get('compiled')
   if compiled:
     line = (f"XLA compiled train step on mesh {compiled['mesh']}, per device: "

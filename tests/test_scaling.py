@@ -62,9 +62,14 @@ def test_forward_flops_per_token_agree_with_xla_cost_analysis(arch):
       result['forward_flops_per_token'], xla_per_token)
 
 
-def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step():
-  config = _run_config('decoder')  # scanned layers, as on accelerators
+@pytest.mark.parametrize('arch', ['decoder', 'encoder', 'encoder_decoder'])
+@pytest.mark.parametrize('scan_layers,remat', [
+    (True, 'none'), (True, 'dots_saveable'), (True, 'full'), (False, 'none')])
+def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step(arch, scan_layers,
+                                                                          remat):
+  config = _run_config(arch)
   config.data.batch_size = 8
+  config.model.update(scan_layers=scan_layers, remat=remat)
   result = estimate.estimate(config)
   compiled = estimate.compiled_memory(config)
   assert abs(result['memory_bytes'] / compiled['total_bytes'] - 1) < 0.10, (result, compiled)
@@ -72,6 +77,17 @@ def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step():
   assert state['weights'] == 4 * result['params'] and state['adam_moments'] == 8 * result['params']
   activations = result['activation_bytes']
   assert activations['full'] < activations['dots_saveable'] < activations['none']
+
+
+def test_unrolled_layers_on_cpu_count_their_activations_whatever_the_remat_policy():
+  config = _run_config('decoder')
+  config.model.update(scan_layers=False, remat='full')
+  result = estimate.estimate(config, platform='cpu')
+  assert result['effective_remat'] == 'none'
+  assert result['memory_bytes'] == (sum(result['train_state_bytes'].values())
+                                    + result['activation_bytes']['none'])
+  assert 'scan_layers=True' in estimate.report(result)
+  assert estimate.estimate(config, platform='gpu')['effective_remat'] == 'full'
 
 
 # Hoffmann et al. (2022), Table 3 (approach 1): (FLOPs, parameters, tokens).
