@@ -96,6 +96,23 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one_device
   for step in losses_one:
     np.testing.assert_allclose(losses_two[step], losses_one[step], rtol=1e-5)
 
+  # A hybrid mesh, each process one slice: the data axis crosses between processes
+  # (as it crosses the data-centre network between TPU slices or GPU hosts).
+  hybrid = str(tmp_path / 'hybrid')
+  processes = [subprocess.Popen(
+      _train_args(config, hybrid, 10) + ['--config.mesh.num_slices=2',
+                                         f'--coordinator_address=127.0.0.1:{port + 1}',
+                                         '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for p in processes:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    assert 'Hybrid mesh over 2 slices; the processes of each data index: [[0], [1]]' in err
+  losses_hybrid = _losses(hybrid)
+  for step in losses_one:
+    np.testing.assert_allclose(losses_hybrid[step], losses_one[step], rtol=1e-5)
+
   # The 8-device checkpoint of the two processes restores on one device and trains on.
   subprocess.run(_train_args(config, two, 15, mesh=(-1, 1, 1)), cwd=ROOT, env=_env(1),
                  check=True, capture_output=True)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from configs import default
 from models import ModelConfig, build_objective
@@ -106,3 +107,12 @@ def test_matmul_parameters_count_the_output_projection_not_the_lookup():
     # the output projection (tied embedding or lm_head) counts once; positions never
     assert flops.matmul_param_count(params, tie) == 2 * per_layer + 128 * 16
   assert flops.flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
+
+
+def test_a_hybrid_mesh_needs_one_slice_per_process_or_tpu_slice():
+  mesh_config = ml_collections.ConfigDict({'data': 2, 'fsdp': 1, 'tensor': 1, 'num_slices': 2})
+  with pytest.raises(ValueError, match=r'num_slices=2, but these devices form 1 slice\(s\) \(one per process\)'):
+    sharding.make_mesh(mesh_config, jax.devices()[:1] * 2)
+  mesh_config.data = 3
+  with pytest.raises(ValueError, match=r'mesh.data=3 must be a multiple of mesh.num_slices=2'):
+    sharding.make_mesh(mesh_config, jax.devices()[:1] * 3)

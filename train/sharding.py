@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -58,13 +59,18 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     if shape[0] % slices:
       raise ValueError(f'mesh.data={shape[0]} must be a multiple of mesh.num_slices={slices}: '
                        'data parallelism is what crosses between slices.')
-    granule_is_process = not hasattr(devices[0], 'slice_index')  # GPUs: one host a granule
-    if granule_is_process and slices != jax.process_count():
-      raise ValueError(f'mesh.num_slices={slices} must equal the number of processes '
-                       f'({jax.process_count()}) on GPUs: each host is one slice.')
+    slice_ids = {getattr(d, 'slice_index', 0) for d in devices}
+    granule_is_process = len(slice_ids) == 1  # GPU or CPU hosts: each process is a slice
+    granules = jax.process_count() if granule_is_process else len(slice_ids)
+    if slices != granules:
+      raise ValueError(f'mesh.num_slices={slices}, but these devices form {granules} slice(s) '
+                       f"({'one per process' if granule_is_process else 'TPU slices'}); "
+                       'set mesh.num_slices to that.')
     per_slice = (shape[0] // slices, shape[1], shape[2])
     device_array = mesh_utils.create_hybrid_device_mesh(
         per_slice, (slices, 1, 1), devices=devices, process_is_granule=granule_is_process)
+    logging.info('Hybrid mesh over %d slices; the processes of each data index: %s', slices,
+                 [sorted({d.process_index for d in row.flat}) for row in device_array])
   else:
     device_array = mesh_utils.create_device_mesh(shape,
                                                  devices=np.asarray(devices).ravel().tolist())
