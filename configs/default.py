@@ -33,7 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.dropout = 0.0
   model.scan_layers = True  # nn.scan over layers: compile time does not grow with depth
   model.remat = 'none'  # 'none' | 'dots_saveable' | 'full'
-  model.attention = 'auto'  # jax.nn.dot_product_attention implementation: 'auto' | 'xla' | 'cudnn'
+  # 'auto' | 'xla' | 'cudnn' | 'splash'; auto (logged) is splash on TPU, cuDNN on GPU where
+  # it compiles for the run's shapes, else XLA
+  model.attention = 'auto'
 
   # The pre-training objective; 'auto' follows model.arch: causal_lm (decoder),
   # masked_lm (encoder), span_corruption (encoder_decoder).

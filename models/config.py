@@ -11,7 +11,7 @@ DEFAULT_POSITION = {'decoder': 'rope', 'encoder': 'learned', 'encoder_decoder': 
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'swiglu')
 REMAT_POLICIES = ('none', 'dots_saveable', 'full')
-ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
 
 
 @dataclasses.dataclass(frozen=True)

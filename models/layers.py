@@ -11,10 +11,12 @@ Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads
 import functools
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import splash
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -133,15 +135,41 @@ def _dense(cfg: ModelConfig, features, axis, names, stddev, name):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[num_input_axes:]))
 
 
-def attention_mask(q_segment_BT: Array, kv_segment_BS: Array, causal: bool) -> Array:
-  """[B, 1, T, S] boolean: a query sees a key only in its own document (equal segment
-  ids) and, when causal, only at or before its own position. Padding (segment 0)
-  sees padding, so no row is fully masked and no NaN reaches weight-0 positions."""
-  mask = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
+@flax.struct.dataclass
+class AttentionMask:
+  """Which keys each query sees. XLA and cuDNN take the dense [B, 1, T, S] boolean;
+  splash attention takes the segment ids and applies causality inside its kernel, so
+  they travel along where known (not over a decode cache)."""
+  dense_B1TS: Array
+  q_segment_BT: Array | None = None
+  kv_segment_BS: Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def attention_mask(q_segment_BT: Array, kv_segment_BS: Array, causal: bool) -> AttentionMask:
+  """A query sees a key only in its own document (equal segment ids) and, when causal,
+  only at or before its own position. Padding (segment 0) sees padding, so no row is
+  fully masked and no NaN reaches weight-0 positions."""
+  mask_BTS = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
   if causal:
     t, s = q_segment_BT.shape[1], kv_segment_BS.shape[1]
-    mask &= jnp.tril(jnp.ones((t, s), dtype=bool))
-  return mask[:, None, :, :]
+    mask_BTS &= jnp.tril(jnp.ones((t, s), dtype=bool))
+  return AttentionMask(mask_BTS[:, None], q_segment_BT, kv_segment_BS, causal)
+
+
+def dot_product_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: AttentionMask,
+                          bias_BNTS: Array | None, implementation: str) -> Array:
+  """[B, T, N, K] attention outputs by the configured implementation: splash where it
+  applies (else XLA), or jax.nn.dot_product_attention's XLA or cuDNN kernels."""
+  if implementation == 'splash':
+    if splash.applies(q_BTNK.shape[1], k_BSGK.shape[1], mask.q_segment_BT is not None,
+                      bias_BNTS is not None):
+      return splash.attention(q_BTNK, k_BSGK, v_BSGK, mask.q_segment_BT, mask.kv_segment_BS,
+                              mask.causal)
+    implementation = 'xla'
+  return jax.nn.dot_product_attention(
+      q_BTNK, k_BSGK, v_BSGK, bias=bias_BNTS, mask=mask.dense_B1TS,
+      implementation=None if implementation == 'auto' else implementation)
 
 
 class Attention(nn.Module):
@@ -152,12 +180,12 @@ class Attention(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD: Array, mask_B1TS: Array, positions_BT: Array | None = None,
+  def __call__(self, x_BTD: Array, mask: AttentionMask, positions_BT: Array | None = None,
                kv_BSD: Array | None = None, bias_BNTS: Array | None = None,
                cache_index: Array | None = None) -> Array:
     """In decode mode, causal self-attention writes this call's keys and values into a
     [B, max_len, G, K] cache at `cache_index` (an encoder's gets none), and the queries
-    attend to the whole cache (`mask_B1TS` then has S = max_len). Cross-attention
+    attend to the whole cache (`mask` then has S = max_len). Cross-attention
     projects the encoder output once, on the call that passes `kv_BSD`, and later
     calls (kv_BSD None) reuse the cached keys and values."""
     cfg = self.cfg
@@ -186,9 +214,7 @@ class Attention(nn.Module):
       cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSGK, start)
       cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BSGK, start)
       k_BSGK, v_BSGK = cached_k.value, cached_v.value
-    out_BTNK = jax.nn.dot_product_attention(
-        q_BTNK, k_BSGK, v_BSGK, bias=bias_BNTS, mask=mask_B1TS,
-        implementation=None if cfg.attention == 'auto' else cfg.attention)
+    out_BTNK = dot_product_attention(q_BTNK, k_BSGK, v_BSGK, mask, bias_BNTS, cfg.attention)
     out_std = std / math.sqrt(2 * cfg.num_layers)
     return _dense(cfg, D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out')(out_BTNK)
 
@@ -222,19 +248,19 @@ class Block(nn.Module):
   cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD: Array, self_mask_B1TS: Array, positions_BT: Array,
+  def __call__(self, x_BTD: Array, self_mask: AttentionMask, positions_BT: Array,
                self_bias_BNTS: Array | None = None, encoded_BSD: Array | None = None,
-               cross_mask_B1TS: Array | None = None, cache_index: Array | None = None):
+               cross_mask: AttentionMask | None = None, cache_index: Array | None = None):
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
     h = Attention(cfg, use_rope=cfg.position == 'rope', name='self_attention')(
-        Norm(cfg, name='pre_self_attention_norm')(x_BTD), self_mask_B1TS, positions_BT,
+        Norm(cfg, name='pre_self_attention_norm')(x_BTD), self_mask, positions_BT,
         bias_BNTS=self_bias_BNTS, cache_index=cache_index)
     x_BTD = x_BTD + dropout(h)
     if self.cross_attention:
       h = Attention(cfg, cross=True, name='cross_attention')(
-          Norm(cfg, name='pre_cross_attention_norm')(x_BTD), cross_mask_B1TS, kv_BSD=encoded_BSD)
+          Norm(cfg, name='pre_cross_attention_norm')(x_BTD), cross_mask, kv_BSD=encoded_BSD)
       x_BTD = x_BTD + dropout(h)
     h = Mlp(cfg, name='mlp')(Norm(cfg, name='pre_mlp_norm')(x_BTD))
     x_BTD = x_BTD + dropout(h)

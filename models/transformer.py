@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.layers import (Array, Block, Embed, Norm, RelativePositionBias, attention_mask,
-                           sinusoidal_positions)
+from models.layers import (Array, AttentionMask, Block, Embed, Norm, RelativePositionBias,
+                           attention_mask, sinusoidal_positions)
 
 REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
@@ -25,15 +25,15 @@ class Stack(nn.Module):
   cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD: Array, self_mask_B1TS: Array, positions_BT: Array,
+  def __call__(self, x_BTD: Array, self_mask: AttentionMask, positions_BT: Array,
                self_bias_BNTS: Array | None = None, encoded_BSD: Array | None = None,
-               cross_mask_B1TS: Array | None = None, cache_index: Array | None = None) -> Array:
+               cross_mask: AttentionMask | None = None,
+               cache_index: Array | None = None) -> Array:
     cfg = self.cfg
     block_cls = Block
     if cfg.remat != 'none':
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    args = (self_mask_B1TS, positions_BT, self_bias_BNTS, encoded_BSD, cross_mask_B1TS,
-            cache_index)
+    args = (self_mask, positions_BT, self_bias_BNTS, encoded_BSD, cross_mask, cache_index)
     if cfg.scan_layers:
       scanned = nn.scan(
           block_cls, variable_axes={'params': 0, 'cache': 0},
@@ -97,7 +97,7 @@ class OutputHead(nn.Module):
 class CacheSlots(nn.Module):
   """Decode-mode bookkeeping of a causal self-attention key/value cache.
 
-  Returns the [B, 1, T, max_len] mask over the cache, the positions of the tokens in
+  Returns the mask over the cache ([B, 1, T, max_len]), the positions of the tokens in
   its slots [B, max_len] (for relative position biases), and the slot this call's
   first token is written to. Slots remember which rows hold real tokens (left padding
   does not), so rows of different prompt lengths share a batch.
@@ -121,7 +121,7 @@ class CacheSlots(nn.Module):
     # Each query sees the real tokens up to its own slot, and always itself.
     mask_BTS = (valid.value[:, None, :] & (slots_1S <= slot_T1)) | (slots_1S == slot_T1)
     index.value = start + length
-    return mask_BTS[:, None], slot_positions.value, start
+    return AttentionMask(mask_BTS[:, None], causal=True), slot_positions.value, start
 
 
 def causal_self_attention_inputs(cfg: ModelConfig, slots: CacheSlots | None,
@@ -130,12 +130,12 @@ def causal_self_attention_inputs(cfg: ModelConfig, slots: CacheSlots | None,
   """(mask, relative bias or None, cache slot or None) for a causal stack: over the
   sequence itself when training, over the key/value cache (`slots`) in decode mode."""
   if cfg.decode:
-    mask_B1TS, kv_positions_BS, cache_index = slots(segment_ids_BT, positions_BT)
+    mask, kv_positions_BS, cache_index = slots(segment_ids_BT, positions_BT)
   else:
-    mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
+    mask = attention_mask(segment_ids_BT, segment_ids_BT, causal=True)
     kv_positions_BS, cache_index = positions_BT, None
   bias_BNTS = None if bias is None else bias(positions_BT, kv_positions_BS)
-  return mask_B1TS, bias_BNTS, cache_index
+  return mask, bias_BNTS, cache_index
 
 
 class DecoderOnly(nn.Module):
@@ -152,9 +152,9 @@ class DecoderOnly(nn.Module):
     slots = CacheSlots(cfg, name='cache_slots') if cfg.decode else None
     bias = (RelativePositionBias(cfg, bidirectional=False, name='relative_bias')
             if cfg.position == 'relative' else None)
-    mask_B1TS, bias_BNTS, cache_index = causal_self_attention_inputs(
+    mask, bias_BNTS, cache_index = causal_self_attention_inputs(
         cfg, slots, bias, segment_ids_BT, positions_BT)
-    x_BTD = Stack(cfg, self.deterministic, name='decoder')(x_BTD, mask_B1TS, positions_BT,
+    x_BTD = Stack(cfg, self.deterministic, name='decoder')(x_BTD, mask, positions_BT,
                                                            bias_BNTS, cache_index=cache_index)
     return OutputHead(cfg, name='head')(embed, x_BTD)
 
@@ -172,10 +172,10 @@ class EncoderOnly(nn.Module):
     embed = Embed(cfg, name='token_embed')
     x_BTD = InputEmbedding(cfg, self.deterministic, name='input')(
         embed, inputs_BT, positions_BT, token_type_ids_BT)
-    mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
+    mask = attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
     bias_BNTS = (RelativePositionBias(cfg, bidirectional=True, name='relative_bias')(
         positions_BT, positions_BT) if cfg.position == 'relative' else None)
-    x_BTD = Stack(cfg, self.deterministic, name='encoder')(x_BTD, mask_B1TS, positions_BT,
+    x_BTD = Stack(cfg, self.deterministic, name='encoder')(x_BTD, mask, positions_BT,
                                                            bias_BNTS)
     logits_BTV = OutputHead(cfg, name='head')(embed, x_BTD)
     if not cfg.nsp_head:
@@ -212,9 +212,9 @@ class EncoderDecoder(nn.Module):
 
   def encode(self, inputs_BS: Array, segment_ids_BS: Array, positions_BS: Array) -> Array:
     x_BSD = self.encoder_input(self.embed, inputs_BS, positions_BS)
-    mask_B1SS = attention_mask(segment_ids_BS, segment_ids_BS, causal=False)
+    mask = attention_mask(segment_ids_BS, segment_ids_BS, causal=False)
     bias = None if self.encoder_bias is None else self.encoder_bias(positions_BS, positions_BS)
-    return self.encoder_norm(self.encoder(x_BSD, mask_B1SS, positions_BS, bias))
+    return self.encoder_norm(self.encoder(x_BSD, mask, positions_BS, bias))
 
   def decode(self, encoded_BSD: Array | None, encoder_segment_ids_BS: Array, inputs_BT: Array,
              segment_ids_BT: Array, positions_BT: Array) -> Array:
@@ -222,11 +222,11 @@ class EncoderDecoder(nn.Module):
     cache) only the first call needs `encoded_BSD`: its cross-attention keys and values
     are cached, and later calls pass None."""
     x_BTD = self.decoder_input(self.embed, inputs_BT, positions_BT)
-    self_mask_B1TS, bias_BNTS, cache_index = causal_self_attention_inputs(
+    self_mask, bias_BNTS, cache_index = causal_self_attention_inputs(
         self.cfg, self.cache_slots, self.decoder_bias, segment_ids_BT, positions_BT)
-    cross_mask_B1TS = attention_mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
-    x_BTD = self.decoder(x_BTD, self_mask_B1TS, positions_BT, bias_BNTS, encoded_BSD,
-                         cross_mask_B1TS, cache_index)
+    cross_mask = attention_mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
+    x_BTD = self.decoder(x_BTD, self_mask, positions_BT, bias_BNTS, encoded_BSD, cross_mask,
+                         cache_index)
     return self.head(self.embed, x_BTD)
 
   def __call__(self, encoder_inputs_BS, encoder_segment_ids_BS, encoder_positions_BS,

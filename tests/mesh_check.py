@@ -2,10 +2,12 @@
 (XLA_FLAGS must be set before JAX starts): trains the same tiny model for 5 steps on
 several meshes and prints one JSON object per mesh with its losses and the per-device
 shard shapes of a few parameters; also checks a checkpoint saved on one mesh
-restores onto another.
+restores onto another, and that splash attention under a mesh trains like XLA's on
+one device.
 
 python tests/mesh_check.py (with XLA_FLAGS=--xla_force_host_platform_device_count=8)
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -28,24 +30,49 @@ CFG = ModelConfig(vocab_size=128, num_layers=2, num_heads=8, num_kv_heads=8, hea
                   d_model=32, d_ff=64, max_len=SEQ_LEN)
 
 
-def batches(count: int):
+# Splash attention (run by Pallas's interpreter here) on a mesh against XLA on one
+# device: a sequence of whole kernel tiles, two documents packed in each row, and
+# grouped-query heads split over the tensor axis.
+SPLASH_SEQ_LEN = 128
+SPLASH_CFG = dataclasses.replace(CFG, num_kv_heads=2, max_len=SPLASH_SEQ_LEN, attention='splash')
+
+
+def batches(count: int, seq_len: int = SEQ_LEN, vocab_size: int = CFG.vocab_size):
   rng = np.random.default_rng(0)
   for _ in range(count):
-    ids = rng.integers(6, CFG.vocab_size, size=(BATCH, SEQ_LEN + 1)).astype(np.int32)
+    ids = rng.integers(6, vocab_size, size=(BATCH, seq_len + 1)).astype(np.int32)
+    first = seq_len // 3  # where the second document starts
+    positions = np.arange(seq_len, dtype=np.int32)
+    positions = np.where(positions < first, positions, positions - first)
     yield {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
-           'segment_ids': np.ones((BATCH, SEQ_LEN), np.int32),
-           'positions': np.broadcast_to(np.arange(SEQ_LEN, dtype=np.int32), (BATCH, SEQ_LEN)),
-           'weights': np.ones((BATCH, SEQ_LEN), np.float32)}
+           'segment_ids': np.broadcast_to(1 + (np.arange(seq_len) >= first), (BATCH, seq_len)
+                                          ).astype(np.int32),
+           'positions': np.broadcast_to(positions, (BATCH, seq_len)),
+           'weights': np.ones((BATCH, seq_len), np.float32)}
 
 
-def setup(shape):
+def splash_losses(shape, attention: str) -> dict:
+  cfg = dataclasses.replace(SPLASH_CFG, attention=attention)
+  mesh, objective, tx, _, step = setup(shape, cfg, SPLASH_SEQ_LEN)
+  state = state_lib.create_train_state(objective, tx, mesh, SPLASH_SEQ_LEN, jax.random.key(0))
+  losses, manual = [], None
+  for batch in batches(2, SPLASH_SEQ_LEN):
+    batch = sharding.global_batch(batch, mesh)
+    if manual is None:  # shard_map lowers to a manually partitioned region
+      manual = 'manual' in step.lower(state, batch).as_text()
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  return {'losses': losses, 'per_device_kernel': manual}
+
+
+def setup(shape, cfg: ModelConfig = CFG, seq_len: int = SEQ_LEN):
   train_config = default.get_config().train
   train_config.update(warmup_steps=2, lr=1e-2)
   mesh_config = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape)))
   mesh = sharding.make_mesh(mesh_config, jax.devices()[:int(np.prod(shape))])
-  objective = build_objective(CFG)
+  objective = build_objective(cfg)
   tx = optimizer.make_optimizer(train_config)
-  abstract, shardings = state_lib.state_shardings(objective, tx, mesh, SEQ_LEN)
+  abstract, shardings = state_lib.state_shardings(objective, tx, mesh, seq_len)
   step = steps.jit_train_step(objective, tx, optimizer.learning_rate_schedule(train_config), 1,
                               jax.random.key(1), mesh, shardings)
   return mesh, objective, tx, abstract, step
@@ -91,6 +118,8 @@ def main():
                                        'up_kernel_shard': kernel_shard}
   manager.close()
   shutil.rmtree(workdir)
+  results['splash'] = {'xla on (1, 1, 1)': splash_losses((1, 1, 1), 'xla'),
+                       'splash on (2, 2, 2)': splash_losses((2, 2, 2), 'splash')}
   print(json.dumps(results))
 
 

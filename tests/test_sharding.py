@@ -44,6 +44,13 @@ def test_every_mesh_trains_like_one_device(mesh_results, mesh):
   assert e == [full_e[0] // tensor, full_e[1] // fsdp]  # [vocab, embed]
 
 
+def test_splash_attention_on_a_mesh_trains_like_xla_on_one_device(mesh_results):
+  splash, xla = mesh_results['splash']['splash on (2, 2, 2)'], mesh_results['splash'][
+      'xla on (1, 1, 1)']
+  np.testing.assert_allclose(splash['losses'], xla['losses'], rtol=1e-5)
+  assert splash['per_device_kernel'] and not xla['per_device_kernel']  # inside shard_map
+
+
 def test_a_checkpoint_restores_onto_other_meshes(mesh_results):
   expected = mesh_results['sixth step on (2, 2, 2)']
   for mesh, shard in [('(1, 1, 8)', [2, 32, 8]), ('(1, 1, 1)', [2, 32, 64])]:

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 import input_pipeline
 from models import (ModelConfig, build_objective, normalize_metrics, objective_name,
-                    padded_vocab_size)
+                    padded_vocab_size, splash)
 from train import checkpointing, config_checks, flops, optimizer, sharding, state as state_lib
 from train import steps as steps_lib
 from train.metrics import MetricsWriter, Throughput, log_line
@@ -77,11 +77,19 @@ class _StopRequested:
 
 def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
   """model.attention='auto' becomes the implementation that will run, and it is logged:
-  cuDNN's fused (flash) kernel on a GPU where it compiles for these shapes and dtype,
+  on a TPU, the splash kernel where the sequence fills its tiles and no bias is added;
+  on a GPU, cuDNN's fused (flash) kernel where it compiles for these shapes and dtype;
   else XLA's einsum-softmax-einsum."""
   if cfg.attention == 'auto':
     implementation = 'xla'
-    if jax.default_backend() == 'gpu':
+    backend = jax.default_backend()
+    if backend == 'tpu':
+      if splash.applies(seq_len, seq_len, True, cfg.position == 'relative'):
+        implementation = 'splash'
+      else:
+        logging.info('Splash attention needs seq_len a multiple of %d and no relative '
+                     'position bias; using XLA.', splash.BLOCK)
+    elif backend == 'gpu':
       q = jax.ShapeDtypeStruct((1, seq_len, cfg.num_heads, cfg.head_dim), cfg.dtype)
       kv = jax.ShapeDtypeStruct((1, seq_len, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
       mask = jax.ShapeDtypeStruct((1, 1, seq_len, seq_len), jnp.bool_)
@@ -95,8 +103,11 @@ def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
       except Exception as e:  # unsupported shape, dtype or GPU: XLA's path always works
         logging.info('cuDNN attention does not apply here (%s); using XLA.', str(e)[:200])
     cfg = dataclasses.replace(cfg, attention=implementation)
-  logging.info('Attention: %s.', {'xla': "XLA (dot_product_attention, implementation='xla')",
-                                  'cudnn': 'cuDNN fused flash attention'}[cfg.attention])
+  logging.info('Attention: %s.', {
+      'xla': "XLA (dot_product_attention, implementation='xla')",
+      'cudnn': 'cuDNN fused flash attention',
+      'splash': f'splash (Pallas TPU flash kernel) where lengths are multiples of '
+                f'{splash.BLOCK} and no bias is added, XLA elsewhere'}[cfg.attention])
   return cfg
 
 
