@@ -31,7 +31,8 @@ import jax
 import numpy as np
 from jax.extend import core as jax_core
 
-# Elementwise and layout ops that XLA fuses into the ops that consume them.
+# Elementwise and layout ops that XLA fuses into the ops that consume them (not
+# transposes: XLA copies a matmul operand into the layout the matmul wants).
 FUSIBLE = frozenset({
     'abs', 'add', 'and', 'broadcast_in_dim', 'ceil', 'clamp', 'concatenate', 'convert_element_type',
     'copy', 'copy_p', 'cos', 'div', 'dynamic_slice', 'eq', 'erf', 'erf_inv', 'exp', 'exp2',
@@ -70,7 +71,8 @@ def _inline(jaxpr, eqns: list, alias: dict) -> None:
   for eqn in jaxpr.eqns:
     body = None
     if eqn.primitive.name not in CONTROL_FLOW:
-      body = next((p.jaxpr if isinstance(p, jax_core.ClosedJaxpr) else p for p in eqn.params.values()
+      body = next((p.jaxpr if isinstance(p, jax_core.ClosedJaxpr) else p
+                   for p in eqn.params.values()
                    if isinstance(p, (jax_core.ClosedJaxpr, jax_core.Jaxpr))), None)
     if body is None:
       eqns.append((eqn.primitive.name, [resolve(v) for v in eqn.invars], eqn.outvars))

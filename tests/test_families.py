@@ -169,7 +169,8 @@ def test_blocks_match_a_numpy_reference(cross_attention):
   out, _ = block.apply({'params': params}, *args)
   np_params = jax.tree.map(np.asarray, params)
   expected = _np_block(x[0], np_params, np.asarray(self_mask.dense_B1TS[0, 0]), cfg.norm_eps,
-                       encoded[0] if cross_attention else None, np.asarray(cross_mask.dense_B1TS[0, 0]))
+                       encoded[0] if cross_attention else None,
+                       np.asarray(cross_mask.dense_B1TS[0, 0]))
   np.testing.assert_allclose(np.asarray(out[0]), expected, rtol=2e-5, atol=2e-5)
 
 

@@ -111,7 +111,8 @@ def test_matmul_parameters_count_the_output_projection_not_the_lookup():
 
 def test_a_hybrid_mesh_needs_one_slice_per_process_or_tpu_slice():
   mesh_config = ml_collections.ConfigDict({'data': 2, 'fsdp': 1, 'tensor': 1, 'num_slices': 2})
-  with pytest.raises(ValueError, match=r'num_slices=2, but these devices form 1 slice\(s\) \(one per process\)'):
+  with pytest.raises(ValueError, match=r'num_slices=2, but these devices form 1 slice\(s\) '
+                                       r'\(one per process\)'):
     sharding.make_mesh(mesh_config, jax.devices()[:1] * 2)
   mesh_config.data = 3
   with pytest.raises(ValueError, match=r'mesh.data=3 must be a multiple of mesh.num_slices=2'):
