@@ -125,14 +125,35 @@ class Norm(nn.Module):
     return x.astype(cfg.dtype)
 
 
-def _dense(cfg: ModelConfig, features, axis, names, stddev, name):
-  """DenseGeneral whose kernel axes are `names` (input axes first) and bias the output axes."""
-  num_input_axes = 1 if isinstance(axis, int) else len(axis)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=cfg.use_bias, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, name=name,
-      kernel_init=_param_init(stddev, names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[num_input_axes:]))
+class Dense(nn.Module):
+  """x times a kernel over x's last `num_input_axes` axes, plus an optional bias. The
+  kernel's axes are `names` (input axes first) and the bias's the output axes, so each
+  finds its mesh axis. (Flax's DenseGeneral initialises a flattened kernel, whose
+  names cannot be checked against a mesh for kernels of more than two axes.)"""
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  names: tuple[str, ...]
+  stddev: float
+  num_input_axes: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg, n = self.cfg, self.num_input_axes
+    kernel = self.param('kernel', _param_init(self.stddev, self.names),
+                        x.shape[-n:] + self.features, cfg.param_dtype)
+    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
+    if cfg.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[n:]),
+                        self.features, cfg.param_dtype)
+      y = y + bias.astype(cfg.dtype)
+    return y
+
+
+def _dense(cfg: ModelConfig, features, axis, names, stddev, name) -> Dense:
+  """A Dense over the input axes `axis` (-1, or (-2, -1)) onto `features`."""
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Dense(cfg, features, names, stddev, 1 if isinstance(axis, int) else len(axis), name=name)
 
 
 @flax.struct.dataclass

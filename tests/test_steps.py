@@ -117,3 +117,11 @@ def test_a_hybrid_mesh_needs_one_slice_per_process_or_tpu_slice():
   mesh_config.data = 3
   with pytest.raises(ValueError, match=r'mesh.data=3 must be a multiple of mesh.num_slices=2'):
     sharding.make_mesh(mesh_config, jax.devices()[:1] * 3)
+
+
+def test_activations_carry_sharding_constraints_in_the_train_step():
+  """Flax drops logical constraints silently when it sees no mesh (recent Flax reads
+  jax.set_mesh's, not the legacy `with mesh:`): the step must trace under both."""
+  state, step = _setup(grad_accum=1)
+  jaxpr = str(jax.make_jaxpr(step)(state, _random_batch(0)))
+  assert jaxpr.count('sharding_constraint') >= 2  # a block's input and output

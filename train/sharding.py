@@ -4,7 +4,9 @@ Models name their axes ('embed', 'heads', ...); only this module knows the mesh
 axes ('data', 'fsdp', 'tensor'). Batches are split over data x fsdp; parameters
 over fsdp (ZeRO-3 style) and tensor (Megatron-style heads and MLP columns).
 """
+import contextlib
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -75,6 +77,21 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     device_array = mesh_utils.create_device_mesh(shape,
                                                  devices=np.asarray(devices).ravel().tolist())
   return Mesh(device_array, MESH_AXES)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+  """Traces under `mesh` and the logical-axis rules, so that Flax's activation
+  constraints apply: recent Flax reads the abstract mesh (set inside a trace by
+  `use_abstract_mesh`), older Flax and JAX the legacy `with mesh:`; both are entered."""
+  with contextlib.ExitStack() as stack:
+    with warnings.catch_warnings():  # `with mesh:` is deprecated since JAX 0.8
+      warnings.simplefilter('ignore', DeprecationWarning)
+      stack.enter_context(mesh)
+    if hasattr(jax.sharding, 'use_abstract_mesh'):
+      stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nn.logical_axis_rules(LOGICAL_AXIS_RULES))
+    yield
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -7,7 +7,6 @@ equals one batch k times larger.
 """
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -87,7 +86,7 @@ def _traced_with_rules(fn, mesh: Mesh):
   """Runs `fn` under the mesh and logical-axis rules so activation constraints apply."""
   @functools.wraps(fn)
   def wrapped(*args):
-    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    with sharding.mesh_context(mesh):
       return fn(*args)
   return wrapped
 
