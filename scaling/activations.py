@@ -9,7 +9,8 @@ a value produced by a non-fusible op (a matmul, a reduction, a gather, a loop) m
 exist in memory; so must one that a non-fusible op reads (a matmul operand); XLA
 does not duplicate expensive ops (exp, tanh, divide...) into a second consumer, so
 their outputs are kept too; and masks computed from the batch alone are computed
-once and shared by the forward and backward passes. `residuals` counts those roots.
+once and shared by the forward and backward passes. `residuals` counts those roots,
+and the broadcast reciprocal XLA keeps beside a quotient such as softmax's.
 
 Residuals of scanned layers are outputs of the scan loop, stacked over layers, so
 XLA keeps exactly what JAX traced; `Residuals.stacks` lists them per stack.
@@ -20,9 +21,7 @@ the backward of the largest layer, which rematerialises that layer's residuals w
 the other layers' saved values stay live.
 
 Checked against XLA's compiled memory in tests/test_scaling.py (three families,
-scanned under each remat policy, and unrolled): within 10%. XLA's CPU backend adds
-layout copies for its matmuls that this does not count, so unrolled CPU configs with
-wide attention come out lower (configs/bench_cpu.py: 0.85 of XLA's figure).
+scanned under each remat policy, and unrolled): within 10%.
 """
 
 import dataclasses
@@ -109,9 +108,14 @@ def residuals(closed: jax_core.ClosedJaxpr, num_params: int) -> Residuals:
       pending.extend(inputs)  # recomputed inside the backward's fusion
     else:
       roots.add(var)
+  # XLA turns x / broadcast(s) into x * broadcast(1 / s) and keeps that broadcast, as
+  # large as the quotient, beside a kept quotient (softmax probabilities).
+  reciprocals = sum(_nbytes(v) for v in roots if producer[v][0] == 'div'
+                    and not _is_literal(producer[v][1][1])
+                    and producer[v][1][1].aval.size < v.aval.size)
   stacks = tuple(tuple(_nbytes(v) for v in eqn.outvars[eqn.params['num_carry']:])
                  for eqn in closed.jaxpr.eqns if eqn.primitive.name == 'scan')
-  return Residuals(kept=sum(_nbytes(v) for v in roots), stacks=stacks)
+  return Residuals(kept=sum(_nbytes(v) for v in roots) + reciprocals, stacks=stacks)
 
 
 def peak_bytes(traced: Residuals, scanned: Residuals, scanned_plain: Residuals, num_layers: int,

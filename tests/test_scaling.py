@@ -1,6 +1,7 @@
 """Estimator, planner and sweep runner: counts match the model, FLOPs match XLA, the
 planner reproduces Chinchilla's table, and an interrupted sweep resumes."""
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -77,6 +78,14 @@ def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step(arch, 
   assert state['weights'] == 4 * result['params'] and state['adam_moments'] == 8 * result['params']
   activations = result['activation_bytes']
   assert activations['full'] < activations['dots_saveable'] < activations['none']
+
+
+@pytest.mark.parametrize('name', ['gpt_tiny', 'bench_cpu'])
+def test_memory_estimate_of_shipped_cpu_configs_is_within_ten_percent(name):
+  """Unrolled layers, where XLA (not JAX) decides which activations are stored."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  ratio = estimate.estimate(config)['memory_bytes'] / estimate.compiled_memory(config)['total_bytes']
+  assert abs(ratio - 1) < 0.10, ratio
 
 
 def test_unrolled_layers_on_cpu_count_their_activations_whatever_the_remat_policy():
