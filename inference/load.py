@@ -1,4 +1,5 @@
 """Loading a trained run for inference: its config, tokenizer and latest parameters."""
+import dataclasses
 import os
 
 import jax
@@ -19,6 +20,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str):
                             f'python main.py --config=CFG --workdir={workdir}.')
   dtype = config_checks.compute_dtype(config, jax.default_backend())
   cfg = ModelConfig.from_config(config, config.model.vocab_size, dtype)
+  if cfg.attention == 'splash' and jax.default_backend() != 'tpu':  # trained on a TPU
+    cfg = dataclasses.replace(cfg, attention='auto')
   objective = build_objective(cfg, objective=objective_name(cfg.arch, config.objective))
   mesh = sharding.make_mesh(config.mesh)
   abstract, _ = state_lib.state_shardings(objective, optimizer.make_optimizer(config.train), mesh,

@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import splash
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -183,6 +182,7 @@ def dot_product_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: Att
   """[B, T, N, K] attention outputs by the configured implementation: splash where it
   applies (else XLA), or jax.nn.dot_product_attention's XLA or cuDNN kernels."""
   if implementation == 'splash':
+    from models import splash  # the Pallas TPU modules load only when asked for
     if splash.applies(q_BTNK.shape[1], k_BSGK.shape[1], mask.q_segment_BT is not None,
                       bias_BNTS is not None):
       return splash.attention(q_BTNK, k_BSGK, v_BSGK, mask.q_segment_BT, mask.kv_segment_BS,

@@ -7,13 +7,16 @@ mask as segment ids (equal ids attend) plus a static causal pattern, so it never
 builds a [T, S] mask. It cannot add a bias (T5's relative positions) and tiles by
 `BLOCK`, so other calls fall back to XLA (`applies`). Under a mesh it runs inside
 `shard_map`, each device on its own batch rows and heads, as the logical axis rules
-split them. Off TPU the same kernel runs in Pallas's interpreter (tests).
+split them. Off TPU the same kernel runs in Pallas's interpreter, for tests: training
+refuses 'splash' there (train/loop.py:resolve_attention) and inference falls back to
+XLA (inference/load.py).
 """
 import functools
 import warnings
 
 import flax.linen as nn
 import jax
+from absl import logging
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.interpreters import pxla
@@ -26,7 +29,8 @@ except ImportError:
   _UNCHECKED = {'check_rep': False}
 
 Array = jax.Array
-BLOCK = 128  # query and key tiles; lengths must be multiples of it
+BLOCK = 128  # the smallest query and key tile; lengths must be multiples of it
+TILES = (512, 256, BLOCK)  # the largest that divides both lengths is used
 
 
 def applies(q_len: int, kv_len: int, has_segments: bool, has_bias: bool) -> bool:
@@ -39,9 +43,10 @@ def _kernel(num_heads: int, q_len: int, kv_len: int, causal: bool, interpret: bo
   layout, which must not outlive the trace."""
   pattern = masks.CausalMask if causal else masks.FullMask
   mask = masks.MultiHeadMask([pattern((q_len, kv_len)) for _ in range(num_heads)])
-  blocks = kernels.BlockSizes(block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK,
-                              block_q_dkv=BLOCK, block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK,
-                              block_q_dq=BLOCK, block_kv_dq=BLOCK)
+  tile = next(t for t in TILES if q_len % t == 0 and kv_len % t == 0)
+  blocks = kernels.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile,
+                              block_q_dkv=tile, block_kv_dkv=tile, block_kv_dkv_compute=tile,
+                              block_q_dq=tile, block_kv_dq=tile)
   return kernels.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,
                                  interpret=interpret)
 
@@ -60,15 +65,17 @@ def _attend_local(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, q_segment_BT: Arr
 
 
 def _context_mesh():
-  """The mesh the caller traces under: `jax.set_mesh`'s, or the legacy `with mesh:`
-  that train/steps.py uses (Flax's logical constraints read that one)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
+  """The mesh the caller traces under (train/sharding.py:mesh_context sets both): the
+  abstract mesh where this JAX has one, else the legacy `with mesh:` one."""
+  get_abstract_mesh = getattr(jax.sharding, 'get_abstract_mesh', None)
+  mesh = get_abstract_mesh() if get_abstract_mesh else None
+  if mesh is not None and not mesh.empty:
     return mesh
   with warnings.catch_warnings():  # deprecated in JAX 0.8.2, with `with mesh:` itself
     warnings.simplefilter('ignore', DeprecationWarning)
-    mesh = pxla.thread_resources.env.physical_mesh
-  return None if mesh.empty else mesh
+    resources = getattr(pxla, 'thread_resources', None)
+    mesh = resources.env.physical_mesh if resources is not None else None
+  return None if mesh is None or mesh.empty else mesh
 
 
 def attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, q_segment_BT: Array,
@@ -82,6 +89,10 @@ def attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, q_segment_BT: Array,
   q_spec = nn.logical_to_mesh_axes(('batch', 'length', 'heads', 'kv'))
   kv_spec = nn.logical_to_mesh_axes(('batch', 'length', 'kv_heads', 'kv'))
   segment_spec = nn.logical_to_mesh_axes(('batch', 'length'))
+  if all(axis is None for axis in q_spec):
+    logging.warning('Splash attention under a %d-device mesh without logical axis rules: '
+                    'every device computes every row and head (trace under '
+                    'train.sharding.mesh_context).', mesh.size)
   sharded = _shard_map(local, mesh=mesh, out_specs=q_spec, **_UNCHECKED,
                        in_specs=(q_spec, kv_spec, kv_spec, segment_spec, segment_spec))
   return sharded(q_BTNK, k_BSGK, v_BSGK, q_segment_BT, kv_segment_BS)

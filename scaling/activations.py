@@ -43,8 +43,10 @@ FUSIBLE = frozenset({
 # The fusible ops XLA will not duplicate into a second consumer: computed once, kept.
 EXPENSIVE = frozenset({'div', 'erf', 'erf_inv', 'exp', 'expm1', 'log', 'log1p', 'logistic', 'pow',
                        'rem', 'rsqrt', 'sin', 'cos', 'sqrt', 'tanh'})
-# Ops whose sub-jaxprs stay opaque: XLA keeps what crosses their boundary.
-CONTROL_FLOW = frozenset({'scan', 'while', 'cond'})
+# Calls whose bodies are inlined; every other op with a sub-jaxpr (loops, kernels such
+# as splash attention's pallas_call) stays opaque: XLA keeps what crosses its boundary.
+CALLS = frozenset({'pjit', 'jit', 'closed_call', 'core_call', 'checkpoint', 'remat',
+                   'custom_jvp_call', 'custom_vjp_call', 'custom_vjp_call_jaxpr'})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +65,13 @@ def _is_literal(var) -> bool:
 
 
 def _inline(jaxpr, eqns: list, alias: dict) -> None:
-  """Appends (primitive name, inputs, outputs) of `jaxpr` to `eqns`, with call-like
-  equations (jit, custom_jvp, remat) replaced by their bodies; `alias` maps each
+  """Appends (primitive name, inputs, outputs) of `jaxpr` to `eqns`, with `CALLS`
+  replaced by their bodies; `alias` maps each
   variable of an inlined body's boundary to the one it stands for."""
   resolve = lambda v: v if _is_literal(v) or v not in alias else resolve(alias[v])
   for eqn in jaxpr.eqns:
     body = None
-    if eqn.primitive.name not in CONTROL_FLOW:
+    if eqn.primitive.name in CALLS:
       body = next((p.jaxpr if isinstance(p, jax_core.ClosedJaxpr) else p
                    for p in eqn.params.values()
                    if isinstance(p, (jax_core.ClosedJaxpr, jax_core.Jaxpr))), None)

@@ -29,8 +29,13 @@ def model_config(config: ml_collections.ConfigDict, platform: str | None = None)
   """The ModelConfig a run of `config` builds, without reading data: the embedding has
   model.vocab_size rows, or the tokenizer's size rounded up as training does."""
   config_checks.validate(config)
-  dtype = config_checks.compute_dtype(config, platform or jax.default_backend())
-  return ModelConfig.from_config(config, embedding_rows(config), dtype)
+  platform = platform or jax.default_backend()
+  dtype = config_checks.compute_dtype(config, platform)
+  cfg = ModelConfig.from_config(config, embedding_rows(config), dtype)
+  if platform == jax.default_backend() != 'cpu':  # the attention kernel a run here picks
+    from train.loop import resolve_attention
+    cfg = resolve_attention(cfg, config.data.seq_len)
+  return cfg
 
 
 def embedding_rows(config: ml_collections.ConfigDict) -> int:

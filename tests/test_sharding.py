@@ -108,7 +108,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one_device
   hybrid = str(tmp_path / 'hybrid')
   processes = [subprocess.Popen(
       _train_args(config, hybrid, 10) + ['--config.mesh.num_slices=2',
-                                         f'--coordinator_address=127.0.0.1:{port + 1}',
+                                         f'--coordinator_address=127.0.0.1:{_free_port()}',
                                          '--num_processes=2', f'--process_id={i}'],
       cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       for i in range(2)]

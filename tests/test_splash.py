@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from models import ModelConfig, build_objective, splash
+from inference import generate
+from models import ModelConfig, build_objective
+from train import config_checks, loop
 
 SEQ_LEN = 128  # one kernel tile
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -75,4 +77,17 @@ def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
   assert 'pallas_call' not in str(jaxpr)
   xla_loss, _ = _loss_and_grads(dataclasses.replace(cfg, attention='xla'), params, batch)
   np.testing.assert_allclose(_loss_and_grads(cfg, params, batch)[0], xla_loss, rtol=1e-6)
-  assert not splash.applies(SEQ_LEN, SEQ_LEN, has_segments=False, has_bias=False)  # decoding
+
+
+def test_decoding_a_splash_model_uses_xla_over_its_cache_and_gives_the_same_tokens():
+  cfg = dataclasses.replace(TINY, position='rope', attention='splash')
+  objective = build_objective(cfg)
+  params = nn.unbox(objective.init(jax.random.key(1), objective.example_batch(2, SEQ_LEN)))
+  prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+  tokens = generate.generate(cfg, params, prompts, 6)
+  assert tokens == generate.generate(dataclasses.replace(cfg, attention='xla'), params, prompts, 6)
+
+
+def test_training_refuses_splash_off_tpu():
+  with pytest.raises(config_checks.ConfigError, match="'splash' is a TPU kernel"):
+    loop.resolve_attention(dataclasses.replace(TINY, attention='splash'), SEQ_LEN)

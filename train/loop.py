@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 import input_pipeline
 from models import (ModelConfig, build_objective, normalize_metrics, objective_name,
-                    padded_vocab_size, splash)
+                    padded_vocab_size)
 from train import checkpointing, config_checks, flops, optimizer, sharding, state as state_lib
 from train import steps as steps_lib
 from train.metrics import MetricsWriter, Throughput, log_line
@@ -80,9 +80,14 @@ def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
   on a TPU, the splash kernel where the sequence fills its tiles and no bias is added;
   on a GPU, cuDNN's fused (flash) kernel where it compiles for these shapes and dtype;
   else XLA's einsum-softmax-einsum."""
+  from models import splash  # the Pallas TPU modules load only here
+  backend = jax.default_backend()
+  if cfg.attention == 'splash' and backend != 'tpu':
+    raise config_checks.ConfigError(
+        f"model.attention='splash' is a TPU kernel (here it would run in Pallas's slow "
+        f"interpreter on {backend}); use 'auto' or 'xla'.")
   if cfg.attention == 'auto':
     implementation = 'xla'
-    backend = jax.default_backend()
     if backend == 'tpu':
       if splash.applies(seq_len, seq_len, True, cfg.position == 'relative'):
         implementation = 'splash'

@@ -61,16 +61,15 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
     if shape[0] % slices:
       raise ValueError(f'mesh.data={shape[0]} must be a multiple of mesh.num_slices={slices}: '
                        'data parallelism is what crosses between slices.')
-    slice_ids = {getattr(d, 'slice_index', 0) for d in devices}
-    granule_is_process = len(slice_ids) == 1  # GPU or CPU hosts: each process is a slice
-    granules = jax.process_count() if granule_is_process else len(slice_ids)
+    on_tpu = devices[0].platform == 'tpu'  # slices: TPU slices, else hosts (processes)
+    granules = len({d.slice_index for d in devices}) if on_tpu else jax.process_count()
     if slices != granules:
       raise ValueError(f'mesh.num_slices={slices}, but these devices form {granules} slice(s) '
-                       f"({'one per process' if granule_is_process else 'TPU slices'}); "
+                       f"({'TPU slices' if on_tpu else 'one per process'}); "
                        'set mesh.num_slices to that.')
     per_slice = (shape[0] // slices, shape[1], shape[2])
     device_array = mesh_utils.create_hybrid_device_mesh(
-        per_slice, (slices, 1, 1), devices=devices, process_is_granule=granule_is_process)
+        per_slice, (slices, 1, 1), devices=devices, process_is_granule=not on_tpu)
     logging.info('Hybrid mesh over %d slices; the processes of each data index: %s', slices,
                  [sorted({d.process_index for d in row.flat}) for row in device_array])
   else:

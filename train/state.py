@@ -48,7 +48,7 @@ def create_train_state(objective, tx, mesh: Mesh, seq_len: int, rng: jax.Array,
   _, shardings = state_shardings(objective, tx, mesh, seq_len, offload_optimizer)
   init = jax.jit(lambda r: nn.unbox(_init_boxed(objective, tx, r, seq_len)),
                  out_shardings=shardings)
-  with mesh:
+  with sharding.mesh_context(mesh):
     return init(rng)
 
 
