@@ -12,6 +12,7 @@ refuses 'splash' there (train/loop.py:resolve_attention) and inference falls bac
 XLA (inference/load.py).
 """
 import functools
+import math
 import warnings
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ from absl import logging
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.interpreters import pxla
+from jax.sharding import PartitionSpec as P
 
 try:  # jax >= 0.7
   from jax import shard_map as _shard_map
@@ -78,6 +80,15 @@ def _context_mesh():
   return None if mesh is None or mesh.empty else mesh
 
 
+def _divisible(mesh_axes, size: int, mesh):
+  """The mesh axes a dimension is split over, or None where they do not divide it
+  (a batch of one at initialisation): that dimension is then whole on every device."""
+  if mesh_axes is None:
+    return None
+  names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+  return mesh_axes if size % math.prod(mesh.shape[name] for name in names) == 0 else None
+
+
 def attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, q_segment_BT: Array,
               kv_segment_BS: Array, causal: bool) -> Array:
   """softmax(q k^T / sqrt(K) + mask) v, as jax.nn.dot_product_attention computes it."""
@@ -86,10 +97,12 @@ def attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, q_segment_BT: Array,
   mesh = _context_mesh()
   if mesh is None or mesh.size == 1:
     return local(q_BTNK, k_BSGK, v_BSGK, q_segment_BT, kv_segment_BS)
-  q_spec = nn.logical_to_mesh_axes(('batch', 'length', 'heads', 'kv'))
-  kv_spec = nn.logical_to_mesh_axes(('batch', 'length', 'kv_heads', 'kv'))
-  segment_spec = nn.logical_to_mesh_axes(('batch', 'length'))
-  if all(axis is None for axis in q_spec):
+  batch = _divisible(nn.logical_to_mesh_axes(('batch',))[0], q_BTNK.shape[0], mesh)
+  # Query and key/value heads split alike, so each device keeps whole GQA groups.
+  heads = _divisible(nn.logical_to_mesh_axes(('kv_heads',))[0], k_BSGK.shape[2], mesh)
+  q_spec = kv_spec = P(batch, None, heads, None)
+  segment_spec = P(batch, None)
+  if batch is None and heads is None:
     logging.warning('Splash attention under a %d-device mesh without logical axis rules: '
                     'every device computes every row and head (trace under '
                     'train.sharding.mesh_context).', mesh.size)
