@@ -105,10 +105,10 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one_device
 
   # A hybrid mesh, each process one slice: the data axis crosses between processes
   # (as it crosses the data-centre network between TPU slices or GPU hosts).
-  hybrid = str(tmp_path / 'hybrid')
+  hybrid, port = str(tmp_path / 'hybrid'), _free_port()
   processes = [subprocess.Popen(
       _train_args(config, hybrid, 10) + ['--config.mesh.num_slices=2',
-                                         f'--coordinator_address=127.0.0.1:{_free_port()}',
+                                         f'--coordinator_address=127.0.0.1:{port}',
                                          '--num_processes=2', f'--process_id={i}'],
       cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
