@@ -9,6 +9,7 @@ at the peak of the backward pass for the configured micro-batch (scaling/activat
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,23 @@ def model_config(config: ml_collections.ConfigDict, platform: str | None = None)
   config_checks.validate(config)
   platform = platform or jax.default_backend()
   dtype = config_checks.compute_dtype(config, platform)
-  cfg = ModelConfig.from_config(config, embedding_rows(config), dtype)
-  if platform == jax.default_backend() != 'cpu':  # the attention kernel a run here picks
-    from train.loop import resolve_attention
-    cfg = resolve_attention(cfg, config.data.seq_len)
+  return ModelConfig.from_config(config, embedding_rows(config), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _run_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
+  """`cfg` with the attention kernel a run on this GPU or TPU picks (probed once)."""
+  from train.loop import resolve_attention
+  return resolve_attention(cfg, seq_len)
+
+
+def run_model_config(config: ml_collections.ConfigDict, platform: str | None = None
+                     ) -> ModelConfig:
+  """model_config, with the attention a run on this machine's accelerator would use:
+  what memory and compiled figures depend on (parameter counts do not)."""
+  cfg = model_config(config, platform)
+  if (platform or jax.default_backend()) == jax.default_backend() != 'cpu':
+    cfg = _run_attention(cfg, config.data.seq_len)
   return cfg
 
 
@@ -126,7 +140,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   """Parameters, FLOPs, compute and memory of a config (one device, no sharding)."""
   from inference.quantize import quantize_int8, weight_bytes
   platform = platform or jax.default_backend()
-  cfg = model_config(config, platform)
+  cfg = run_model_config(config, platform)
   counts = param_counts(cfg)
   params = abstract_params(cfg, config.objective)
   initialised = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
@@ -177,7 +191,7 @@ def compiled_memory(config: ml_collections.ConfigDict) -> dict | None:
   the donated state. On the configured mesh where these devices can form it, else on
   one device; None where the backend does not report it."""
   from train import optimizer, sharding, state as state_lib, steps as steps_lib
-  cfg = model_config(config)
+  cfg = run_model_config(config)
   objective = build_objective(cfg, config.train.z_loss, objective_name(cfg.arch, config.objective))
   try:
     mesh = sharding.make_mesh(config.mesh)

@@ -83,21 +83,29 @@ def _losses(workdir):
     return {row['step']: row['loss'] for row in map(json.loads, f) if 'loss' in row}
 
 
+def _run_two_processes(args: list[str]) -> list[str]:
+  """Runs `args` as processes 0 and 1 of one job, 4 CPU devices each; their stderr."""
+  port = _free_port()
+  processes = [subprocess.Popen(
+      args + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+              f'--process_id={i}'],
+      cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  errors = []
+  for p in processes:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    errors.append(err)
+  return errors
+
+
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one_device(
     config, tmp_path):
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
   # Train the tokenizer once, before processes race to build the cache.
   subprocess.run(_train_args(config, one, 10), cwd=ROOT, env=_env(8), check=True,
                  capture_output=True)
-  port = _free_port()
-  processes = [subprocess.Popen(
-      _train_args(config, two, 10) + [f'--coordinator_address=127.0.0.1:{port}',
-                                      '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  for p in processes:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+  _run_two_processes(_train_args(config, two, 10))
   losses_two, losses_one = _losses(two), _losses(one)
   assert sorted(losses_two) == [5, 10]
   for step in losses_one:
@@ -105,16 +113,8 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_on_one_device
 
   # A hybrid mesh, each process one slice: the data axis crosses between processes
   # (as it crosses the data-centre network between TPU slices or GPU hosts).
-  hybrid, port = str(tmp_path / 'hybrid'), _free_port()
-  processes = [subprocess.Popen(
-      _train_args(config, hybrid, 10) + ['--config.mesh.num_slices=2',
-                                         f'--coordinator_address=127.0.0.1:{port}',
-                                         '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  for p in processes:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+  hybrid = str(tmp_path / 'hybrid')
+  for err in _run_two_processes(_train_args(config, hybrid, 10) + ['--config.mesh.num_slices=2']):
     assert 'Hybrid mesh over 2 slices; the processes of each data index: [[0], [1]]' in err
   losses_hybrid = _losses(hybrid)
   for step in losses_one:

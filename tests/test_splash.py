@@ -79,7 +79,8 @@ def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
   np.testing.assert_allclose(_loss_and_grads(cfg, params, batch)[0], xla_loss, rtol=1e-6)
 
 
-def test_decoding_a_splash_model_uses_xla_over_its_cache_and_gives_the_same_tokens():
+def test_a_splash_model_decodes_like_an_xla_model():
+  """Over the key/value cache the mask has no segment ids, so XLA attends."""
   cfg = dataclasses.replace(TINY, position='rope', attention='splash')
   objective = build_objective(cfg)
   params = nn.unbox(objective.init(jax.random.key(1), objective.example_batch(2, SEQ_LEN)))
