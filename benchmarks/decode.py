@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from inference.generate import _generate, prepare
+import tasks
+from inference.generate import decode_tokens, prepare
 from inference.sampling import Sampling
-from models import ModelConfig, build_objective
+from models import ModelConfig
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
@@ -50,14 +51,15 @@ def main(argv):
                              else max(_PROMPT_LEN.value, _NEW_TOKENS.value + 1)),  # either side
                     position='learned' if decoder else 'relative', norm='layernorm',
                     dtype=jnp.dtype(_DTYPE.value))
-  objective = build_objective(cfg)
-  params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 8)))
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
   params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)  # weights stored as computed
   prompts = np.random.default_rng(0).integers(200, 8192, (_BATCH.value, _PROMPT_LEN.value))
-  cfg, params, ids, real = prepare(cfg, params, prompts.tolist(), _NEW_TOKENS.value,
-                                   _QUANTIZE.value)  # as generate() does
-  run = lambda new: _generate(params, ids, real, jax.random.key(0), cfg=cfg, max_new_tokens=new,
-                              sampling=Sampling(temperature=0.0), eos_id=-1)
+  task, params, ids, real = prepare(task, params, prompts.tolist(), _NEW_TOKENS.value,
+                                    _QUANTIZE.value)  # as generate() does
+  run = lambda new: decode_tokens(params, ids, real, jax.random.key(0), task=task,
+                                  max_new_tokens=new, sampling=Sampling(temperature=0.0),
+                                  eos_id=-1)
   first_token_s = _timed(lambda: run(1))
   total_s = _timed(lambda: run(_NEW_TOKENS.value))
   result = {'benchmark': 'decode', 'backend': jax.default_backend(),

@@ -18,15 +18,15 @@ def main(argv):
   config = run_config.saved_config(_WORKDIR.value, argv[1:])
   run = loop.Run(config, _WORKDIR.value)
   manager = checkpointing.make_manager(_WORKDIR.value, config.train.keep_checkpoints)
-  state, _ = checkpointing.restore_latest(manager, run.abstract_state, with_data=False)
+  params, step = checkpointing.restore_params(manager, run.abstract_params)
   manager.close()
-  if state is None:
+  if params is None:
     raise app.UsageError(f'No checkpoint in {_WORKDIR.value}; train first.')
-  quantized = quantize_int8(state.params)
-  before = run.evaluate(state.params)
+  quantized = quantize_int8(params)
+  before = run.evaluate(params)
   after = run.evaluate(jax.jit(dequantize)(quantized))
-  result = {'benchmark': 'quantize', 'workdir': _WORKDIR.value, 'step': int(state.step),
-            'float32_weight_bytes': weight_bytes(state.params),
+  result = {'benchmark': 'quantize', 'workdir': _WORKDIR.value, 'step': step,
+            'float32_weight_bytes': weight_bytes(params),
             'int8_weight_bytes': weight_bytes(quantized),
             'eval_loss_float32': before['eval_loss'], 'eval_loss_int8': after['eval_loss'],
             'eval_bits_per_byte_float32': before['eval_bits_per_byte'],

@@ -13,7 +13,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from models import ModelConfig, build_objective, padded_vocab_size
+import tasks
+from models import padded_vocab_size
 from train import config_checks, flops, optimizer, sharding, state as state_lib, steps
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.',
@@ -36,14 +37,14 @@ def measure(config) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   config_checks.validate_against_mesh(config, sharding.data_parallel_size(mesh))
   vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
-  cfg = ModelConfig.from_config(config, vocab,
-                                config_checks.compute_dtype(config, jax.default_backend()))
-  objective = build_objective(cfg, config.train.z_loss)
+  cfg = tasks.model_config(config, vocab,
+                           config_checks.compute_dtype(config, jax.default_backend()))
+  task = tasks.from_config(config, cfg)
   tx = optimizer.make_optimizer(config.train)
-  _, shardings = state_lib.state_shardings(objective, tx, mesh, config.data.seq_len)
-  state = state_lib.create_train_state(objective, tx, mesh, config.data.seq_len,
+  _, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len)
+  state = state_lib.create_train_state(task, tx, mesh, config.data.seq_len,
                                        jax.random.key(config.seed))
-  step = steps.jit_train_step(objective, tx, optimizer.learning_rate_schedule(config.train),
+  step = steps.jit_train_step(task, tx, optimizer.learning_rate_schedule(config.train),
                               config.train.grad_accum, jax.random.key(1), mesh, shardings)
   rng = np.random.default_rng(0)
   batches = [sharding.global_batch(random_batch(rng, config.data.batch_size, config.data.seq_len,

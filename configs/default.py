@@ -37,9 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # it compiles for the run's shapes, else XLA
   model.attention = 'auto'
 
-  # The pre-training objective; 'auto' follows model.arch: causal_lm (decoder),
+  # What the run trains (tasks/): 'auto' follows model.arch: causal_lm (decoder),
   # masked_lm (encoder), span_corruption (encoder_decoder).
-  config.objective = 'auto'
+  config.task = 'auto'
   masked_lm = config.masked_lm = ml_collections.ConfigDict()
   masked_lm.mask_rate = 0.15  # share of ordinary tokens chosen; of those 80% [MASK], 10% random, 10% kept
   masked_lm.whole_word = False  # choose whole words rather than single pieces

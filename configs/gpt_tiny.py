@@ -12,7 +12,7 @@ def get_config():
   config.data.tokenizer.vocab_size = 4096
   config.train.update(steps=600, lr=1e-3, warmup_steps=60, log_every=25, eval_every=100,
                       eval_steps=20, checkpoint_every=100)
-  # Unrolled layers: 1.24x the tokens/s of nn.scan on a 2-core CPU at this depth
-  # (benchmarks/RESULTS.md); compile time is small either way.
+  # Unrolled layers run faster than nn.scan on a CPU at this depth (benchmarks/RESULTS.md
+  # has the figures); compile time is small either way.
   config.model.scan_layers = False
   return config

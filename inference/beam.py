@@ -14,20 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.generate import prepare, start_decoding
-from models.config import ModelConfig
 
 Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'beam_size', 'eos_id',
+@functools.partial(jax.jit, static_argnames=('task', 'max_new_tokens', 'beam_size', 'eos_id',
                                              'length_penalty'))
-def _beam_search(params, ids_BP: Array, real_BP: Array, *, cfg: ModelConfig, max_new_tokens: int,
+def _beam_search(params, ids_BP: Array, real_BP: Array, *, task, max_new_tokens: int,
                  beam_size: int, eos_id: int, length_penalty: float):
-  batch, width, vocab = ids_BP.shape[0], beam_size, cfg.vocab_size
+  batch, width, vocab = ids_BP.shape[0], beam_size, task.cfg.vocab_size
   rows = batch * width
   # Every prompt repeated once per beam: rows b * width + w.
   ids_RP, real_RP = (jnp.repeat(x, width, axis=0) for x in (ids_BP, real_BP))
-  decoding = start_decoding(cfg, params, ids_RP, real_RP)
+  decoding = start_decoding(task, params, ids_RP, real_RP)
   # Identical beams at the start: only the first may extend, so no duplicates.
   scores_BW = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf), (batch, 1))
 
@@ -67,14 +66,14 @@ def _beam_search(params, ids_BP: Array, real_BP: Array, *, cfg: ModelConfig, max
       jnp.arange(batch), best_B]
 
 
-def beam_search(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
+def beam_search(task, params, prompts: list[list[int]], max_new_tokens: int,
                 beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = 1,
                 quantize: str = 'none') -> list[list[int]]:
   """The best continuation of each prompt (ending at EOS, which is kept, or at max_new_tokens)."""
   if beam_size < 1:
     raise ValueError(f'--beam_size={beam_size} must be at least 1.')
-  cfg, params, ids, real = prepare(cfg, params, prompts, max_new_tokens, quantize)
-  tokens, lengths = _beam_search(params, ids, real, cfg=cfg, max_new_tokens=max_new_tokens,
+  task, params, ids, real = prepare(task, params, prompts, max_new_tokens, quantize)
+  tokens, lengths = _beam_search(params, ids, real, task=task, max_new_tokens=max_new_tokens,
                                  beam_size=beam_size, eos_id=eos_id,
                                  length_penalty=length_penalty)
   return [row[:n].tolist() for row, n in zip(np.asarray(tokens), np.asarray(lengths))]

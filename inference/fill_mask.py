@@ -20,7 +20,7 @@ def encode_with_masks(tokenizer: Tokenizer, text: str, mask_ids=None) -> list[in
   return ids
 
 
-def fill_masks(objective, params, tokenizer: Tokenizer, prompts: list[str], max_len: int) -> list[str]:
+def fill_masks(task, params, tokenizer: Tokenizer, prompts: list[str], max_len: int) -> list[str]:
   """Each prompt with its [MASK]s replaced by the model's top prediction."""
   results = []
   for prompt in prompts:
@@ -35,7 +35,7 @@ def fill_masks(objective, params, tokenizer: Tokenizer, prompts: list[str], max_
     batch = {'inputs': ids_1T, 'segment_ids': jnp.ones_like(ids_1T),
              'positions': jnp.arange(len(ids))[None],
              'token_type_ids': jnp.zeros_like(ids_1T)}
-    logits_TV = objective.logits(params, batch)[0]
+    logits_TV = task.logits(params, batch)[0]
     logits_TV = logits_TV.at[:, :tokenizer.vocab_size].get()  # no padding rows of the embedding
     best_T = np.asarray(jnp.argmax(logits_TV, axis=-1))
     filled = [int(best_T[t]) if token == MASK_ID else token for t, token in enumerate(ids)]

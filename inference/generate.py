@@ -1,13 +1,10 @@
-"""Autoregressive generation for the decoder and encoder-decoder families over a
-preallocated key/value cache.
+"""Autoregressive generation over a preallocated key/value cache, for any task with a
+decode entry point (`task.start_decoding`, tasks/).
 
-Decoder (GPT): the prompt is prefilled in one forward pass, then one token per step
-inside a jitted `lax.while_loop`. Prompts of different lengths share a batch by left
-padding: each row's positions count only its real tokens, and the cache masks the
-padding. Encoder-decoder (T5): the prompt is the encoder's input, encoded once; the
-decoder starts from the pad token and its cross-attention keys and values are
-computed on the first step and cached. Each row stops at its own EOS; the loop stops
-when all rows have.
+The task prefills the prompts (left-padded, so prompts of different lengths share a
+batch) and returns a step function; here one token per step is chosen inside a
+jitted `lax.while_loop`. Each row stops at its own EOS; the loop stops when all
+rows have.
 """
 import dataclasses
 import functools
@@ -17,11 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline.tokenizer import PAD_ID
 from inference.quantize import dequantize, quantize_int8
 from inference.sampling import Sampling, penalize_repeats, sample
 from models.config import ModelConfig
-from models.transformer import DecoderOnly, EncoderDecoder
 
 Array = jax.Array
 
@@ -37,31 +32,11 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
   return ids, real
 
 
-def check_prompts(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
-  if cfg.arch not in ('decoder', 'encoder_decoder'):
-    raise ValueError(f"Generation needs model.arch='decoder' or 'encoder_decoder'; this run is "
-                     f"'{cfg.arch}' (an encoder run fills [MASK]s instead).")
-  for i, prompt in enumerate(prompts):
-    if not prompt:
-      raise ValueError(f'Prompt {i} is empty; give at least one token of text.')
-    if cfg.arch == 'decoder' and len(prompt) + max_new_tokens > cfg.max_len:
-      raise ValueError(
-          f'Prompt {i} is {len(prompt)} tokens and --max_new_tokens={max_new_tokens}, but the '
-          f"model's context is {cfg.max_len} tokens; shorten the prompt or lower --max_new_tokens.")
-    if cfg.arch == 'encoder_decoder' and len(prompt) > cfg.max_len:
-      raise ValueError(f"Prompt {i} is {len(prompt)} tokens but the encoder's context is "
-                       f'{cfg.max_len} tokens; shorten the prompt.')
-  if cfg.arch == 'encoder_decoder' and max_new_tokens + 1 > cfg.max_len:
-    raise ValueError(f"--max_new_tokens={max_new_tokens} does not fit the decoder's context of "
-                     f'{cfg.max_len} tokens (one slot holds the start token); lower it.')
-
-
 def unrolled_layers(cfg: ModelConfig, params):
   """The same model with each scanned layer stack split into per-layer parameters.
 
   Decoding reads every weight once per token; inside a scan each step would first
-  slice its layer out of the stacked arrays, copying the whole model per token
-  (half the tokens/s at batch 1 on a CPU, benchmarks/RESULTS.md).
+  slice its layer out of the stacked arrays, copying the whole model per token.
   """
   if not cfg.scan_layers:
     return cfg, params
@@ -74,17 +49,28 @@ def unrolled_layers(cfg: ModelConfig, params):
   return dataclasses.replace(cfg, scan_layers=False), params
 
 
-def prepare(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
-            quantize: str):
-  """(cfg, params, ids [B, P], real [B, P]) ready for a decoding loop, after checking
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """What `--mode=sample` asks for: how many tokens, how to choose them, where to stop."""
+  max_new_tokens: int = 100
+  sampling: Sampling = Sampling()
+  seed: int = 0
+  beam_size: int = 0  # > 0: beam search with this many beams instead of sampling
+  length_penalty: float = 0.6  # GNMT length penalty of beam search
+  quantize: str = 'none'  # 'int8': weight-only int8 (inference/quantize.py)
+  stop: tuple[str, ...] = ()  # cut each completion at the first of these strings
+
+
+def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantize: str):
+  """(task, params, ids [B, P], real [B, P]) ready for a decoding loop, after checking
   the request: layers unrolled, weights quantized if asked, prompts left-padded."""
-  check_prompts(cfg, prompts, max_new_tokens)
+  task.check_prompts(prompts, max_new_tokens)
   if quantize not in ('none', 'int8'):
     raise ValueError(f'--quantize={quantize} is not one of none, int8.')
-  cfg, params = unrolled_layers(cfg, params)
+  cfg, params = unrolled_layers(task.cfg, params)
   if quantize == 'int8':
     params = quantize_int8(params)
-  return (cfg, params) + left_pad(prompts)
+  return (dataclasses.replace(task, cfg=cfg), params) + left_pad(prompts)
 
 
 class Decoding(NamedTuple):
@@ -95,50 +81,22 @@ class Decoding(NamedTuple):
   step: Callable  # step(cache, token_B, position_B) -> (logits_BV, cache)
 
 
-def start_decoding(cfg: ModelConfig, params, ids_BP: Array, real_BP: Array) -> Decoding:
-  """Prefills left-padded prompts (traced inside a jitted loop); creates the cache."""
-  cfg = dataclasses.replace(cfg, decode=True)
-  params = dequantize(params)  # int8 weights stay int8 in memory; no-op for dense ones
-  positions_BP = jnp.maximum(jnp.cumsum(real_BP, axis=1) - 1, 0)
-  batch = ids_BP.shape[0]
-  ones_B1 = jnp.ones((batch, 1), jnp.int32)
-
-  def logits_and_cache(out):
-    logits_BTV, variables = out
-    return logits_BTV[:, -1].astype(jnp.float32), variables['cache']
-
-  if cfg.arch == 'decoder':
-    model = DecoderOnly(cfg)
-    run = lambda variables, ids_BT, real_BT, positions_BT: logits_and_cache(model.apply(
-        variables, ids_BT, real_BT, positions_BT, mutable=['cache']))
-    logits_BV, cache = run({'params': params}, ids_BP, real_BP, positions_BP)
-    step = lambda cache, token_B, position_B: run(
-        {'params': params, 'cache': cache}, token_B[:, None], ones_B1, position_B[:, None])
-    return Decoding(logits_BV, cache, positions_BP[:, -1], step)
-
-  model = EncoderDecoder(cfg)
-  encoded_BPD = model.apply({'params': params}, ids_BP, real_BP, positions_BP, method='encode')
-  run = lambda variables, encoded, token_B, position_B: logits_and_cache(model.apply(
-      variables, encoded, real_BP, token_B[:, None], ones_B1, position_B[:, None],
-      method='decode', mutable=['cache']))
-  start_B = jnp.full((batch,), PAD_ID, jnp.int32)  # T5 starts decoding from pad
-  position_B = jnp.zeros((batch,), jnp.int32)
-  logits_BV, cache = run({'params': params}, encoded_BPD, start_B, position_B)
-  step = lambda cache, token_B, position_B: run({'params': params, 'cache': cache}, None,
-                                                 token_B, position_B)
-  return Decoding(logits_BV, cache, position_B, step)
+def start_decoding(task, params, ids_BP: Array, real_BP: Array) -> Decoding:
+  """The task's prefill, with int8 weights (if any) dequantized first."""
+  return task.start_decoding(dequantize(params), ids_BP, real_BP)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'sampling', 'eos_id',
+@functools.partial(jax.jit, static_argnames=('task', 'max_new_tokens', 'sampling', 'eos_id',
                                              'on_token'))
-def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelConfig,
-              max_new_tokens: int, sampling: Sampling, eos_id: int,
-              on_token: Callable | None = None) -> Array:
-  decoding = start_decoding(cfg, params, ids_BP, real_BP)
+def decode_tokens(params, ids_BP: Array, real_BP: Array, key: Array, *, task,
+                  max_new_tokens: int, sampling: Sampling, eos_id: int,
+                  on_token: Callable | None = None) -> Array:
+  """New tokens [B, max_new_tokens] after left-padded prompts (0 after a row's EOS)."""
+  decoding = start_decoding(task, params, ids_BP, real_BP)
   batch = ids_BP.shape[0]
-  # The repetition penalty counts a decoder's prompt; an encoder's input is not output.
-  seen_BV = jnp.zeros((batch, cfg.vocab_size), bool)
-  if cfg.arch == 'decoder':
+  # The repetition penalty counts a prompt the output continues (not an encoder's input).
+  seen_BV = jnp.zeros((batch, task.cfg.vocab_size), bool)
+  if task.prompt_is_output:
     seen_BV = seen_BV.at[jnp.arange(batch)[:, None], ids_BP].set(real_BP > 0)
 
   def step(carry):
@@ -165,21 +123,22 @@ def _generate(params, ids_BP: Array, real_BP: Array, key: Array, *, cfg: ModelCo
   return jax.lax.while_loop(not_finished, step, carry)[6]
 
 
-def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_new_tokens: int,
+def generate(task, params, prompts: list[list[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(temperature=0.0), seed: int = 0, eos_id: int = 1,
              on_token: Callable | None = None, quantize: str = 'none') -> list[list[int]]:
   """New tokens for each prompt (ending at EOS, which is kept, or at max_new_tokens).
 
   A decoder continues each prompt; an encoder-decoder reads each prompt as its
   encoder input (end it with EOS, as span corruption does) and writes the target.
-  quantize='int8' keeps the weights as int8 with per-channel scales (inference/quantize.py).
+  quantize='int8' stores the weights as int8 with per-channel scales
+  (inference/quantize.py); they are dequantized when the decoding starts.
   `on_token(tokens [B])` is called as each step's tokens are chosen (for streaming).
   """
   sampling.check()
-  cfg, params, ids, real = prepare(cfg, params, prompts, max_new_tokens, quantize)
-  out = np.asarray(_generate(params, ids, real, jax.random.key(seed), cfg=cfg,
-                             max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
-                             on_token=on_token))
+  task, params, ids, real = prepare(task, params, prompts, max_new_tokens, quantize)
+  out = np.asarray(decode_tokens(params, ids, real, jax.random.key(seed), task=task,
+                                 max_new_tokens=max_new_tokens, sampling=sampling,
+                                 eos_id=eos_id, on_token=on_token))
   results = []
   for row in out:
     ends = np.flatnonzero(row == eos_id)

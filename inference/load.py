@@ -1,17 +1,19 @@
-"""Loading a trained run for inference: its config, tokenizer and latest parameters."""
-import dataclasses
+"""Loading a trained run for inference: its task (model), latest parameters and
+tokenizer. Only the parameters are read from the checkpoint: no optimizer is built
+and its moments stay on disk."""
 import os
 
 import jax
 import ml_collections
 
+import tasks
 from input_pipeline import Tokenizer
-from models import ModelConfig, build_objective, objective_name
-from train import checkpointing, config_checks, optimizer, sharding, state as state_lib
+from models import kernels
+from train import checkpointing, config_checks, sharding, state as state_lib
 
 
 def load_run(config: ml_collections.ConfigDict, workdir: str):
-  """(ModelConfig, params, tokenizer) of the latest checkpoint in workdir; `config` is the
+  """(task, params, tokenizer) of the latest checkpoint in workdir; `config` is the
   run's own (config.json, with model.vocab_size resolved)."""
   tokenizer_path = os.path.join(workdir, 'tokenizer.model')
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
@@ -19,13 +21,10 @@ def load_run(config: ml_collections.ConfigDict, workdir: str):
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints; train first with '
                             f'python main.py --config=CFG --workdir={workdir}.')
   dtype = config_checks.compute_dtype(config, jax.default_backend())
-  cfg = ModelConfig.from_config(config, config.model.vocab_size, dtype)
-  if cfg.attention == 'splash' and jax.default_backend() != 'tpu':  # trained on a TPU
-    cfg = dataclasses.replace(cfg, attention='auto')
-  objective = build_objective(cfg, objective=objective_name(cfg.arch, config.objective))
-  mesh = sharding.make_mesh(config.mesh)
-  abstract, _ = state_lib.state_shardings(objective, optimizer.make_optimizer(config.train), mesh,
+  cfg = kernels.for_inference(tasks.model_config(config, config.model.vocab_size, dtype))
+  task = tasks.from_config(config, cfg)
+  abstract, _ = state_lib.param_shardings(task, sharding.make_mesh(config.mesh),
                                           config.data.seq_len)
-  state, _ = checkpointing.restore_latest(manager, abstract, with_data=False)
+  params, _ = checkpointing.restore_params(manager, abstract)
   manager.close()
-  return cfg, state.params, Tokenizer(tokenizer_path)
+  return task, params, Tokenizer(tokenizer_path)

@@ -6,7 +6,6 @@ a window; segment ids (1, 2, ... per document in a row, 0 for padding) and
 positions restarting at each document let attention stay inside documents.
 """
 import dataclasses
-import functools
 import os
 import shutil
 import time
@@ -19,8 +18,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from input_pipeline import corpora, masking, spans, token_cache
-from input_pipeline.tokenizer import EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from input_pipeline import corpora, token_cache
+from input_pipeline.tokenizer import EOS_ID, Tokenizer, train_tokenizer
 
 Batch = dict[str, np.ndarray]
 Example = dict[str, np.ndarray]
@@ -29,7 +28,7 @@ Example = dict[str, np.ndarray]
 @dataclasses.dataclass
 class Data:
   tokenizer: Tokenizer
-  task: 'Task'
+  examples: 'Examples'
   train_iter: grain.DatasetIterator  # infinite; get_state() / set_state() resume it exactly
   make_eval_iter: Callable[[], Iterator[Batch]]  # a fresh one-pass iterator
   train_tokens: int
@@ -51,7 +50,7 @@ def pack_windows(windows: np.ndarray) -> Batch:
           'weights': np.ones(inputs.shape, np.float32)}
 
 
-class _Windows:
+class Windows:
   """Random access to window i (`length` tokens, consecutive windows overlapping by
   `overlap`) of a token memmap: a grain data source."""
 
@@ -66,116 +65,39 @@ class _Windows:
     return np.asarray(self.tokens[start:start + self.length])
 
 
-def _segments_and_positions(ids_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def segments_and_positions(ids_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   packed = pack_windows(np.concatenate([ids_T, [0]])[None])
   return packed['segment_ids'][0], packed['positions'][0]
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """How one objective turns the token stream into examples.
+class Examples:
+  """How one task turns the token stream into examples (tasks/ subclass it).
 
-  `source(tokens)` is a random-access grain source of raw items; `make_example(item,
-  rng)` turns one into a dict of arrays (rng: a per-example generator, different every
-  epoch, so masks and spans change between epochs and resume exactly).
+  `source(tokens)` is a random-access grain source of raw items (by default windows
+  of `raw_length` tokens, consecutive ones sharing `window_overlap`);
+  `make_example(item, rng)` turns one into a dict of arrays (rng: a per-example
+  generator, different every epoch, so masks and spans change between epochs and
+  resume exactly).
   """
-  objective: str
-  seq_len: int
-  vocab_size: int
-  mask_rate: float = 0.15
-  word_starts: np.ndarray | None = None  # [vocab] bool, for whole-word masking
-  next_sentence: bool = False
-  noise_density: float = 0.15
-  mean_span_length: float = 3.0
 
-  @functools.cached_property
-  def _span_lengths(self) -> tuple[int, int]:
-    """(raw tokens, target length) of span corruption: a search, so done once."""
-    return spans.raw_length_for(self.seq_len, self.noise_density, self.mean_span_length)
-
-  @property
-  def raw_length(self) -> int:
-    if self.objective == 'causal_lm':
-      return self.seq_len + 1
-    if self.objective == 'span_corruption':
-      return self._span_lengths[0]
-    return self.seq_len
-
-  @property
-  def window_overlap(self) -> int:
-    """Causal LM windows share one token: the last target of one is the first input of the next."""
-    return 1 if self.objective == 'causal_lm' else 0
+  def __init__(self, seq_len: int, raw_length: int, window_overlap: int = 0):
+    self.seq_len, self.raw_length, self.window_overlap = seq_len, raw_length, window_overlap
 
   def num_windows(self, tokens: np.ndarray) -> int:
-    return max(0, len(_Windows(tokens, self.raw_length, self.window_overlap)))
-
-  @property
-  def targets_length(self) -> int:
-    if self.objective == 'span_corruption':
-      return self._span_lengths[1]
-    return self.seq_len
+    return max(0, len(Windows(tokens, self.raw_length, self.window_overlap)))
 
   def source(self, tokens: np.ndarray):
-    if self.next_sentence:
-      ends = np.flatnonzero(np.asarray(tokens) == EOS_ID)
-      starts = np.concatenate([[0], ends[:-1] + 1])
-      documents = [tokens[a:b] for a, b in zip(starts, ends) if b > a]
-      return _SentencePairs(documents, max(1, len(tokens) // self.seq_len))
-    return _Windows(tokens, self.raw_length, self.window_overlap)
+    return Windows(tokens, self.raw_length, self.window_overlap)
 
   def make_example(self, item, rng: np.random.Generator) -> Example:
-    if self.objective == 'causal_lm':
-      return {k: v[0] for k, v in pack_windows(item[None]).items()}
-    if self.objective == 'masked_lm':
-      return self._masked_example(item, rng)
-    return self._span_example(item, rng)
-
-  def _masked_example(self, item, rng) -> Example:
-    if self.next_sentence:
-      example = masking.sentence_pair(item, rng, self.seq_len)
-    else:
-      segment_ids, positions = _segments_and_positions(item)
-      example = {'inputs': item.astype(np.int32), 'segment_ids': segment_ids,
-                 'positions': positions, 'token_type_ids': np.zeros(self.seq_len, np.int32)}
-    ids = example['inputs']
-    starts = None if self.word_starts is None else self.word_starts[ids]
-    example.update(masking.mask_tokens(ids, rng, self.vocab_size, self.mask_rate, starts))
-    return example
-
-  def _span_example(self, item, rng) -> Example:
-    inputs, targets = spans.corrupt_spans(item.astype(np.int32), rng, self.noise_density,
-                                          self.mean_span_length)
-    pad = lambda x, n: np.pad(x, (0, n - len(x)))
-    real = lambda x, n: (np.arange(n) < len(x)).astype(np.int32)
-    t = self.targets_length
-    decoder_inputs = np.concatenate([[PAD_ID], targets[:-1]])  # T5 starts decoding from pad
-    return {'encoder_inputs': pad(inputs, self.seq_len),
-            'encoder_segment_ids': real(inputs, self.seq_len),
-            'encoder_positions': np.arange(self.seq_len, dtype=np.int32) * real(inputs, self.seq_len),
-            'decoder_inputs': pad(decoder_inputs, t).astype(np.int32),
-            'decoder_segment_ids': real(targets, t),
-            'decoder_positions': np.arange(t, dtype=np.int32) * real(targets, t),
-            'targets': pad(targets, t), 'weights': real(targets, t).astype(np.float32)}
+    raise NotImplementedError
 
 
-class _SentencePairs:
-  """`count` next-sentence examples per epoch; item i is the list of documents (the
-  pair itself is drawn by the per-example rng)."""
-
-  def __init__(self, documents: list[np.ndarray], count: int):
-    self.documents, self.count = documents, count
-
-  def __len__(self) -> int:
-    return self.count
-
-  def __getitem__(self, i: int) -> list[np.ndarray]:
-    return self.documents
-
-
-def _check_enough_tokens(split: str, tokens: np.ndarray, task: Task, min_windows: int) -> None:
-  if task.num_windows(tokens) < min_windows:
+def _check_enough_tokens(split: str, tokens: np.ndarray, examples: Examples,
+                         min_windows: int) -> None:
+  if examples.num_windows(tokens) < min_windows:
     raise ValueError(f'The {split} split has {len(tokens):,} tokens, too few for {min_windows} '
-                     f'example(s) of data.seq_len={task.seq_len}; lower data.seq_len (or '
+                     f'example(s) of data.seq_len={examples.seq_len}; lower data.seq_len (or '
                      'data.batch_size) or use a larger corpus.')
 
 
@@ -203,30 +125,30 @@ class _RowsOfProcess:
     return self.stream[(batch * self.shard_count + self.shard_index) * self.local_batch + row]
 
 
-def train_iterator(task: Task, tokens: np.ndarray, local_batch: int, seed: int,
+def train_iterator(examples: Examples, tokens: np.ndarray, local_batch: int, seed: int,
                    shard_index: int, shard_count: int) -> grain.DatasetIterator:
   """Shuffled (differently each epoch, same for the same seed), repeated, and this
   process's rows of each global batch."""
-  stream = (grain.MapDataset.source(task.source(tokens))
+  stream = (grain.MapDataset.source(examples.source(tokens))
             .shuffle(seed=_shuffle_seed(seed)).repeat()
-            .random_map(task.make_example, seed=seed))
+            .random_map(examples.make_example, seed=seed))
   dataset = (grain.MapDataset.source(_RowsOfProcess(stream, local_batch, shard_index, shard_count))
              .batch(local_batch, drop_remainder=True))
   # Two reader threads suffice for memmap slices and leave the cores to XLA.
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)))
 
 
-def eval_batches(task: Task, tokens: np.ndarray, local_batch: int, shard_index: int,
+def eval_batches(examples: Examples, tokens: np.ndarray, local_batch: int, shard_index: int,
                  shard_count: int, seed: int = 0) -> Iterator[Batch]:
   """Every validation example once, in order, with fixed masks / spans; the last batch is
   padded with weight-0 rows. Every process yields the same number of batches."""
-  source = task.source(tokens)
-  examples = grain.MapDataset.source(source).random_map(task.make_example, seed=seed)
+  source = examples.source(tokens)
+  made = grain.MapDataset.source(source).random_map(examples.make_example, seed=seed)
   per_process = -(-len(source) // shard_count)
   mine = range(shard_index, len(source), shard_count)
   for start in range(0, per_process, local_batch):
-    rows = [examples[i] for i in mine[start:start + local_batch]]
-    template = rows[0] if rows else examples[0]
+    rows = [made[i] for i in mine[start:start + local_batch]]
+    template = rows[0] if rows else made[0]
     rows += [{k: np.zeros_like(v) for k, v in template.items()}] * (local_batch - len(rows))
     yield {k: np.stack([row[k] for row in rows]) for k in template}
 
@@ -268,17 +190,28 @@ def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs)
   return Tokenizer(path)
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: str,
-               objective: str = 'causal_lm') -> Data:
-  """Tokenizer, train iterator and eval batches of `objective` ('causal_lm' |
-  'masked_lm' | 'span_corruption') for a run; builds caches once."""
-  d = config.data
-  if d.batch_size % jax.process_count():
-    raise ValueError(f'data.batch_size={d.batch_size} is not divisible by the '
-                     f'{jax.process_count()} processes; change data.batch_size.')
-  local_batch = d.batch_size // jax.process_count()
-  cache_dir = _cache_dir(config, workdir)
+@dataclasses.dataclass
+class Corpus:
+  """A run's tokenizer and its token streams ('train', 'eval': memory-mapped arrays)."""
+  tokenizer: Tokenizer
+  tokens: dict[str, np.ndarray]
 
+
+def local_batch_size(config: ml_collections.ConfigDict) -> int:
+  """This process's rows of each global batch."""
+  batch_size = config.data.batch_size
+  if batch_size % jax.process_count():
+    raise ValueError(f'data.batch_size={batch_size} is not divisible by the '
+                     f'{jax.process_count()} processes; change data.batch_size.')
+  return batch_size // jax.process_count()
+
+
+def load_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
+  """The run's tokenizer and tokenized splits; builds the caches once (a cache hit
+  reads no corpus file)."""
+  local_batch_size(config)  # fail before any work
+  d = config.data
+  cache_dir = _cache_dir(config, workdir)
   documents = {}  # read the corpus at most once, and only when a cache misses
 
   def splits():
@@ -303,22 +236,19 @@ def build_data(config: ml_collections.ConfigDict, workdir: str,
   for split in ('train', 'eval'):
     key = token_cache.cache_key(split_ids[split], split, tokenizer.fingerprint)
     tokens[split], _ = token_cache.tokenized(lambda: splits()[split], tokenizer, cache_dir, key)
-  task = make_task(config, tokenizer, objective)
-  _check_enough_tokens('train', tokens['train'], task, d.batch_size)
-  _check_enough_tokens('eval', tokens['eval'], task, 1)
+  return Corpus(tokenizer, tokens)
 
+
+def build_data(config: ml_collections.ConfigDict, corpus: Corpus, examples: Examples) -> Data:
+  """The train iterator and eval batches of a task's `examples` over a corpus."""
+  d = config.data
+  local_batch = local_batch_size(config)
+  tokens = corpus.tokens
+  _check_enough_tokens('train', tokens['train'], examples, d.batch_size)
+  _check_enough_tokens('eval', tokens['eval'], examples, 1)
   shard = (jax.process_index(), jax.process_count())
   return Data(
-      tokenizer=tokenizer, task=task,
-      train_iter=train_iterator(task, tokens['train'], local_batch, config.seed, *shard),
-      make_eval_iter=lambda: eval_batches(task, tokens['eval'], local_batch, *shard),
+      tokenizer=corpus.tokenizer, examples=examples,
+      train_iter=train_iterator(examples, tokens['train'], local_batch, config.seed, *shard),
+      make_eval_iter=lambda: eval_batches(examples, tokens['eval'], local_batch, *shard),
       train_tokens=len(tokens['train']))
-
-
-def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer, objective: str) -> Task:
-  m, s = config.masked_lm, config.span_corruption
-  return Task(objective=objective,
-              seq_len=config.data.seq_len, vocab_size=tokenizer.vocab_size,
-              mask_rate=m.mask_rate, next_sentence=m.next_sentence,
-              word_starts=tokenizer.word_starts if m.whole_word else None,
-              noise_density=s.noise_density, mean_span_length=s.mean_span_length)

@@ -1,8 +1,11 @@
-"""The model's own view of the run config: a frozen dataclass passed once to every layer."""
+"""Hyper-parameters of one transformer: a frozen dataclass passed once to every layer.
+
+The model knows nothing of the run config; `tasks.model_config` maps a run config to it.
+"""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
-import ml_collections
 
 ARCHS = ('decoder', 'encoder', 'encoder_decoder')
 POSITIONS = ('auto', 'learned', 'sinusoidal', 'rope', 'relative')
@@ -10,7 +13,12 @@ POSITIONS = ('auto', 'learned', 'sinusoidal', 'rope', 'relative')
 DEFAULT_POSITION = {'decoder': 'rope', 'encoder': 'learned', 'encoder_decoder': 'relative'}
 NORMS = ('layernorm', 'rmsnorm')
 MLPS = ('gelu', 'swiglu')
-REMAT_POLICIES = ('none', 'dots_saveable', 'full')
+# What the backward pass may keep instead of recomputing; 'none' does not rematerialise.
+REMAT_POLICIES = {
+    'none': None,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
 
 
@@ -27,6 +35,8 @@ class ModelConfig:
   d_ff: int = 512
   max_len: int = 128
   position: str = 'rope'
+  relative_buckets: int = 32  # T5's relative position bias: learned buckets (both directions)
+  relative_max_distance: int = 128  # distances beyond this share the last bucket
   rope_theta: float = 10_000.0
   norm: str = 'rmsnorm'
   norm_eps: float = 1e-6
@@ -42,25 +52,6 @@ class ModelConfig:
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   decode: bool = False  # one token at a time over a key/value cache (inference only)
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, vocab_size: int,
-                  dtype: jnp.dtype) -> 'ModelConfig':
-    """Builds the model config from a run config; `vocab_size` is the padded embedding size."""
-    m = config.model
-    return cls(
-        arch=m.arch, vocab_size=vocab_size, num_layers=m.num_layers,
-        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
-        head_dim=m.head_dim or m.d_model // m.num_heads, d_model=m.d_model,
-        d_ff=m.d_ff, max_len=m.max_len,
-        position=DEFAULT_POSITION[m.arch] if m.position == 'auto' else m.position,
-        rope_theta=m.rope_theta, num_token_types=m.num_token_types,
-        nsp_head=m.arch == 'encoder' and config.masked_lm.next_sentence,
-        norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp,
-        tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
-        dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
-        attention=m.attention, dtype=dtype,
-        param_dtype=jnp.dtype(config.param_dtype))
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:

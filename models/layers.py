@@ -20,8 +20,10 @@ from models.config import ModelConfig
 
 Array = jax.Array
 
+INIT_STD = 0.02  # GPT-2's initialiser; output projections divide it by sqrt(2 * layers)
 
-def _param_init(stddev: float, names: tuple[str | None, ...]):
+
+def param_init(stddev: float, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
@@ -31,7 +33,7 @@ class Embed(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-        'embedding', _param_init(0.02, ('vocab', 'embed')),
+        'embedding', param_init(INIT_STD, ('vocab', 'embed')),
         (self.cfg.vocab_size, self.cfg.d_model), self.cfg.param_dtype)
 
   def __call__(self, ids_BT: Array) -> Array:
@@ -87,18 +89,17 @@ class RelativePositionBias(nn.Module):
   layers of a stack and added to the attention logits."""
   cfg: ModelConfig
   bidirectional: bool
-  num_buckets: int = 32
-  max_distance: int = 128
 
   @nn.compact
   def __call__(self, q_positions_BT: Array, kv_positions_BS: Array) -> Array:
     table_RN = self.param(
         'relative_attention_bias',
-        nn.with_logical_partitioning(nn.initializers.normal(0.02), ('relpos_buckets', 'heads')),
-        (self.num_buckets, self.cfg.num_heads), self.cfg.param_dtype)
+        param_init(INIT_STD, ('relpos_buckets', 'heads')),
+        (self.cfg.relative_buckets, self.cfg.num_heads), self.cfg.param_dtype)
     relative_BTS = kv_positions_BS[:, None, :] - q_positions_BT[:, :, None]
-    buckets_BTS = relative_position_buckets(relative_BTS, self.bidirectional, self.num_buckets,
-                                            self.max_distance)
+    buckets_BTS = relative_position_buckets(relative_BTS, self.bidirectional,
+                                            self.cfg.relative_buckets,
+                                            self.cfg.relative_max_distance)
     bias_BTSN = jnp.take(table_RN.astype(jnp.float32), buckets_BTS, axis=0)
     return jnp.transpose(bias_BTSN, (0, 3, 1, 2)).astype(self.cfg.dtype)
 
@@ -138,7 +139,7 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg, n = self.cfg, self.num_input_axes
-    kernel = self.param('kernel', _param_init(self.stddev, self.names),
+    kernel = self.param('kernel', param_init(self.stddev, self.names),
                         x.shape[-n:] + self.features, cfg.param_dtype)
     contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
     y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
@@ -211,7 +212,7 @@ class Attention(nn.Module):
     calls (kv_BSD None) reuse the cached keys and values."""
     cfg = self.cfg
     N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-    std = 0.02
+    std = INIT_STD
     q_BTNK = _dense(cfg, (N, K), -1, ('embed', 'heads', 'kv'), std, 'query')(x_BTD)
     cross_cache = self.cross and cfg.decode
     if cross_cache and kv_BSD is None:  # a later decoding step
@@ -247,12 +248,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     cfg = self.cfg
-    up = functools.partial(_dense, cfg, cfg.d_ff, -1, ('embed', 'mlp'), 0.02)
+    up = functools.partial(_dense, cfg, cfg.d_ff, -1, ('embed', 'mlp'), INIT_STD)
     if cfg.mlp == 'swiglu':
       h_BTF = nn.silu(up('gate')(x_BTD)) * up('up')(x_BTD)
     else:
       h_BTF = nn.gelu(up('up')(x_BTD))
-    out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+    out_std = INIT_STD / math.sqrt(2 * cfg.num_layers)
     return _dense(cfg, cfg.d_model, -1, ('mlp', 'embed'), out_std, 'down')(h_BTF)
 
 

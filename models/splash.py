@@ -8,8 +8,7 @@ builds a [T, S] mask. It cannot add a bias (T5's relative positions) and tiles b
 `BLOCK`, so other calls fall back to XLA (`applies`). Under a mesh it runs inside
 `shard_map`, each device on its own batch rows and heads, as the logical axis rules
 split them. Off TPU the same kernel runs in Pallas's interpreter, for tests: training
-refuses 'splash' there (train/loop.py:resolve_attention) and inference falls back to
-XLA (inference/load.py).
+refuses 'splash' there and inference falls back to XLA (models/kernels.py).
 """
 import functools
 import math

@@ -4,14 +4,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig
-from models.layers import (Array, AttentionMask, Block, Embed, Norm, RelativePositionBias,
-                           attention_mask, sinusoidal_positions)
-
-REMAT_POLICIES = {
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'full': jax.checkpoint_policies.nothing_saveable,
-}
+from models.config import REMAT_POLICIES, ModelConfig
+from models.layers import (INIT_STD, Array, AttentionMask, Block, Embed, Norm,
+                           RelativePositionBias, attention_mask, param_init, sinusoidal_positions)
 
 
 class Stack(nn.Module):
@@ -62,7 +57,7 @@ class InputEmbedding(nn.Module):
     if cfg.position == 'learned':
       table_PD = self.param(
           'position_embedding',
-          nn.with_logical_partitioning(nn.initializers.normal(0.02), ('max_len', 'embed')),
+          param_init(INIT_STD, ('max_len', 'embed')),
           (cfg.max_len, cfg.d_model), cfg.param_dtype)
       x_BTD = x_BTD + jnp.take(table_PD.astype(cfg.dtype), positions_BT, axis=0)
     elif cfg.position == 'sinusoidal':
@@ -70,7 +65,7 @@ class InputEmbedding(nn.Module):
     if cfg.num_token_types:
       table_YD = self.param(
           'token_type_embedding',
-          nn.with_logical_partitioning(nn.initializers.normal(0.02), ('token_types', 'embed')),
+          param_init(INIT_STD, ('token_types', 'embed')),
           (cfg.num_token_types, cfg.d_model), cfg.param_dtype)
       if token_type_ids_BT is None:
         token_type_ids_BT = jnp.zeros_like(ids_BT)
@@ -90,7 +85,7 @@ class OutputHead(nn.Module):
       return embed.attend(x_BTD)
     return nn.DenseGeneral(
         cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('embed', 'vocab')),
+        kernel_init=param_init(INIT_STD, ('embed', 'vocab')),
         name='lm_head')(x_BTD)
 
 
@@ -182,7 +177,7 @@ class EncoderOnly(nn.Module):
       return logits_BTV, None
     dense = lambda features, name: nn.Dense(
         features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('embed', None)),
+        kernel_init=param_init(INIT_STD, ('embed', None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
     pooled_BD = jnp.tanh(dense(cfg.d_model, 'pooler')(Norm(cfg, name='pooler_norm')(x_BTD[:, 0])))
     return logits_BTV, dense(2, 'next_sentence')(pooled_BD)

@@ -16,40 +16,35 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from input_pipeline import spans
-from models import ModelConfig, build_objective, objective_name, padded_vocab_size
+import tasks
+from models import kernels, padded_vocab_size
 from models.config import REMAT_POLICIES
 from scaling import activations
+from tasks.base import Task
 from train import config_checks, flops
 
 PF_DAY = 1e15 * 86_400  # FLOPs in one PetaFLOP/s-day
-NUM_RELATIVE_BUCKETS = 32  # models.layers.RelativePositionBias
 
 
-def model_config(config: ml_collections.ConfigDict, platform: str | None = None) -> ModelConfig:
-  """The ModelConfig a run of `config` builds, without reading data: the embedding has
-  model.vocab_size rows, or the tokenizer's size rounded up as training does."""
+def model_task(config: ml_collections.ConfigDict, platform: str | None = None) -> Task:
+  """The task (and model) a run of `config` builds, without reading data: the embedding
+  has model.vocab_size rows, or the tokenizer's size rounded up as training does."""
   config_checks.validate(config)
   platform = platform or jax.default_backend()
   dtype = config_checks.compute_dtype(config, platform)
-  return ModelConfig.from_config(config, embedding_rows(config), dtype)
+  return tasks.from_config(config, tasks.model_config(config, embedding_rows(config), dtype))
 
 
-@functools.lru_cache(maxsize=None)
-def _run_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
-  """`cfg` with the attention kernel a run on this GPU or TPU picks (probed once)."""
-  from train.loop import resolve_attention
-  return resolve_attention(cfg, seq_len)
+_run_attention = functools.lru_cache(maxsize=None)(kernels.resolve_attention)  # probed once
 
 
-def run_model_config(config: ml_collections.ConfigDict, platform: str | None = None
-                     ) -> ModelConfig:
-  """model_config, with the attention a run on this machine's accelerator would use:
+def run_task(config: ml_collections.ConfigDict, platform: str | None = None) -> Task:
+  """model_task, with the attention a run on this machine's accelerator would use:
   what memory and compiled figures depend on (parameter counts do not)."""
-  cfg = model_config(config, platform)
+  task = model_task(config, platform)
   if (platform or jax.default_backend()) == jax.default_backend() != 'cpu':
-    cfg = _run_attention(cfg, config.data.seq_len)
-  return cfg
+    task = dataclasses.replace(task, cfg=_run_attention(task.cfg, config.data.seq_len))
+  return task
 
 
 def embedding_rows(config: ml_collections.ConfigDict) -> int:
@@ -57,81 +52,39 @@ def embedding_rows(config: ml_collections.ConfigDict) -> int:
   return config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
 
 
-def targets_length(config: ml_collections.ConfigDict) -> int:
-  """Tokens per example on the decoder side: seq_len, or T5's span targets."""
-  if config.model.arch != 'encoder_decoder':
-    return config.data.seq_len
-  sc = config.span_corruption
-  return spans.raw_length_for(config.data.seq_len, sc.noise_density, sc.mean_span_length)[1]
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-  """Exact parameters by part: 'embedding' (token, position and token-type tables,
-  relative biases), 'encoder' and 'decoder' stacks (with their final norms), 'head'."""
-  D, N, G, K, F, V, L = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff,
-                         cfg.vocab_size, cfg.num_layers)
-  bias = cfg.use_bias
-  norm = D * (2 if cfg.norm == 'layernorm' else 1)
-  attention = 2 * D * N * K + 2 * D * G * K + bias * (N * K + 2 * G * K + D)
-  up_projections = 2 if cfg.mlp == 'swiglu' else 1
-  mlp = up_projections * D * F + F * D + bias * (up_projections * F + D)
-  block = lambda cross: 2 * norm + attention + mlp + cross * (norm + attention)
-  inputs = (cfg.max_len * D if cfg.position == 'learned' else 0) + cfg.num_token_types * D
-  relative_bias = NUM_RELATIVE_BUCKETS * N if cfg.position == 'relative' else 0
-  head = norm + (0 if cfg.tie_embeddings else D * V)
-  if cfg.arch == 'encoder_decoder':
-    return {'embedding': V * D + 2 * (inputs + relative_bias),
-            'encoder': L * block(False) + norm, 'decoder': L * block(True), 'head': head}
-  if cfg.nsp_head:  # pooler norm and dense, next-sentence classifier
-    head += norm + D * D + D + 2 * D + 2
-  stack = 'encoder' if cfg.arch == 'encoder' else 'decoder'
-  return {'embedding': V * D + inputs + relative_bias, stack: L * block(False), 'head': head}
-
-
-def abstract_params(cfg: ModelConfig, objective: str = 'auto'):
+def abstract_params(task: Task):
   """The initialised model's parameter shapes, without allocating them."""
   import flax.linen as nn
-  model = build_objective(cfg, objective=objective_name(cfg.arch, objective))
-  boxed = jax.eval_shape(lambda key: model.init(key, model.example_batch(1, 8)),
+  boxed = jax.eval_shape(lambda key: task.init(key, task.example_batch(1, 8)),
                          jax.random.key(0))
   return nn.unbox(boxed)
 
 
-def example_batch(config: ml_collections.ConfigDict, objective, sequences: int):
-  """A batch of the shapes a run of `config` trains on (T5's decoder side is the
-  span-target length)."""
-  batch = objective.example_batch(sequences, config.data.seq_len)
-  if config.model.arch == 'encoder_decoder':
-    t = targets_length(config)
-    batch.update({k: batch[k][:, :t] for k in ('decoder_inputs', 'decoder_segment_ids',
-                                                'decoder_positions', 'targets', 'weights')})
-  return batch
-
-
-def _residual_trace(config: ml_collections.ConfigDict, cfg: ModelConfig, remat: str,
+def _residual_trace(config: ml_collections.ConfigDict, task: Task, remat: str,
                     scan_layers: bool) -> activations.Residuals:
   """The residuals of the loss's VJP for one micro-batch, traced with shapes only."""
-  cfg = dataclasses.replace(cfg, remat=remat, scan_layers=scan_layers, dropout=0.0)
-  params = abstract_params(cfg, config.objective)
-  objective = build_objective(cfg, objective=objective_name(cfg.arch, config.objective))
+  task = dataclasses.replace(task, cfg=dataclasses.replace(
+      task.cfg, remat=remat, scan_layers=scan_layers, dropout=0.0))
+  params = abstract_params(task)
   sequences = config.data.batch_size // config.train.grad_accum
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                       example_batch(config, objective, sequences))
+                       task.train_batch(sequences, config.data.seq_len))
   def residuals(params, batch):
-    loss = lambda p: objective.loss(p, batch, jax.random.key(0), train=False)[0]
+    loss = lambda p: task.loss(p, batch, jax.random.key(0), train=False)[0]
     return jax.vjp(loss, params)[1]
   return activations.residuals(jax.make_jaxpr(residuals)(params, batch),
                               len(jax.tree.leaves(params)))
 
 
-def activation_bytes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict[str, int]:
+def activation_bytes(config: ml_collections.ConfigDict, task: Task) -> dict[str, int]:
   """Peak activation bytes of one micro-batch's backward pass under each remat policy
   (scaling/activations.py), with the run's scanned or unrolled layers."""
-  scanned = {policy: _residual_trace(config, cfg, policy, True) for policy in REMAT_POLICIES}
+  cfg = task.cfg
+  scanned = {policy: _residual_trace(config, task, policy, True) for policy in REMAT_POLICIES}
   sequences = config.data.batch_size // config.train.grad_accum
-  logits_bytes = sequences * targets_length(config) * cfg.vocab_size * 4
+  logits_bytes = sequences * task.scored_length(config.data.seq_len) * cfg.vocab_size * 4
   return {policy: activations.peak_bytes(
-              scanned[policy] if cfg.scan_layers else _residual_trace(config, cfg, policy, False),
+              scanned[policy] if cfg.scan_layers else _residual_trace(config, task, policy, False),
               scanned[policy], scanned['none'], cfg.num_layers, logits_bytes)
           for policy in REMAT_POLICIES}
 
@@ -140,22 +93,22 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   """Parameters, FLOPs, compute and memory of a config (one device, no sharding)."""
   from inference.quantize import quantize_int8, weight_bytes
   platform = platform or jax.default_backend()
-  cfg = run_model_config(config, platform)
-  counts = param_counts(cfg)
-  params = abstract_params(cfg, config.objective)
+  task = run_task(config, platform)
+  cfg = task.cfg
+  counts = task.param_counts()
+  params = abstract_params(task)
   initialised = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
   n = sum(counts.values())
-  if n != initialised:  # a new layer that this module does not know about yet
+  if n != initialised:  # a new layer that the task's count does not know about yet
     raise AssertionError(f'Counted {n:,} parameters but the model has {initialised:,}; update '
-                         'scaling/estimate.py:param_counts.')
-  seq_len, targets_len, batch = config.data.seq_len, targets_length(config), config.data.batch_size
-  step_flops = flops.train_flops_per_step(params, cfg.tie_embeddings, cfg.arch, cfg.num_layers,
-                                          cfg.d_model, batch, seq_len, targets_len)
+                         f'param_counts of the {task.name} task (tasks/).')
+  seq_len, batch = config.data.seq_len, config.data.batch_size
+  step_flops = task.train_flops_per_step(params, batch, seq_len)
   tokens_per_step = batch * seq_len
   train_flops = step_flops * config.train.steps
   param_bytes = jnp.dtype(cfg.param_dtype).itemsize
   int8_bytes = weight_bytes(jax.eval_shape(quantize_int8, params))
-  activation = activation_bytes(config, cfg)
+  activation = activation_bytes(config, task)
   # XLA:CPU schedules unrolled layers' rematerialisation into the forward pass, so it
   # keeps their activations whatever the policy (measured: equal compiled memory).
   remat = 'none' if platform == 'cpu' and not cfg.scan_layers else cfg.remat
@@ -191,21 +144,20 @@ def compiled_memory(config: ml_collections.ConfigDict) -> dict | None:
   the donated state. On the configured mesh where these devices can form it, else on
   one device; None where the backend does not report it."""
   from train import optimizer, sharding, state as state_lib, steps as steps_lib
-  cfg = run_model_config(config)
-  objective = build_objective(cfg, config.train.z_loss, objective_name(cfg.arch, config.objective))
+  task = run_task(config)
   try:
     mesh = sharding.make_mesh(config.mesh)
   except ValueError:  # e.g. a pod's mesh estimated on a laptop
     mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                               jax.devices()[:1])
   tx = optimizer.make_optimizer(config.train)
-  abstract_state, shardings = state_lib.state_shardings(objective, tx, mesh, config.data.seq_len,
+  abstract_state, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len,
                                                         config.train.offload_optimizer)
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
-      example_batch(config, objective, config.data.batch_size))
-  step = steps_lib.jit_train_step(objective, tx, optimizer.learning_rate_schedule(config.train),
+      task.train_batch(config.data.batch_size, config.data.seq_len))
+  step = steps_lib.jit_train_step(task, tx, optimizer.learning_rate_schedule(config.train),
                                   config.train.grad_accum, jax.random.key(0), mesh, shardings)
   analysis = step.lower(abstract_state, abstract_batch).compile().memory_analysis()
   if analysis is None:

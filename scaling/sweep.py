@@ -62,9 +62,9 @@ def plan_runs(sweep: ml_collections.ConfigDict) -> list[SweepRun]:
     if key not in matmul_params:
       config = ml_collections.ConfigDict(base.to_dict())
       config.model.update(**shape)
-      cfg = estimate.model_config(config)
-      matmul_params[key] = flops.matmul_param_count(
-          estimate.abstract_params(cfg, config.objective), cfg.tie_embeddings)
+      task = estimate.model_task(config)
+      matmul_params[key] = flops.matmul_param_count(estimate.abstract_params(task),
+                                                    task.cfg.tie_embeddings)
     return matmul_params[key]
 
   runs = []

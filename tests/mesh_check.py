@@ -21,7 +21,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from models import ModelConfig, build_objective  # noqa: E402
+from models import ModelConfig  # noqa: E402
+import tasks  # noqa: E402
 from train import checkpointing, optimizer, sharding, state as state_lib, steps  # noqa: E402
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
@@ -70,7 +71,7 @@ def setup(shape, cfg: ModelConfig = CFG, seq_len: int = SEQ_LEN):
   train_config.update(warmup_steps=2, lr=1e-2)
   mesh_config = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape)))
   mesh = sharding.make_mesh(mesh_config, jax.devices()[:int(np.prod(shape))])
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   tx = optimizer.make_optimizer(train_config)
   abstract, shardings = state_lib.state_shardings(objective, tx, mesh, seq_len)
   step = steps.jit_train_step(objective, tx, optimizer.learning_rate_schedule(train_config), 1,

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize('field, value, message', [
     ('model.arch', 'gpt', "model.arch='gpt' is not one of decoder"),
-    ('objective', 'masked_lm', "objective='masked_lm' needs model.arch='encoder'"),
+    ('task', 'masked_lm', "task='masked_lm' needs model.arch='encoder'"),
     ('model.position', 'alibi', "model.position='alibi' is not one of"),
     ('model.mlp', 'relu', "model.mlp='relu' is not one of"),
     ('model.num_kv_heads', 3, 'not a multiple of model.num_kv_heads=3'),

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import ModelConfig, build_objective
+from models import ModelConfig
 from models.layers import Block, attention_mask, relative_position_buckets
+import tasks
 
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
@@ -19,7 +20,7 @@ TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, he
 @functools.lru_cache(maxsize=None)
 def _objective(arch: str, **changes):
   cfg = dataclasses.replace(TINY, arch=arch, **changes)
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 16)))
   return objective, params, jax.jit(lambda p, b: objective.logits(p, b))
 

@@ -45,11 +45,10 @@ def test_family_trains_and_resumes_exactly(config, tmp_path, monkeypatch, family
     # --mode=sample on an encoder run fills the prompt's [MASK]s.
     from inference.fill_mask import fill_masks
     from inference.load import load_run
-    from models import build_objective
     from train import run_config
-    cfg, params, tokenizer = load_run(run_config.saved_config(straight, []), straight)
-    filled = fill_masks(build_objective(cfg), params, tokenizer, ['The cat [MASK] the bread.'],
-                        cfg.max_len)[0]
+    task, params, tokenizer = load_run(run_config.saved_config(straight, []), straight)
+    filled = fill_masks(task, params, tokenizer, ['The cat [MASK] the bread.'],
+                        task.cfg.max_len)[0]
     assert filled.startswith('The cat ') and filled.endswith(' the bread.')
     assert '[MASK]' not in filled and len(filled) > len('The cat  the bread.')
   if FAMILIES[family]['arch'] == 'encoder_decoder':
@@ -59,9 +58,9 @@ def test_family_trains_and_resumes_exactly(config, tmp_path, monkeypatch, family
     from inference.load import load_run
     from input_pipeline.tokenizer import SENTINEL_IDS
     from train import run_config
-    cfg, params, tokenizer = load_run(run_config.saved_config(straight, []), straight)
+    task, params, tokenizer = load_run(run_config.saved_config(straight, []), straight)
     prompt = span_prompt(tokenizer, 'The cat [MASK] the bread.')
-    target = generate(cfg, params, [prompt], 8)[0]
+    target = generate(task, params, [prompt], 8)[0]
     assert target[0] == SENTINEL_IDS[0], target
     filled = fill_spans(tokenizer, prompt, target)
     assert filled.startswith('The cat ') and filled.endswith(' the bread.'), filled

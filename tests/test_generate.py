@@ -9,7 +9,8 @@ import pytest
 
 from inference.generate import generate
 from inference.sampling import Sampling, filter_logits, sample
-from models import ModelConfig, build_objective
+from models import ModelConfig
+import tasks
 
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
@@ -18,7 +19,7 @@ ENCODER_DECODER = dict(arch='encoder_decoder', position='relative', mlp='swiglu'
 
 
 def _params(cfg):
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 16)))
   # Larger weights than at initialisation, so greedy continuations vary from step to step.
   return objective, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
@@ -57,11 +58,11 @@ def _greedy_encoder_decoder_without_cache(objective, params, prompt, steps, leng
     ENCODER_DECODER, dict(arch='encoder_decoder', position='rope', scan_layers=False)])
 def test_cached_greedy_equals_rerunning_the_full_sequence(changes):
   cfg = dataclasses.replace(TINY, **changes)
-  objective, params = _params(cfg)
-  cached = generate(cfg, params, PROMPTS, 10, eos_id=-1)
+  task, params = _params(cfg)
+  cached = generate(task, params, PROMPTS, 10, eos_id=-1)
   reference = (_greedy_encoder_decoder_without_cache if cfg.arch == 'encoder_decoder'
                else _greedy_without_cache)
-  expected = [reference(objective, params, p, 10) for p in PROMPTS]
+  expected = [reference(task, params, p, 10) for p in PROMPTS]
   assert cached == expected
   assert any(len(set(row)) > 2 for row in expected)  # not a degenerate repetition
 
@@ -69,9 +70,9 @@ def test_cached_greedy_equals_rerunning_the_full_sequence(changes):
 def test_rows_stop_at_their_own_eos():
   cfg = TINY
   _, params = _params(cfg)
-  free = generate(cfg, params, PROMPTS, 10, eos_id=-1)
+  free = generate(tasks.for_model(cfg), params, PROMPTS, 10, eos_id=-1)
   eos = free[0][3]  # pretend row 0's 4th token is EOS
-  out = generate(cfg, params, PROMPTS, 10, eos_id=eos)
+  out = generate(tasks.for_model(cfg), params, PROMPTS, 10, eos_id=eos)
   for row_free, row in zip(free, out):
     cut = row_free.index(eos) + 1 if eos in row_free else len(row_free)
     assert row == row_free[:cut]
@@ -104,10 +105,11 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
 def test_temperature_to_zero_is_greedy_and_seeds_reproduce():
   cfg = TINY
   _, params = _params(cfg)
-  greedy = generate(cfg, params, PROMPTS, 8, Sampling(temperature=0.0), eos_id=-1)
-  cold = generate(cfg, params, PROMPTS, 8, Sampling(temperature=1e-4), seed=3, eos_id=-1)
+  task = tasks.for_model(cfg)
+  greedy = generate(task, params, PROMPTS, 8, Sampling(temperature=0.0), eos_id=-1)
+  cold = generate(task, params, PROMPTS, 8, Sampling(temperature=1e-4), seed=3, eos_id=-1)
   assert cold == greedy
-  hot = lambda seed: generate(cfg, params, PROMPTS, 8, Sampling(temperature=2.0, top_k=50),
+  hot = lambda seed: generate(task, params, PROMPTS, 8, Sampling(temperature=2.0, top_k=50),
                               seed=seed, eos_id=-1)
   assert hot(1) == hot(1)
   assert hot(1) != hot(2)
@@ -122,7 +124,7 @@ def test_temperature_to_zero_is_greedy_and_seeds_reproduce():
 ])
 def test_bad_requests_say_what_to_change(prompts, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    generate(TINY, None, prompts, 8, **kwargs)
+    generate(tasks.for_model(TINY), None, prompts, 8, **kwargs)
 
 
 def test_sampling_from_a_workdir_without_checkpoint_says_to_train(tmp_path):
@@ -136,7 +138,7 @@ def test_int8_weights_take_a_quarter_of_the_memory_and_decode():
   from inference.quantize import quantize_int8, weight_bytes
   _, params = _params(TINY)
   assert weight_bytes(quantize_int8(params)) < 0.35 * weight_bytes(params)
-  out = generate(TINY, params, PROMPTS, 6, eos_id=-1, quantize='int8')
+  out = generate(tasks.for_model(TINY), params, PROMPTS, 6, eos_id=-1, quantize='int8')
   assert [len(row) for row in out] == [6, 6, 6]
 
 
@@ -164,14 +166,14 @@ def _log_probs_after_each_first_token(objective, params, cfg, prompt):
 def test_beam_search_is_greedy_at_width_one_and_exact_at_full_width(changes):
   from inference.beam import beam_search
   cfg = dataclasses.replace(TINY, **changes)
-  objective, params = _params(cfg)
-  greedy = generate(cfg, params, PROMPTS, 6, eos_id=-1)
-  assert beam_search(cfg, params, PROMPTS, 6, beam_size=1, eos_id=-1) == greedy
+  task, params = _params(cfg)
+  greedy = generate(task, params, PROMPTS, 6, eos_id=-1)
+  assert beam_search(task, params, PROMPTS, 6, beam_size=1, eos_id=-1) == greedy
   # With one beam per vocabulary entry, two steps of beam search are exhaustive.
   prompt = PROMPTS[0]
-  best = beam_search(cfg, params, [prompt], 2, beam_size=cfg.vocab_size, length_penalty=0.0,
+  best = beam_search(task, params, [prompt], 2, beam_size=cfg.vocab_size, length_penalty=0.0,
                      eos_id=-1)[0]
-  first, second = _log_probs_after_each_first_token(objective, params, cfg, prompt)
+  first, second = _log_probs_after_each_first_token(task, params, cfg, prompt)
   total = first[:, None] + second
   expected = list(np.unravel_index(int(jnp.argmax(total)), total.shape))
   assert best == [int(t) for t in expected]

@@ -8,6 +8,7 @@ import pytest
 import input_pipeline
 from input_pipeline import corpora, pipeline, token_cache
 from input_pipeline import tokenizer as tokenizer_lib
+from tasks.causal_lm import CausalExamples
 
 from conftest import tiny_config, write_tiny_corpus
 
@@ -46,6 +47,12 @@ def _assert_same_batches(a, b):
 
 
 # Tokenizer.
+
+def _build_data(config, workdir: str) -> pipeline.Data:
+  """A causal LM run's data, as train/loop.py builds it."""
+  corpus = pipeline.load_corpus(config, workdir)
+  return pipeline.build_data(config, corpus, CausalExamples(config.data.seq_len))
+
 
 def test_round_trip_of_non_ascii_text_never_seen_in_training(tokenizer):
   text = ' Café, Straße!  Ça va?\n\n\t中文 🙂 naïve — "quoted" 42\n'
@@ -161,13 +168,13 @@ def test_build_data_reads_the_corpus_only_when_a_cache_misses(corpus, tmp_path, 
   load_documents = corpora.load_documents
   monkeypatch.setattr(corpora, 'load_documents', lambda *a: loads.append(a) or load_documents(*a))
   config = _config(corpus, tmp_path)
-  first = pipeline.build_data(config, str(tmp_path / 'run1'))
+  first = _build_data(config, str(tmp_path / 'run1'))
   assert len(loads) == 1 and os.path.exists(tmp_path / 'run1' / 'tokenizer.model')
-  second = pipeline.build_data(config, str(tmp_path / 'run2'))  # cached tokenizer and tokens
+  second = _build_data(config, str(tmp_path / 'run2'))  # cached tokenizer and tokens
   assert len(loads) == 1 and second.tokenizer.fingerprint == first.tokenizer.fingerprint
   assert second.train_tokens == first.train_tokens
   config.data.eval_fraction = 0.2  # another split: new tokenizer and token files
-  pipeline.build_data(config, str(tmp_path / 'run3'))
+  _build_data(config, str(tmp_path / 'run3'))
   assert len(loads) == 2
 
 
@@ -175,7 +182,7 @@ def test_build_data_reads_the_corpus_only_when_a_cache_misses(corpus, tmp_path, 
 
 def test_train_batches_are_packed_windows_of_the_token_stream(corpus, tmp_path):
   config = _config(corpus, tmp_path)
-  data = pipeline.build_data(config, str(tmp_path / 'run'))
+  data = _build_data(config, str(tmp_path / 'run'))
   train_docs, _ = corpora.split_documents(corpora.load_documents(corpus), 0.1)
   stream = np.concatenate([ids + [EOS] for ids in data.tokenizer.encode_batch(train_docs)])
   assert data.train_tokens == len(stream)
@@ -211,24 +218,24 @@ def test_packing_starts_a_document_after_each_eos():
 def test_train_iterator_resumes_exactly_and_follows_the_seed(corpus, tmp_path):
   config = _config(corpus, tmp_path)
   workdir = str(tmp_path / 'run')
-  data = pipeline.build_data(config, workdir)
+  data = _build_data(config, workdir)
   batches_per_epoch = (data.train_tokens - 1) // config.data.seq_len // config.data.batch_size
   first = _take(data.train_iter, batches_per_epoch + 2)  # resume across an epoch boundary
   state = json.loads(json.dumps(data.train_iter.get_state()))
   expected = _take(data.train_iter, 4)
 
-  resumed = pipeline.build_data(config, workdir).train_iter
+  resumed = _build_data(config, workdir).train_iter
   resumed.set_state(state)
   _assert_same_batches(_take(resumed, 4), expected)
 
-  _assert_same_batches(_take(pipeline.build_data(config, workdir).train_iter, 2), first[:2])
+  _assert_same_batches(_take(_build_data(config, workdir).train_iter, 2), first[:2])
   config.seed = 1
-  other = next(pipeline.build_data(config, workdir).train_iter)
+  other = next(_build_data(config, workdir).train_iter)
   assert not np.array_equal(other['inputs'], first[0]['inputs'])
 
 
 def test_every_epoch_sees_every_window_once_in_its_own_order(tokenizer):
-  task = pipeline.Task(objective='causal_lm', seq_len=8, vocab_size=tokenizer.vocab_size)
+  task = CausalExamples(8)
   tokens = np.arange(8 * 12 + 1, dtype=np.uint16) + input_pipeline.NUM_SPECIAL
   batches = _take(pipeline.train_iterator(task, tokens, 2, 0, 0, 1), 3 * 6)  # 3 epochs
   starts = np.concatenate([b['inputs'][:, 0] for b in batches]).reshape(3, 12)
@@ -239,7 +246,7 @@ def test_every_epoch_sees_every_window_once_in_its_own_order(tokenizer):
 
 def test_eval_pass_sees_every_validation_window_once(corpus, tmp_path):
   config = _config(corpus, tmp_path, batch_size=6)
-  data = pipeline.build_data(config, str(tmp_path / 'run'))
+  data = _build_data(config, str(tmp_path / 'run'))
   _, eval_docs = corpora.split_documents(corpora.load_documents(corpus), 0.1)
   stream = np.concatenate([ids + [EOS] for ids in data.tokenizer.encode_batch(eval_docs)])
   seq_len = config.data.seq_len
@@ -255,7 +262,7 @@ def test_eval_pass_sees_every_validation_window_once(corpus, tmp_path):
 
 
 def test_processes_read_disjoint_shards_that_make_up_the_same_global_batches(tokenizer):
-  task = pipeline.Task(objective='causal_lm', seq_len=8, vocab_size=tokenizer.vocab_size)
+  task = CausalExamples(8)
   tokens = np.arange(8 * 11 + 1, dtype=np.uint16) + input_pipeline.NUM_SPECIAL
   evals = [list(pipeline.eval_batches(task, tokens, 2, shard, 3)) for shard in range(3)]
   assert len({len(batches) for batches in evals}) == 1
@@ -275,7 +282,7 @@ def test_processes_read_disjoint_shards_that_make_up_the_same_global_batches(tok
 def test_separate_eval_corpus(corpus, tmp_path):
   (tmp_path / 'eval.txt').write_text('the river greets the gate. ' * 40)
   config = _config(corpus, tmp_path, eval_corpus=str(tmp_path / 'eval.txt'))
-  data = pipeline.build_data(config, str(tmp_path / 'run'))
+  data = _build_data(config, str(tmp_path / 'run'))
   batch = next(data.make_eval_iter())
   assert data.tokenizer.decode(batch['inputs'][0]).startswith('the river greets the gate.')
 
@@ -285,14 +292,14 @@ def test_separate_eval_corpus(corpus, tmp_path):
 def test_batch_size_not_divisible_by_processes(corpus, tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline.jax, 'process_count', lambda: 3)
   with pytest.raises(ValueError, match='data.batch_size=8 is not divisible by the 3 processes'):
-    pipeline.build_data(_config(corpus, tmp_path), str(tmp_path / 'run'))
+    _build_data(_config(corpus, tmp_path), str(tmp_path / 'run'))
 
 
 def test_split_shorter_than_one_window(corpus, tmp_path):
   (tmp_path / 'eval.txt').write_text('a stone')
   config = _config(corpus, tmp_path, eval_corpus=str(tmp_path / 'eval.txt'))
   with pytest.raises(ValueError, match=r'eval split has \d+ tokens.*lower data.seq_len'):
-    pipeline.build_data(config, str(tmp_path / 'run'))
+    _build_data(config, str(tmp_path / 'run'))
 
 
 def test_unigram_tokenizer_round_trips(tmp_path):

@@ -61,14 +61,12 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
   from train import run_config
   from inference.load import load_run
   from inference.quantize import dequantize, quantize_int8
-  from models import build_objective
-  cfg, params, tokenizer = load_run(run_config.saved_config(workdir, []), workdir)
-  objective = build_objective(cfg)
+  task, params, tokenizer = load_run(run_config.saved_config(workdir, []), workdir)
   ids = jnp.asarray([tokenizer.encode('The old king sees the river. A dog finds the gate.')])
   batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids),
            'positions': jnp.arange(ids.shape[1])[None]}
-  exact = objective.logits(params, batch)
-  approx = objective.logits(dequantize(quantize_int8(params)), batch)
+  exact = task.logits(params, batch)
+  approx = task.logits(dequantize(quantize_int8(params)), batch)
   spread = float(jnp.std(exact))
   assert float(jnp.mean(jnp.abs(approx - exact))) < 0.01 * spread
   assert float(jnp.max(jnp.abs(approx - exact))) < 0.10 * spread

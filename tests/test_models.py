@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import ModelConfig, build_objective, example_batch
+from models import ModelConfig, example_batch
+import tasks
 
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
@@ -24,7 +25,7 @@ VARIANTS = {
 @functools.lru_cache(maxsize=None)
 def _init(cfg):
   """Parameters and a jitted logits function, shared by the tests of one variant."""
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   params = nn.unbox(objective.init(jax.random.key(0), example_batch(1, 16)))
   logits = jax.jit(lambda p, b: objective.logits(p, b))
   return params, logits
@@ -79,7 +80,7 @@ def test_packed_document_ignores_other_documents(variant):
 
 def test_parameters_carry_logical_axis_names():
   cfg = dataclasses.replace(TINY, tie_embeddings=False, use_bias=True, position='learned')
-  boxed = build_objective(cfg).init(jax.random.key(0), example_batch(1, 8))
+  boxed = tasks.for_model(cfg).init(jax.random.key(0), example_batch(1, 8))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   specs = nn.get_partition_spec(boxed)
@@ -90,7 +91,7 @@ def test_parameters_carry_logical_axis_names():
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
   cfg = dataclasses.replace(TINY, dtype=jnp.bfloat16)
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   batch = example_batch(2, 16) | {'inputs': jnp.arange(32, dtype=jnp.int32).reshape(2, 16)}
   params = nn.unbox(objective.init(jax.random.key(0), batch))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
@@ -104,7 +105,7 @@ def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
   from inference.generate import unrolled_layers
   base = dataclasses.replace(TINY, arch=arch, position='learned' if arch == 'decoder'
                              else 'relative')
-  objective = build_objective(base)
+  objective = tasks.for_model(base)
   batch = objective.example_batch(2, 16)
   rng = np.random.default_rng(0)
   for key in ('inputs', 'targets', 'encoder_inputs', 'decoder_inputs'):
@@ -113,7 +114,7 @@ def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
   scanned_params = nn.unbox(objective.init(jax.random.key(0), batch))
 
   def gradients(cfg, params):
-    loss = lambda p: build_objective(cfg).loss(p, batch, jax.random.key(1), train=False)[0]
+    loss = lambda p: tasks.for_model(cfg).loss(p, batch, jax.random.key(1), train=False)[0]
     return jax.jit(jax.grad(loss))(params)
 
   expected = gradients(base, scanned_params)  # scanned, no remat

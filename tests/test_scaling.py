@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from models import ModelConfig, build_objective
+from models import ModelConfig
 from scaling import estimate, planner, sweep
+import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ModelConfig(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32,
@@ -31,9 +32,9 @@ SMALL = ModelConfig(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=4, 
     dict(arch='encoder_decoder', position='learned', tie_embeddings=False),
 ])
 def test_parameter_count_equals_the_initialised_model(changes):
-  cfg = dataclasses.replace(SMALL, **changes)
-  counted = sum(estimate.param_counts(cfg).values())
-  initialised = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(estimate.abstract_params(cfg)))
+  task = tasks.for_model(dataclasses.replace(SMALL, **changes))
+  counted = sum(task.param_counts().values())
+  initialised = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(estimate.abstract_params(task)))
   assert counted == initialised
 
 
@@ -51,11 +52,10 @@ def test_forward_flops_per_token_agree_with_xla_cost_analysis(arch):
   config = _run_config(arch)
   config.model.scan_layers = False  # XLA's cost analysis counts a loop body once
   result = estimate.estimate(config)
-  cfg = estimate.model_config(config)
-  objective = build_objective(cfg)
-  batch = estimate.example_batch(config, objective, config.data.batch_size)
-  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), estimate.abstract_params(cfg))
-  compiled = jax.jit(objective.logits).lower(params, batch).compile()
+  task = estimate.model_task(config)
+  batch = task.train_batch(config.data.batch_size, config.data.seq_len)
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), estimate.abstract_params(task))
+  compiled = jax.jit(task.logits).lower(params, batch).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   xla_per_token = analysis['flops'] / (config.data.batch_size * config.data.seq_len)

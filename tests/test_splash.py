@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from inference import generate
-from models import ModelConfig, build_objective
-from train import config_checks, loop
+from models import ModelConfig, kernels
+import tasks
+
 
 SEQ_LEN = 128  # one kernel tile
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -38,7 +39,7 @@ def _packed(batch: dict) -> dict:
 
 
 def _loss_and_grads(cfg: ModelConfig, params, batch):
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   loss = lambda p: objective.loss(p, batch, jax.random.key(0), train=False)[0]
   return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -50,7 +51,7 @@ def _loss_and_grads(cfg: ModelConfig, params, batch):
 ])
 def test_splash_gives_xla_losses_and_gradients(changes):
   cfg = dataclasses.replace(TINY, attention='xla', **changes)
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   batch = _packed(objective.example_batch(2, SEQ_LEN))
   params = nn.unbox(objective.init(jax.random.key(1), batch))
   xla_loss, xla_grads = _loss_and_grads(cfg, params, batch)
@@ -60,7 +61,7 @@ def test_splash_gives_xla_losses_and_gradients(changes):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                splash_grads, xla_grads)
   # The kernel really ran.
-  jaxpr = jax.make_jaxpr(lambda p: build_objective(splash_cfg).loss(
+  jaxpr = jax.make_jaxpr(lambda p: tasks.for_model(splash_cfg).loss(
       p, batch, jax.random.key(0), train=False))(params)
   assert 'pallas_call' in str(jaxpr)
 
@@ -69,7 +70,7 @@ def test_splash_gives_xla_losses_and_gradients(changes):
 def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
   """A relative position bias, or a sequence of partial tiles: XLA runs instead."""
   cfg = dataclasses.replace(TINY, position=position, attention='splash')
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   batch = objective.example_batch(2, seq_len)
   params = nn.unbox(objective.init(jax.random.key(1), batch))
   jaxpr = jax.make_jaxpr(lambda p: objective.loss(p, batch, jax.random.key(0), train=False))(
@@ -82,13 +83,14 @@ def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
 def test_a_splash_model_decodes_like_an_xla_model():
   """Over the key/value cache the mask has no segment ids, so XLA attends."""
   cfg = dataclasses.replace(TINY, position='rope', attention='splash')
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   params = nn.unbox(objective.init(jax.random.key(1), objective.example_batch(2, SEQ_LEN)))
   prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
-  tokens = generate.generate(cfg, params, prompts, 6)
-  assert tokens == generate.generate(dataclasses.replace(cfg, attention='xla'), params, prompts, 6)
+  tokens = generate.generate(tasks.for_model(cfg), params, prompts, 6)
+  xla = tasks.for_model(dataclasses.replace(cfg, attention='xla'))
+  assert tokens == generate.generate(xla, params, prompts, 6)
 
 
 def test_training_refuses_splash_off_tpu():
-  with pytest.raises(config_checks.ConfigError, match="'splash' is a TPU kernel"):
-    loop.resolve_attention(dataclasses.replace(TINY, attention='splash'), SEQ_LEN)
+  with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+    kernels.resolve_attention(dataclasses.replace(TINY, attention='splash'), SEQ_LEN)

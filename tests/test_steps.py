@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from models import ModelConfig, build_objective
+from models import ModelConfig
+import tasks
 from train import optimizer, sharding, state as state_lib, steps
 
 
@@ -16,7 +17,7 @@ def _setup(grad_accum: int, offload_optimizer: bool = False):
   config.train.update(steps=10, warmup_steps=2, grad_accum=grad_accum, lr=1e-2)
   cfg = ModelConfig(vocab_size=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
                     d_model=16, d_ff=32, max_len=16)
-  objective = build_objective(cfg)
+  objective = tasks.for_model(cfg)
   tx = optimizer.make_optimizer(config.train)
   schedule = optimizer.learning_rate_schedule(config.train)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
@@ -102,8 +103,8 @@ def test_matmul_parameters_count_the_output_projection_not_the_lookup():
   per_layer = 4 * 16 * 16 + 2 * 16 * 32
   for tie in (True, False):
     cfg = ModelConfig(tie_embeddings=tie, **base)
-    params = nn.unbox(build_objective(cfg).init(jax.random.key(0),
-                                                build_objective(cfg).example_batch(1, 8)))
+    params = nn.unbox(tasks.for_model(cfg).init(jax.random.key(0),
+                                                tasks.for_model(cfg).example_batch(1, 8)))
     # the output projection (tied embedding or lm_head) counts once; positions never
     assert flops.matmul_param_count(params, tie) == 2 * per_layer + 128 * 16
   assert flops.flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16

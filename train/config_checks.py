@@ -3,10 +3,8 @@ any data is read or anything is compiled, with one line naming the field."""
 import jax.numpy as jnp
 import ml_collections
 
-from models import OBJECTIVE_OF_ARCH, objective_name
+import tasks
 from models import config as model_config
-
-ARCH_OF_OBJECTIVE = {v: k for k, v in OBJECTIVE_OF_ARCH.items()}
 
 DTYPES = ('float32', 'bfloat16', 'auto')
 TOKENIZER_TYPES = ('bpe', 'unigram')
@@ -44,22 +42,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.dtype, DTYPES, 'dtype')
   _choice(config.param_dtype, ('float32', 'bfloat16'), 'param_dtype')
   _choice(d.tokenizer.type, TOKENIZER_TYPES, 'data.tokenizer.type')
-  _choice(config.objective, ('auto',) + tuple(OBJECTIVE_OF_ARCH.values()), 'objective')
-  objective = objective_name(m.arch, config.objective)
-  if OBJECTIVE_OF_ARCH[m.arch] != objective:
-    raise ConfigError(f"objective='{config.objective}' needs model.arch="
-                      f"'{ARCH_OF_OBJECTIVE[objective]}', not '{m.arch}'; change one of them "
-                      "(or set objective='auto').")
-  if not 0 < config.masked_lm.mask_rate < 1:
-    raise ConfigError(f'masked_lm.mask_rate={config.masked_lm.mask_rate} must be in (0, 1).')
-  if not 0 < config.span_corruption.noise_density < 1:
-    raise ConfigError(f'span_corruption.noise_density={config.span_corruption.noise_density} '
-                      'must be in (0, 1).')
-  if config.span_corruption.mean_span_length < 1:
-    raise ConfigError('span_corruption.mean_span_length must be at least 1.')
-  if objective == 'masked_lm' and config.masked_lm.next_sentence and m.num_token_types < 2:
-    raise ConfigError('masked_lm.next_sentence needs segment A/B embeddings; set '
-                      'model.num_token_types=2.')
+  _choice(config.task, ('auto',) + tuple(tasks.TASKS), 'task')
+  task = tasks.task_class(config)
+  if task.arch != m.arch:
+    raise ConfigError(f"task='{config.task}' needs model.arch='{task.arch}', not '{m.arch}'; "
+                      "change one of them (or set task='auto').")
+  problem = task.config_problem(config)
+  if problem:
+    raise ConfigError(problem)
   for field in ('model.num_layers', 'model.num_heads', 'model.d_model', 'model.d_ff',
                 'model.max_len', 'data.seq_len', 'data.batch_size', 'data.tokenizer.vocab_size',
                 'train.steps', 'train.lr', 'train.grad_accum', 'train.log_every',

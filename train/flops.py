@@ -56,20 +56,22 @@ def matmul_param_count(params, tie_embeddings: bool) -> int:
   return sum(matmul_param_counts(params, tie_embeddings).values())
 
 
-def train_flops_per_step(params, tie_embeddings: bool, arch: str, num_layers: int, d_model: int,
-                         batch_size: int, seq_len: int, targets_len: int) -> float:
-  """Training FLOPs of one step, for every family.
+def stack_train_flops(params, tie_embeddings: bool, num_layers: int, d_model: int,
+                      batch_size: int, seq_len: int) -> float:
+  """Training FLOPs of one step of a single stack (decoder-only or encoder-only):
+  batch x flops_per_token(N_matmul, L, T, D) x T."""
+  n_matmul = matmul_param_count(params, tie_embeddings)
+  return batch_size * seq_len * flops_per_token(n_matmul, num_layers, seq_len, d_model)
 
-  Decoder-only and encoder-only: batch x flops_per_token(N_matmul, L, T, D) x T.
-  Encoder-decoder: the encoder's matmuls see the S = seq_len input tokens, the decoder's
-  and the output head's the T = targets_len target tokens; attention adds
-  12 L D (S^2 + T^2 + T S) per example (encoder self, decoder self, cross).
-  """
+
+def encoder_decoder_train_flops(params, tie_embeddings: bool, num_layers: int, d_model: int,
+                                batch_size: int, inputs_len: int, targets_len: int) -> float:
+  """Training FLOPs of one encoder-decoder step: the encoder's matmuls see the
+  S = inputs_len input tokens, the decoder's and the output head's the T = targets_len
+  target tokens; attention adds 12 L D (S^2 + T^2 + T S) per example (encoder self,
+  decoder self, cross)."""
   counts = matmul_param_counts(params, tie_embeddings)
-  if arch != 'encoder_decoder':
-    return batch_size * seq_len * flops_per_token(sum(counts.values()), num_layers, seq_len,
-                                                  d_model)
-  s, t = seq_len, targets_len
+  s, t = inputs_len, targets_len
   per_example = (6.0 * (counts['encoder'] * s + (counts['decoder'] + counts['other']) * t)
                  + 12.0 * num_layers * d_model * (s * s + t * t + t * s))
   return batch_size * per_example

@@ -1,6 +1,4 @@
 """train_and_evaluate(config, workdir) and evaluate(config, workdir): what main.py calls."""
-import dataclasses
-import functools
 import json
 import math
 import os
@@ -15,8 +13,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import input_pipeline
-from models import (ModelConfig, build_objective, normalize_metrics, objective_name,
-                    padded_vocab_size)
+import tasks
+from models import kernels, normalize_metrics, padded_vocab_size
 from train import checkpointing, config_checks, flops, optimizer, sharding, state as state_lib
 from train import steps as steps_lib
 from train.metrics import MetricsWriter, Throughput, log_line
@@ -75,47 +73,6 @@ class _StopRequested:
       signal.signal(sig, handler)
 
 
-def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
-  """model.attention='auto' becomes the implementation that will run, and it is logged:
-  on a TPU, the splash kernel where the sequence fills its tiles and no bias is added;
-  on a GPU, cuDNN's fused (flash) kernel where it compiles for these shapes and dtype;
-  else XLA's einsum-softmax-einsum."""
-  from models import splash  # the Pallas TPU modules load only here
-  backend = jax.default_backend()
-  if cfg.attention == 'splash' and backend != 'tpu':
-    raise config_checks.ConfigError(
-        f"model.attention='splash' is a TPU kernel (here it would run in Pallas's slow "
-        f"interpreter on {backend}); use 'auto' or 'xla'.")
-  if cfg.attention == 'auto':
-    implementation = 'xla'
-    if backend == 'tpu':
-      if splash.applies(seq_len, seq_len, True, cfg.position == 'relative'):
-        implementation = 'splash'
-      else:
-        logging.info('Splash attention needs seq_len a multiple of %d and no relative '
-                     'position bias; using XLA.', splash.BLOCK)
-    elif backend == 'gpu':
-      q = jax.ShapeDtypeStruct((1, seq_len, cfg.num_heads, cfg.head_dim), cfg.dtype)
-      kv = jax.ShapeDtypeStruct((1, seq_len, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
-      mask = jax.ShapeDtypeStruct((1, 1, seq_len, seq_len), jnp.bool_)
-      bias = (jax.ShapeDtypeStruct((1, cfg.num_heads, seq_len, seq_len), cfg.dtype)
-              if cfg.position == 'relative' else None)  # T5's relative position bias
-      cudnn = functools.partial(jax.nn.dot_product_attention, implementation='cudnn')
-      try:
-        jax.jit(lambda q, k, v, m, b: cudnn(q, k, v, bias=b, mask=m)).lower(
-            q, kv, kv, mask, bias).compile()
-        implementation = 'cudnn'
-      except Exception as e:  # unsupported shape, dtype or GPU: XLA's path always works
-        logging.info('cuDNN attention does not apply here (%s); using XLA.', str(e)[:200])
-    cfg = dataclasses.replace(cfg, attention=implementation)
-  logging.info('Attention: %s.', {
-      'xla': "XLA (dot_product_attention, implementation='xla')",
-      'cudnn': 'cuDNN fused flash attention',
-      'splash': f'splash (Pallas TPU flash kernel) where lengths are multiples of '
-                f'{splash.BLOCK} and no bias is added, XLA elsewhere'}[cfg.attention])
-  return cfg
-
-
 def _check_vocabulary(config, workdir: str, tokenizer_vocab: int) -> int:
   """The embedding size, checked against the tokenizer, the config and the saved run."""
   if tokenizer_vocab != config.data.tokenizer.vocab_size:
@@ -141,7 +98,9 @@ def _check_vocabulary(config, workdir: str, tokenizer_vocab: int) -> int:
 
 
 class Run:
-  """Everything a train or eval run builds before its first step, in order."""
+  """Everything a train or eval run builds before its first step, in order: checks,
+  mesh, tokenizer and token streams, the model and its task, the task's batches, the
+  parameters' shardings and the eval step. Training adds its optimizer and state."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_checks.validate(config)
@@ -149,23 +108,21 @@ class Run:
     config_checks.validate_against_mesh(config, sharding.data_parallel_size(self.mesh))
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
-    objective = objective_name(config.model.arch, config.objective)
-    self.data = input_pipeline.build_data(config, workdir, objective)
-    vocab = _check_vocabulary(config, workdir, self.data.tokenizer.vocab_size)
+    seq_len = config.data.seq_len
+    corpus = input_pipeline.load_corpus(config, workdir)
+    vocab = _check_vocabulary(config, workdir, corpus.tokenizer.vocab_size)
     dtype = config_checks.compute_dtype(config, jax.default_backend())
-    self.model_cfg = resolve_attention(ModelConfig.from_config(config, vocab, dtype),
-                                       config.data.seq_len)
+    self.model_cfg = kernels.resolve_attention(tasks.model_config(config, vocab, dtype), seq_len)
+    self.task = tasks.from_config(config, self.model_cfg)
+    self.data = input_pipeline.build_data(config, corpus,
+                                          self.task.examples(corpus.tokenizer, seq_len))
     self.resolved_config = _with_resolved_vocab(config, vocab)
-    self.objective = build_objective(self.model_cfg, config.train.z_loss, objective)
-    self.schedule = optimizer.learning_rate_schedule(config.train)
-    self.tx = optimizer.make_optimizer(config.train)
-    self.abstract_state, self.state_shardings = state_lib.state_shardings(
-        self.objective, self.tx, self.mesh, config.data.seq_len, config.train.offload_optimizer)
+    self.abstract_params, self.param_shardings = state_lib.param_shardings(
+        self.task, self.mesh, seq_len)
     self.bytes_per_token = jnp.asarray(
         np.pad(self.data.tokenizer.bytes_per_token, (0, vocab - self.data.tokenizer.vocab_size)),
         jnp.float32)
-    self.eval_step = steps_lib.jit_eval_step(self.objective, self.mesh,
-                                             self.state_shardings.params)
+    self.eval_step = steps_lib.jit_eval_step(self.task, self.mesh, self.param_shardings)
 
   def evaluate(self, params) -> dict[str, float]:
     """Loss, bits per byte and accuracy over at most train.eval_steps validation batches."""
@@ -201,29 +158,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(run.resolved_config.to_json(indent=2))
-  train_cfg = config.train
+  train_cfg, seq_len = config.train, config.data.seq_len
+  schedule = optimizer.learning_rate_schedule(train_cfg)
+  tx = optimizer.make_optimizer(train_cfg)
+  abstract_state, state_shardings = state_lib.state_shardings(
+      run.task, tx, run.mesh, seq_len, train_cfg.offload_optimizer)
 
   # --- state: restore or create ---------------------------------------------
   manager = checkpointing.make_manager(workdir, train_cfg.keep_checkpoints)
-  state, data_state = checkpointing.restore_latest(manager, run.abstract_state)
+  state, data_state = checkpointing.restore_latest(manager, abstract_state)
   if state is None:
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    state = state_lib.create_train_state(run.objective, run.tx, run.mesh, config.data.seq_len,
-                                         init_key, train_cfg.offload_optimizer)
+    state = state_lib.create_train_state(run.task, tx, run.mesh, seq_len, init_key,
+                                         train_cfg.offload_optimizer)
   else:
     run.data.train_iter.set_state(data_state)
   start_step = int(state.step)
 
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  train_step = steps_lib.jit_train_step(run.objective, run.tx, run.schedule, train_cfg.grad_accum,
-                                        dropout_key, run.mesh, run.state_shardings)
+  train_step = steps_lib.jit_train_step(run.task, tx, schedule, train_cfg.grad_accum,
+                                        dropout_key, run.mesh, state_shardings)
   n_params = state_lib.count_params(state.params)
   n_matmul = flops.matmul_param_count(state.params, run.model_cfg.tie_embeddings)
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  flops_per_step = flops.train_flops_per_step(
-      state.params, run.model_cfg.tie_embeddings, run.model_cfg.arch, run.model_cfg.num_layers,
-      run.model_cfg.d_model, config.data.batch_size, config.data.seq_len,
-      run.data.task.targets_length)
+  tokens_per_step = config.data.batch_size * seq_len
+  flops_per_step = run.task.train_flops_per_step(state.params, config.data.batch_size, seq_len)
   flops_per_token = flops_per_step / tokens_per_step
   peak = flops.peak_flops_per_device(run.model_cfg.dtype) * run.mesh.size
   logging.info('Model: %s parameters (%s in matmuls), %.3g FLOPs/token, %s devices %s, '
@@ -286,12 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Evaluates the latest checkpoint in workdir."""
+  """Evaluates the latest checkpoint in workdir (its parameters only)."""
   run = Run(config, workdir)
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
-  state, _ = checkpointing.restore_latest(manager, run.abstract_state, with_data=False)
+  params, step = checkpointing.restore_params(manager, run.abstract_params)
   manager.close()
-  if state is None:
+  if params is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints; train first with '
                             f'python main.py --config=CFG --workdir={workdir}.')
-  return {'step': int(state.step), **run.evaluate(state.params)}
+  return {'step': step, **run.evaluate(params)}

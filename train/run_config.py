@@ -37,7 +37,10 @@ def saved_config(workdir: str, argv: list[str]):
     raise ValueError(f'{path} does not exist; train a run in --workdir={workdir} first.')
   config = default.get_config()  # fields added since the run was trained keep their defaults
   with open(path) as f:
-    config.update(json.load(f))
+    saved = json.load(f)
+  if 'objective' in saved:  # the field's name before `task`
+    saved['task'] = saved.pop('objective')
+  config.update(saved)
   for field, value in _config_overrides(argv):
     *parents, leaf = field.split('.')
     node = config

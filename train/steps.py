@@ -1,9 +1,10 @@
 """The pure train and eval steps, jitted once with explicit shardings.
 
-Both are family-agnostic: the objective's `loss` returns a scalar to
-differentiate plus metric sums; steps add sums and divide by the summed
-'weight' (scored tokens) once, so gradient accumulation over k micro-batches
-equals one batch k times larger.
+Both are family-agnostic: the task's `loss` returns a scalar to differentiate
+plus metric sums; steps add sums and divide by the summed 'weight' (scored
+tokens) once, so gradient accumulation over k micro-batches equals one batch k
+times larger for token losses. (A per-example term such as BERT's next-sentence
+loss is normalised within each micro-batch, so it matches only approximately.)
 """
 import functools
 
@@ -32,7 +33,7 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def train_step(state: TrainState, batch, *, objective, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch, *, task, tx: optax.GradientTransformation,
                schedule, grad_accum: int, dropout_key: jax.Array, offloaded_opt_state=None):
   """One optimizer update. Returns (new_state, metrics) with per-token means.
 
@@ -40,7 +41,7 @@ def train_step(state: TrainState, batch, *, objective, tx: optax.GradientTransfo
   memory; it is brought to the devices for the update and sent back after it.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
-  grad_fn = jax.grad(lambda p, mb, key: objective.loss(p, mb, key, True), has_aux=True)
+  grad_fn = jax.grad(lambda p, mb, key: task.loss(p, mb, key, True), has_aux=True)
 
   if grad_accum == 1:
     grads, sums = grad_fn(state.params, batch, step_key)
@@ -74,10 +75,10 @@ def train_step(state: TrainState, batch, *, objective, tx: optax.GradientTransfo
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, bytes_per_token, *, objective):
+def eval_step(params, batch, bytes_per_token, *, task):
   """Metric sums of one validation batch (no dropout), with the UTF-8 bytes its
   scored tokens decode to, for bits per byte."""
-  _, sums = objective.loss(params, batch, None, False)
+  _, sums = task.loss(params, batch, None, False)
   sums['bytes'] = jnp.sum(bytes_per_token[batch['targets']] * batch['weights'])
   return sums
 
@@ -91,14 +92,14 @@ def _traced_with_rules(fn, mesh: Mesh):
   return wrapped
 
 
-def jit_train_step(objective, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
+def jit_train_step(task, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
                    state_shardings):
   offloaded = None
   host_opt_state = state_shardings.opt_state
   if any(s.memory_kind == 'pinned_host' for s in jax.tree.leaves(host_opt_state)):
     offloaded = (jax.tree.map(lambda s: s.with_memory_kind('device'), host_opt_state),
                  host_opt_state)
-  step = functools.partial(train_step, objective=objective, tx=tx, schedule=schedule,
+  step = functools.partial(train_step, task=task, tx=tx, schedule=schedule,
                            grad_accum=grad_accum, dropout_key=dropout_key,
                            offloaded_opt_state=offloaded)
   return jax.jit(_traced_with_rules(step, mesh),
@@ -107,8 +108,8 @@ def jit_train_step(objective, tx, schedule, grad_accum: int, dropout_key, mesh: 
                  donate_argnums=0)
 
 
-def jit_eval_step(objective, mesh: Mesh, param_shardings):
-  step = functools.partial(eval_step, objective=objective)
+def jit_eval_step(task, mesh: Mesh, param_shardings):
+  step = functools.partial(eval_step, task=task)
   return jax.jit(_traced_with_rules(step, mesh),
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh),
                                sharding.replicated(mesh)),

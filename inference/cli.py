@@ -1,0 +1,76 @@
+"""`python main.py --mode=sample --workdir=DIR --prompt=TEXT`: its flags and what it does.
+
+The run's task decides what a completion is (tasks/): a decoder continues the prompt,
+an encoder fills its [MASK]s, an encoder-decoder writes a span for each [MASK].
+"""
+import sys
+
+from absl import flags
+
+_PROMPT = flags.DEFINE_string('prompt', None, 'sample: the text to continue.')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'sample: one prompt per line, batched.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 100, 'sample: tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 1.0, 'sample: softmax temperature; 0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'sample: keep the smallest set with this mass.')
+_REPETITION_PENALTY = flags.DEFINE_float('repetition_penalty', 1.0,
+                                         'sample: >1 discourages repeating seen tokens.')
+_STOP = flags.DEFINE_multi_string('stop', [], 'sample: cut each completion at this string.')
+_SEED = flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+_BEAM_SIZE = flags.DEFINE_integer('beam_size', 0, 'sample: beam search with this many beams '
+                                  '(0: sampling / greedy as the other flags say).')
+_LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 0.6, 'sample: GNMT length penalty of '
+                                     'beam search (0: raw log-probabilities).')
+_QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
+                              'sample: int8 weight-only quantization (per-channel scales).')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                           "sample: compute dtype and weight storage (default: the run's).")
+_GREEDY = flags.DEFINE_bool('greedy', False, 'sample: always take the most likely token.')
+
+
+def _prompts() -> list[str]:
+  if _PROMPT_FILE.value:
+    with open(_PROMPT_FILE.value) as f:
+      return [line.rstrip('\n') for line in f if line.strip()]
+  return [_PROMPT.value or '']
+
+
+def _request():
+  from inference.generate import Request
+  from inference.sampling import Sampling
+  sampling = Sampling(temperature=0.0 if _GREEDY.value else _TEMPERATURE.value,
+                      top_k=_TOP_K.value, top_p=_TOP_P.value,
+                      repetition_penalty=_REPETITION_PENALTY.value)
+  sampling.check()
+  return Request(max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling, seed=_SEED.value,
+                 beam_size=_BEAM_SIZE.value, length_penalty=_LENGTH_PENALTY.value,
+                 quantize=_QUANTIZE.value, stop=tuple(_STOP.value))
+
+
+def sample(config, workdir: str) -> None:
+  """Prints each prompt's completion; streams tokens when there is one prompt on a
+  terminal and the task continues it."""
+  import jax
+  from inference.load import load_run
+  prompts, request = _prompts(), _request()
+  if _DTYPE.value:
+    config.dtype = _DTYPE.value
+  task, params, tokenizer = load_run(config, workdir)
+  if _DTYPE.value == 'bfloat16':
+    params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
+  stream = (task.streams and len(prompts) == 1 and sys.stdout.isatty() and not request.stop
+            and not request.beam_size)  # beams are only known at the end
+  if not stream:
+    for text in task.complete(params, tokenizer, prompts, request):
+      print(text, flush=True)
+    return
+  streamed = []
+
+  def on_token(tokens):
+    streamed.append(int(tokens[0]))
+    text = tokenizer.decode(streamed)
+    print(text[len(tokenizer.decode(streamed[:-1])):], end='', flush=True)
+
+  print(prompts[0], end='', flush=True)
+  task.complete(params, tokenizer, prompts, request, on_token=on_token)
+  print()

@@ -1,0 +1,48 @@
+"""Loss math shared by the tasks: token cross-entropy as metric *sums* (never means),
+so micro-batches, eval batches and hosts add up exactly; the step divides by the
+summed 'weight' (number of scored tokens) once.
+"""
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+def cross_entropy_sums(logits_BTV: Array, targets_BT: Array, weights_BT: Array,
+                       z_loss: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """Token cross-entropy in float32, with an optional z-loss on log Z.
+
+  Returns (objective_sum, metrics) where objective_sum = Σ w·(nll + z_loss·logZ²)
+  and metrics hold 'loss' (Σ w·nll), 'z_loss', 'correct' and 'weight' sums.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  nll_BT = log_z_BT - target_logit_BT
+  z_BT = z_loss * jnp.square(log_z_BT)
+  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  metrics = {
+      'loss': jnp.sum(nll_BT * weights_BT),
+      'z_loss': jnp.sum(z_BT * weights_BT),
+      'correct': jnp.sum(correct_BT * weights_BT),
+      'weight': jnp.sum(weights_BT),
+  }
+  return metrics['loss'] + metrics['z_loss'], metrics
+
+
+def normalize_metrics(sums: dict[str, Array]) -> dict[str, Array]:
+  """Per-token means of token metrics (over 'weight'), per-example means of 'nsp_*'
+  metrics (over 'nsp_count'); the counts themselves are dropped."""
+  tokens = jnp.maximum(sums['weight'], 1.0)
+  examples = jnp.maximum(sums.get('nsp_count', 1.0), 1.0)
+  return {k: v / (examples if k.startswith('nsp_') else tokens)
+          for k, v in sums.items() if k not in ('weight', 'nsp_count')}
+
+
+def example_batch(batch_size: int, seq_len: int) -> Batch:
+  """A decoder batch of the right shapes and dtypes, for initialisation and shape inference."""
+  ids = jnp.zeros((batch_size, seq_len), jnp.int32)
+  return {'inputs': ids, 'targets': ids, 'segment_ids': ids + 1,
+          'positions': jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), ids.shape),
+          'weights': jnp.ones((batch_size, seq_len), jnp.float32)}

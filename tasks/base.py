@@ -1,0 +1,159 @@
+"""The task interface: everything one training objective owns.
+
+A task trains one model family on one kind of example. It builds the model from a
+`ModelConfig`, turns the token stream into examples, computes the loss as metric
+sums, counts its parameters and training FLOPs (for MFU and `--mode=estimate`) and,
+where it has one, offers a decode entry point. `train/`, `scaling/`, `inference/`
+and `main.py` call these methods and never ask which family or task it is;
+`tasks/__init__.py` maps `config.task` to a class.
+
+A task is a frozen (hashable) dataclass, so jitted functions take it as a static
+argument.
+"""
+import dataclasses
+from typing import Callable, ClassVar
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from inference.beam import beam_search
+from inference.generate import Decoding, Request, generate
+from input_pipeline.pipeline import Examples
+from input_pipeline.tokenizer import Tokenizer
+from models.config import ModelConfig
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One training objective for one model family (subclasses fill in each part)."""
+  cfg: ModelConfig
+  z_loss: float = 0.0  # weight of log(Z)^2 in the token loss
+
+  name: ClassVar[str] = ''  # the config.task value that selects it
+  arch: ClassVar[str] = ''  # the model.arch it trains
+  streams: ClassVar[bool] = False  # completions can be printed token by token
+  prompt_is_output: ClassVar[bool] = False  # a generated continuation extends the prompt
+
+  @classmethod
+  def from_config(cls, cfg: ModelConfig, config: ml_collections.ConfigDict) -> 'Task':
+    """The task with its settings from the run config (`cfg` is the built model's)."""
+    return cls(cfg, config.train.z_loss)
+
+  @classmethod
+  def config_problem(cls, config: ml_collections.ConfigDict) -> str | None:
+    """What is wrong with this task's settings in the run config (one line), or None."""
+    return None
+
+  @classmethod
+  def model_fields(cls, config: ml_collections.ConfigDict) -> dict:
+    """ModelConfig fields this task sets from the run config (e.g. an extra head)."""
+    return {}
+
+  # --- the model --------------------------------------------------------------
+  def module(self, train: bool) -> nn.Module:
+    raise NotImplementedError
+
+  def model_inputs(self, batch: Batch) -> tuple:
+    """The module's positional arguments, taken from a batch."""
+    raise NotImplementedError
+
+  def apply(self, params, batch: Batch, train: bool = False, dropout_rng=None):
+    """The module's outputs; dropout (train only) draws from `dropout_rng`."""
+    rngs = {'dropout': dropout_rng} if train else {}
+    return self.module(train).apply({'params': params}, *self.model_inputs(batch), rngs=rngs)
+
+  def init(self, rng: Array, batch: Batch):
+    """Boxed (logically partitioned) parameters."""
+    return self.module(False).init(rng, *self.model_inputs(batch))['params']
+
+  def logits(self, params, batch: Batch, train: bool = False, dropout_rng=None) -> Array:
+    """Token logits [B, T, V]."""
+    return self.apply(params, batch, train, dropout_rng)
+
+  def loss(self, params, batch: Batch, dropout_rng: Array | None, train: bool):
+    """(scalar to differentiate, metric sums); the step divides both by the summed
+    'weight' once, so micro-batches and hosts add up exactly."""
+    raise NotImplementedError
+
+  def example_batch(self, batch_size: int, seq_len: int) -> Batch:
+    """Zeros of every input's shape and dtype at `seq_len`, for init and tracing."""
+    raise NotImplementedError
+
+  def train_batch(self, batch_size: int, seq_len: int) -> Batch:
+    """Zeros shaped like the batches a run of `data.seq_len=seq_len` trains on."""
+    return self.example_batch(batch_size, seq_len)
+
+  def scored_length(self, seq_len: int) -> int:
+    """Positions per example that get logits (the output head's tokens)."""
+    return seq_len
+
+  # --- data -------------------------------------------------------------------
+  def examples(self, tokenizer: Tokenizer, seq_len: int) -> Examples:
+    """How the token stream becomes this task's examples."""
+    raise NotImplementedError
+
+  # --- accounting -------------------------------------------------------------
+  def param_counts(self) -> dict[str, int]:
+    """Exact parameters by part, from the config alone (tested against the model)."""
+    raise NotImplementedError
+
+  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
+    """Training FLOPs of one step (train/flops.py has the formulas)."""
+    raise NotImplementedError
+
+  # --- decoding ---------------------------------------------------------------
+  def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    raise ValueError(f"Generation needs a decoder or encoder-decoder task; this run's task "
+                     f"'{self.name}' trains model.arch='{self.arch}' (an encoder run fills "
+                     '[MASK]s instead).')
+
+  def start_decoding(self, params, ids_BP: Array, real_BP: Array) -> Decoding:
+    """Prefills left-padded prompts over a fresh key/value cache (traced in a jit)."""
+    raise NotImplementedError
+
+  def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
+               on_token: Callable | None = None) -> list[str]:
+    """`--mode=sample`: the text to print for each prompt."""
+    raise NotImplementedError
+
+
+def continuations(task: Task, params, prompt_ids: list[list[int]], request: Request,
+                  on_token: Callable | None = None) -> list[list[int]]:
+  """New token ids for each prompt, by beam search or sampling as the request says."""
+  if request.beam_size:
+    return beam_search(task, params, prompt_ids, request.max_new_tokens, request.beam_size,
+                       request.length_penalty, quantize=request.quantize)
+  return generate(task, params, prompt_ids, request.max_new_tokens, request.sampling,
+                  request.seed, on_token=on_token, quantize=request.quantize)
+
+
+# --- exact parameter counts, shared by the families -----------------------------
+def norm_params(cfg: ModelConfig) -> int:
+  return cfg.d_model * (2 if cfg.norm == 'layernorm' else 1)
+
+
+def block_params(cfg: ModelConfig, cross: bool = False) -> int:
+  """One transformer block: norms, self-attention (and cross-attention), MLP."""
+  D, N, G, K, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+  bias = cfg.use_bias
+  attention = 2 * D * N * K + 2 * D * G * K + bias * (N * K + 2 * G * K + D)
+  up_projections = 2 if cfg.mlp == 'swiglu' else 1
+  mlp = up_projections * D * F + F * D + bias * (up_projections * F + D)
+  return 2 * norm_params(cfg) + attention + mlp + cross * (norm_params(cfg) + attention)
+
+
+def input_params(cfg: ModelConfig) -> int:
+  """Tables added to one stack's token embeddings: learned positions, token types, and
+  T5's relative position bias."""
+  learned = cfg.max_len * cfg.d_model if cfg.position == 'learned' else 0
+  relative = cfg.relative_buckets * cfg.num_heads if cfg.position == 'relative' else 0
+  return learned + cfg.num_token_types * cfg.d_model + relative
+
+
+def head_params(cfg: ModelConfig) -> int:
+  """The final norm and, untied, the output projection."""
+  return norm_params(cfg) + (0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size)

@@ -1,0 +1,104 @@
+"""Causal language modelling (GPT): next-token prediction by a decoder-only model over
+packed windows of the token stream; it generates by continuing a prompt."""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inference.generate import Decoding, Request
+from input_pipeline.pipeline import Examples, pack_windows
+from input_pipeline.tokenizer import Tokenizer
+from models.losses import cross_entropy_sums, example_batch
+from models.transformer import DecoderOnly
+from tasks import base
+from train import flops
+
+Array = jax.Array
+
+
+class CausalExamples(Examples):
+  """Windows of seq_len + 1 tokens, consecutive ones sharing a token (the last target
+  of one is the first input of the next); documents are packed with segment ids."""
+
+  def __init__(self, seq_len: int):
+    super().__init__(seq_len, raw_length=seq_len + 1, window_overlap=1)
+
+  def make_example(self, item, rng: np.random.Generator):
+    return {k: v[0] for k, v in pack_windows(item[None]).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLM(base.Task):
+  """Next-token prediction with a decoder-only transformer."""
+  name = 'causal_lm'
+  arch = 'decoder'
+  streams = True
+  prompt_is_output = True
+
+  def module(self, train: bool):
+    return DecoderOnly(self.cfg, deterministic=not train)
+
+  def model_inputs(self, batch):
+    return batch['inputs'], batch['segment_ids'], batch['positions']
+
+  def loss(self, params, batch, dropout_rng, train: bool):
+    logits_BTV = self.logits(params, batch, train, dropout_rng)
+    return cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'], self.z_loss)
+
+  def example_batch(self, batch_size: int, seq_len: int):
+    return example_batch(batch_size, seq_len)
+
+  def examples(self, tokenizer: Tokenizer, seq_len: int) -> CausalExamples:
+    return CausalExamples(seq_len)
+
+  def param_counts(self) -> dict[str, int]:
+    cfg = self.cfg
+    return {'embedding': cfg.vocab_size * cfg.d_model + base.input_params(cfg),
+            'decoder': cfg.num_layers * base.block_params(cfg), 'head': base.head_params(cfg)}
+
+  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
+    cfg = self.cfg
+    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers, cfg.d_model,
+                                   batch_size, seq_len)
+
+  def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    for i, prompt in enumerate(prompts):
+      if not prompt:
+        raise ValueError(f'Prompt {i} is empty; give at least one token of text.')
+      if len(prompt) + max_new_tokens > self.cfg.max_len:
+        raise ValueError(
+            f'Prompt {i} is {len(prompt)} tokens and --max_new_tokens={max_new_tokens}, but the '
+            f"model's context is {self.cfg.max_len} tokens; shorten the prompt or lower "
+            '--max_new_tokens.')
+
+  def start_decoding(self, params, ids_BP: Array, real_BP: Array) -> Decoding:
+    """Prefills the left-padded prompts in one pass; each row's positions count only its
+    real tokens and the cache masks the padding."""
+    model = DecoderOnly(dataclasses.replace(self.cfg, decode=True))
+    positions_BP = jnp.maximum(jnp.cumsum(real_BP, axis=1) - 1, 0)
+    ones_B1 = jnp.ones((ids_BP.shape[0], 1), jnp.int32)
+
+    def run(variables, ids_BT, real_BT, positions_BT):
+      logits_BTV, variables = model.apply(variables, ids_BT, real_BT, positions_BT,
+                                          mutable=['cache'])
+      return logits_BTV[:, -1].astype(jnp.float32), variables['cache']
+
+    logits_BV, cache = run({'params': params}, ids_BP, real_BP, positions_BP)
+    step = lambda cache, token_B, position_B: run(
+        {'params': params, 'cache': cache}, token_B[:, None], ones_B1, position_B[:, None])
+    return Decoding(logits_BV, cache, positions_BP[:, -1], step)
+
+  def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
+               on_token: Callable | None = None) -> list[str]:
+    """Each prompt followed by its continuation, cut at the first stop string."""
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    texts = []
+    for prompt, ids in zip(prompts, base.continuations(self, params, prompt_ids, request,
+                                                       on_token)):
+      text = tokenizer.decode(ids)
+      for stop in request.stop:
+        text = text.split(stop)[0]
+      texts.append(prompt + text)
+    return texts

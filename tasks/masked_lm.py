@@ -1,0 +1,152 @@
+"""Masked language modelling (BERT): an encoder-only model predicts the chosen tokens
+([MASK]ed, replaced or kept) from both sides, plus, with the next-sentence head,
+whether segment B follows segment A. Sampling fills a prompt's [MASK]s."""
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from inference.fill_mask import fill_masks
+from inference.generate import Request
+from input_pipeline import masking
+from input_pipeline.pipeline import Examples, segments_and_positions
+from input_pipeline.tokenizer import EOS_ID, Tokenizer
+from models.losses import cross_entropy_sums, example_batch
+from models.transformer import EncoderOnly
+from tasks import base
+from train import flops
+
+
+class MaskedExamples(Examples):
+  """Windows of seq_len tokens (or, for next-sentence prediction, sentence pairs drawn
+  from the documents), with mask_rate of their ordinary tokens chosen to predict."""
+
+  def __init__(self, seq_len: int, vocab_size: int, mask_rate: float,
+               word_starts: np.ndarray | None, next_sentence: bool):
+    super().__init__(seq_len, raw_length=seq_len)
+    self.vocab_size, self.mask_rate = vocab_size, mask_rate
+    self.word_starts, self.next_sentence = word_starts, next_sentence
+
+  def source(self, tokens: np.ndarray):
+    if not self.next_sentence:
+      return super().source(tokens)
+    ends = np.flatnonzero(np.asarray(tokens) == EOS_ID)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    documents = [tokens[a:b] for a, b in zip(starts, ends) if b > a]
+    return _SentencePairs(documents, max(1, len(tokens) // self.seq_len))
+
+  def make_example(self, item, rng: np.random.Generator):
+    if self.next_sentence:
+      example = masking.sentence_pair(item, rng, self.seq_len)
+    else:
+      segment_ids, positions = segments_and_positions(item)
+      example = {'inputs': item.astype(np.int32), 'segment_ids': segment_ids,
+                 'positions': positions, 'token_type_ids': np.zeros(self.seq_len, np.int32)}
+    ids = example['inputs']
+    starts = None if self.word_starts is None else self.word_starts[ids]
+    example.update(masking.mask_tokens(ids, rng, self.vocab_size, self.mask_rate, starts))
+    return example
+
+
+class _SentencePairs:
+  """`count` next-sentence examples per epoch; item i is the list of documents (the
+  pair itself is drawn by the per-example rng)."""
+
+  def __init__(self, documents: list[np.ndarray], count: int):
+    self.documents, self.count = documents, count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, i: int) -> list[np.ndarray]:
+    return self.documents
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLM(base.Task):
+  """BERT's pre-training: masked tokens, and optionally next-sentence prediction."""
+  mask_rate: float = 0.15  # share of ordinary tokens chosen; 80% [MASK], 10% random, 10% kept
+  whole_word: bool = False  # choose whole words rather than single pieces
+  next_sentence: bool = False  # [CLS] A [SEP] B [SEP] pairs, scored by the NSP head
+
+  name = 'masked_lm'
+  arch = 'encoder'
+
+  @classmethod
+  def from_config(cls, cfg, config: ml_collections.ConfigDict) -> 'MaskedLM':
+    m = config.masked_lm
+    return cls(cfg, config.train.z_loss, mask_rate=m.mask_rate, whole_word=m.whole_word,
+               next_sentence=m.next_sentence)
+
+  @classmethod
+  def config_problem(cls, config: ml_collections.ConfigDict) -> str | None:
+    m = config.masked_lm
+    if not 0 < m.mask_rate < 1:
+      return f'masked_lm.mask_rate={m.mask_rate} must be in (0, 1).'
+    if m.next_sentence and config.model.num_token_types < 2:
+      return ('masked_lm.next_sentence needs segment A/B embeddings; set '
+              'model.num_token_types=2.')
+    return None
+
+  @classmethod
+  def model_fields(cls, config: ml_collections.ConfigDict) -> dict:
+    return {'nsp_head': config.masked_lm.next_sentence}
+
+  def module(self, train: bool):
+    return EncoderOnly(self.cfg, deterministic=not train)
+
+  def model_inputs(self, batch):
+    return (batch['inputs'], batch['segment_ids'], batch['positions'],
+            batch.get('token_type_ids'))
+
+  def logits(self, params, batch, train: bool = False, dropout_rng=None):
+    return self.apply(params, batch, train, dropout_rng)[0]
+
+  def loss(self, params, batch, dropout_rng, train: bool):
+    logits_BTV, nsp_logits_B2 = self.apply(params, batch, train, dropout_rng)
+    objective, sums = cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'],
+                                         self.z_loss)
+    if nsp_logits_B2 is not None:
+      labels_B = batch['nsp_labels']
+      log_p_B2 = jax.nn.log_softmax(nsp_logits_B2.astype(jnp.float32))
+      nll_B = -jnp.take_along_axis(log_p_B2, labels_B[:, None], axis=-1)[:, 0]
+      sums.update(nsp_loss=jnp.sum(nll_B), nsp_count=jnp.asarray(labels_B.shape[0], jnp.float32),
+                  nsp_correct=jnp.sum(jnp.argmax(log_p_B2, -1) == labels_B).astype(jnp.float32))
+      # The step divides by the token count; this makes the NSP term a per-example mean
+      # of this (micro-)batch.
+      objective += sums['nsp_loss'] * jax.lax.stop_gradient(
+          jnp.maximum(sums['weight'], 1.0) / sums['nsp_count'])
+    return objective, sums
+
+  def example_batch(self, batch_size: int, seq_len: int):
+    batch = example_batch(batch_size, seq_len)
+    batch['token_type_ids'] = jnp.zeros((batch_size, seq_len), jnp.int32)
+    if self.cfg.nsp_head:
+      batch['nsp_labels'] = jnp.zeros((batch_size,), jnp.int32)
+    return batch
+
+  def examples(self, tokenizer: Tokenizer, seq_len: int) -> MaskedExamples:
+    return MaskedExamples(seq_len, tokenizer.vocab_size, self.mask_rate,
+                          tokenizer.word_starts if self.whole_word else None, self.next_sentence)
+
+  def param_counts(self) -> dict[str, int]:
+    cfg = self.cfg
+    D = cfg.d_model
+    head = base.head_params(cfg)
+    if cfg.nsp_head:  # pooler norm and dense, next-sentence classifier
+      head += base.norm_params(cfg) + D * D + D + 2 * D + 2
+    return {'embedding': cfg.vocab_size * D + base.input_params(cfg),
+            'encoder': cfg.num_layers * base.block_params(cfg), 'head': head}
+
+  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
+    cfg = self.cfg
+    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers, cfg.d_model,
+                                   batch_size, seq_len)
+
+  def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
+               on_token: Callable | None = None) -> list[str]:
+    """Each prompt with its [MASK]s replaced by the model's top prediction."""
+    return fill_masks(self, params, tokenizer, prompts, self.cfg.max_len)

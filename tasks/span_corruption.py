@@ -1,0 +1,168 @@
+"""Span corruption (T5): the encoder reads text with spans replaced by sentinels; the
+decoder writes the sentinels and the spans they replaced. Sampling reads the prompt
+with the encoder and writes a span for each [MASK] (or one at the end)."""
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from inference.fill_mask import fill_spans, span_prompt
+from inference.generate import Decoding, Request
+from input_pipeline import spans
+from input_pipeline.pipeline import Examples
+from input_pipeline.tokenizer import PAD_ID, Tokenizer
+from models.losses import cross_entropy_sums, example_batch
+from models.transformer import EncoderDecoder
+from tasks import base
+from train import flops
+
+Array = jax.Array
+
+
+@functools.lru_cache(maxsize=None)
+def span_lengths(seq_len: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+  """(raw tokens, target length) per example: a search, so done once per setting."""
+  return spans.raw_length_for(seq_len, noise_density, mean_span_length)
+
+
+class SpanExamples(Examples):
+  """Windows of raw tokens whose corrupted encoder input fits seq_len; the decoder side
+  has `targets_length` positions."""
+
+  def __init__(self, seq_len: int, noise_density: float, mean_span_length: float):
+    raw_length, self.targets_length = span_lengths(seq_len, noise_density, mean_span_length)
+    super().__init__(seq_len, raw_length=raw_length)
+    self.noise_density, self.mean_span_length = noise_density, mean_span_length
+
+  def make_example(self, item, rng: np.random.Generator):
+    inputs, targets = spans.corrupt_spans(item.astype(np.int32), rng, self.noise_density,
+                                          self.mean_span_length)
+    pad = lambda x, n: np.pad(x, (0, n - len(x)))
+    real = lambda x, n: (np.arange(n) < len(x)).astype(np.int32)
+    s, t = self.seq_len, self.targets_length
+    decoder_inputs = np.concatenate([[PAD_ID], targets[:-1]])  # T5 starts decoding from pad
+    return {'encoder_inputs': pad(inputs, s), 'encoder_segment_ids': real(inputs, s),
+            'encoder_positions': np.arange(s, dtype=np.int32) * real(inputs, s),
+            'decoder_inputs': pad(decoder_inputs, t).astype(np.int32),
+            'decoder_segment_ids': real(targets, t),
+            'decoder_positions': np.arange(t, dtype=np.int32) * real(targets, t),
+            'targets': pad(targets, t), 'weights': real(targets, t).astype(np.float32)}
+
+
+_DECODER_KEYS = ('decoder_inputs', 'decoder_segment_ids', 'decoder_positions', 'targets',
+                 'weights')
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanCorruption(base.Task):
+  """T5's pre-training on corrupted spans."""
+  noise_density: float = 0.15  # share of tokens dropped into spans
+  mean_span_length: float = 3.0
+
+  name = 'span_corruption'
+  arch = 'encoder_decoder'
+
+  @classmethod
+  def from_config(cls, cfg, config: ml_collections.ConfigDict) -> 'SpanCorruption':
+    s = config.span_corruption
+    return cls(cfg, config.train.z_loss, noise_density=s.noise_density,
+               mean_span_length=s.mean_span_length)
+
+  @classmethod
+  def config_problem(cls, config: ml_collections.ConfigDict) -> str | None:
+    s = config.span_corruption
+    if not 0 < s.noise_density < 1:
+      return f'span_corruption.noise_density={s.noise_density} must be in (0, 1).'
+    if s.mean_span_length < 1:
+      return 'span_corruption.mean_span_length must be at least 1.'
+    return None
+
+  def module(self, train: bool):
+    return EncoderDecoder(self.cfg, deterministic=not train)
+
+  def model_inputs(self, batch):
+    return (batch['encoder_inputs'], batch['encoder_segment_ids'], batch['encoder_positions'],
+            batch['decoder_inputs'], batch['decoder_segment_ids'], batch['decoder_positions'])
+
+  def loss(self, params, batch, dropout_rng, train: bool):
+    logits_BTV = self.logits(params, batch, train, dropout_rng)
+    return cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'], self.z_loss)
+
+  def example_batch(self, batch_size: int, seq_len: int):
+    """Both sides `seq_len` long."""
+    decoder = example_batch(batch_size, seq_len)
+    return {'encoder_inputs': decoder['inputs'], 'encoder_segment_ids': decoder['segment_ids'],
+            'encoder_positions': decoder['positions'], 'decoder_inputs': decoder['inputs'],
+            'decoder_segment_ids': decoder['segment_ids'],
+            'decoder_positions': decoder['positions'], 'targets': decoder['targets'],
+            'weights': decoder['weights']}
+
+  def train_batch(self, batch_size: int, seq_len: int):
+    """The decoder side is the span targets' length."""
+    batch = self.example_batch(batch_size, seq_len)
+    t = self.scored_length(seq_len)
+    return batch | {k: batch[k][:, :t] for k in _DECODER_KEYS}
+
+  def scored_length(self, seq_len: int) -> int:
+    return span_lengths(seq_len, self.noise_density, self.mean_span_length)[1]
+
+  def examples(self, tokenizer: Tokenizer, seq_len: int) -> SpanExamples:
+    return SpanExamples(seq_len, self.noise_density, self.mean_span_length)
+
+  def param_counts(self) -> dict[str, int]:
+    cfg = self.cfg
+    return {'embedding': cfg.vocab_size * cfg.d_model + 2 * base.input_params(cfg),
+            'encoder': cfg.num_layers * base.block_params(cfg) + base.norm_params(cfg),
+            'decoder': cfg.num_layers * base.block_params(cfg, cross=True),
+            'head': base.head_params(cfg)}
+
+  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
+    cfg = self.cfg
+    return flops.encoder_decoder_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
+                                             cfg.d_model, batch_size, seq_len,
+                                             self.scored_length(seq_len))
+
+  def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    for i, prompt in enumerate(prompts):
+      if not prompt:
+        raise ValueError(f'Prompt {i} is empty; give at least one token of text.')
+      if len(prompt) > self.cfg.max_len:
+        raise ValueError(f"Prompt {i} is {len(prompt)} tokens but the encoder's context is "
+                         f'{self.cfg.max_len} tokens; shorten the prompt.')
+    if max_new_tokens + 1 > self.cfg.max_len:
+      raise ValueError(f"--max_new_tokens={max_new_tokens} does not fit the decoder's context "
+                       f'of {self.cfg.max_len} tokens (one slot holds the start token); lower it.')
+
+  def start_decoding(self, params, ids_BP: Array, real_BP: Array) -> Decoding:
+    """Encodes the prompts once; the decoder starts from the pad token, and its
+    cross-attention keys and values are computed on the first step and cached."""
+    model = EncoderDecoder(dataclasses.replace(self.cfg, decode=True))
+    batch = ids_BP.shape[0]
+    positions_BP = jnp.maximum(jnp.cumsum(real_BP, axis=1) - 1, 0)
+    encoded_BPD = model.apply({'params': params}, ids_BP, real_BP, positions_BP,
+                              method='encode')
+    ones_B1 = jnp.ones((batch, 1), jnp.int32)
+
+    def run(variables, encoded, token_B, position_B):
+      logits_BTV, variables = model.apply(
+          variables, encoded, real_BP, token_B[:, None], ones_B1, position_B[:, None],
+          method='decode', mutable=['cache'])
+      return logits_BTV[:, -1].astype(jnp.float32), variables['cache']
+
+    start_B = jnp.full((batch,), PAD_ID, jnp.int32)  # T5 starts decoding from pad
+    position_B = jnp.zeros((batch,), jnp.int32)
+    logits_BV, cache = run({'params': params}, encoded_BPD, start_B, position_B)
+    step = lambda cache, token_B, position_B: run({'params': params, 'cache': cache}, None,
+                                                   token_B, position_B)
+    return Decoding(logits_BV, cache, position_B, step)
+
+  def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
+               on_token: Callable | None = None) -> list[str]:
+    """Each prompt with its [MASK]s (or its end) filled by the spans the decoder writes."""
+    prompt_ids = [span_prompt(tokenizer, p) for p in prompts]
+    completions = base.continuations(self, params, prompt_ids, request)
+    return [fill_spans(tokenizer, ids, target) for ids, target in zip(prompt_ids, completions)]
