@@ -10,6 +10,8 @@ import pytest
 
 from train import loop, metrics
 
+pytestmark = pytest.mark.slow  # the end-to-end tier: runs that train, stop and resume
+
 FAMILIES = {
     'encoder_nsp': dict(arch='encoder', next_sentence=True, position='learned'),
     'encoder_decoder': dict(arch='encoder_decoder', next_sentence=False, position='auto'),

@@ -27,6 +27,7 @@ def _unigram_entropy_nats(token_ids: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path):
   workdir = str(tmp_path / 'run')
   last = loop.train_and_evaluate(config, workdir)
@@ -114,6 +115,7 @@ def _has_checkpoint(workdir):
   return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['sigterm', 'sigkill'])
 def test_interrupted_run_resumes_to_the_same_parameters(config, tmp_path, how):
   """Straight 2N steps == interrupted (SIGTERM: clean save; SIGKILL: lose work since the last

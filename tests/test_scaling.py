@@ -127,6 +127,7 @@ def test_planner_with_a_fitted_law_and_shapes():
     planner.plan(-1.0)
 
 
+@pytest.mark.slow
 def test_estimate_and_plan_print_one_json_line():
   for args in (['--mode=plan', '--flops=1e18', '--json'],
                ['--mode=estimate', '--config=configs/gpt_tiny.py', '--nocompile', '--json']):
@@ -153,6 +154,7 @@ def _tiny_sweep(config) -> ml_collections.ConfigDict:
   return s
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_runs(config, tmp_path,
                                                                     monkeypatch, capsys):
   from train import loop, metrics

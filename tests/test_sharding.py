@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # the end-to-end tier: runs that train, stop and resume
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
