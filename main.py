@@ -13,6 +13,8 @@ from inference import cli as sample_cli
 from scaling import cli as scaling_cli
 from train import runtime
 
+flags.adopt_module_key_flags(sample_cli)  # `--help` lists every mode's flags
+flags.adopt_module_key_flags(scaling_cli)
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); override fields with --config.a.b=VALUE.',
     lock_config=True)

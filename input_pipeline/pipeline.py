@@ -1,10 +1,13 @@
-"""Packed, sharded, checkpointable batches for training and one-pass batches for evaluation.
+"""Batches of a task's examples: packed, sharded and checkpointable for training,
+one pass for evaluation.
 
-The token stream (documents, each ending in EOS) is cut into windows of seq_len+1
-tokens; window i gives inputs = w[:-1], targets = w[1:]. Several documents share
-a window; segment ids (1, 2, ... per document in a row, 0 for padding) and
-positions restarting at each document let attention stay inside documents.
-"""
+`load_corpus` reads the corpus, trains (or reuses) the sentencepiece tokenizer and
+tokenizes each split once into a memory-mapped token stream (documents, each ending
+in EOS). A task's `Examples` (tasks/) cut that stream into raw items, by default
+fixed windows, and turn each into arrays; `build_data` shuffles, repeats and shards
+them into global batches with grain. `pack_windows` is the packing several tasks
+share: documents share a row, and segment ids (1, 2, ... per document, 0 for
+padding) and positions restarting at each document keep attention inside them."""
 import dataclasses
 import os
 import shutil
@@ -28,7 +31,6 @@ Example = dict[str, np.ndarray]
 @dataclasses.dataclass
 class Data:
   tokenizer: Tokenizer
-  examples: 'Examples'
   train_iter: grain.DatasetIterator  # infinite; get_state() / set_state() resume it exactly
   make_eval_iter: Callable[[], Iterator[Batch]]  # a fresh one-pass iterator
   train_tokens: int
@@ -50,7 +52,7 @@ def pack_windows(windows: np.ndarray) -> Batch:
           'weights': np.ones(inputs.shape, np.float32)}
 
 
-class Windows:
+class _Windows:
   """Random access to window i (`length` tokens, consecutive windows overlapping by
   `overlap`) of a token memmap: a grain data source."""
 
@@ -84,10 +86,10 @@ class Examples:
     self.seq_len, self.raw_length, self.window_overlap = seq_len, raw_length, window_overlap
 
   def num_windows(self, tokens: np.ndarray) -> int:
-    return max(0, len(Windows(tokens, self.raw_length, self.window_overlap)))
+    return max(0, len(_Windows(tokens, self.raw_length, self.window_overlap)))
 
   def source(self, tokens: np.ndarray):
-    return Windows(tokens, self.raw_length, self.window_overlap)
+    return _Windows(tokens, self.raw_length, self.window_overlap)
 
   def make_example(self, item, rng: np.random.Generator) -> Example:
     raise NotImplementedError
@@ -248,7 +250,7 @@ def build_data(config: ml_collections.ConfigDict, corpus: Corpus, examples: Exam
   _check_enough_tokens('eval', tokens['eval'], examples, 1)
   shard = (jax.process_index(), jax.process_count())
   return Data(
-      tokenizer=corpus.tokenizer, examples=examples,
+      tokenizer=corpus.tokenizer,
       train_iter=train_iterator(examples, tokens['train'], local_batch, config.seed, *shard),
       make_eval_iter=lambda: eval_batches(examples, tokens['eval'], local_batch, *shard),
       train_tokens=len(tokens['train']))

@@ -35,7 +35,8 @@ class ModelConfig:
   d_ff: int = 512
   max_len: int = 128
   position: str = 'rope'
-  relative_buckets: int = 32  # T5's relative position bias: learned buckets (both directions)
+  relative_buckets: int = 32  # T5's relative position bias: learned buckets (split between
+  #                              the two directions in a bidirectional stack)
   relative_max_distance: int = 128  # distances beyond this share the last bucket
   rope_theta: float = 10_000.0
   norm: str = 'rmsnorm'

@@ -38,14 +38,20 @@ class Task:
   streams: ClassVar[bool] = False  # completions can be printed token by token
   prompt_is_output: ClassVar[bool] = False  # a generated continuation extends the prompt
 
+  def __post_init__(self):
+    if self.cfg.arch != self.arch:
+      raise ValueError(f"Task '{self.name}' trains model.arch='{self.arch}', not "
+                       f"'{self.cfg.arch}'.")
+
   @classmethod
   def from_config(cls, cfg: ModelConfig, config: ml_collections.ConfigDict) -> 'Task':
     """The task with its settings from the run config (`cfg` is the built model's)."""
     return cls(cfg, config.train.z_loss)
 
   @classmethod
-  def config_problem(cls, config: ml_collections.ConfigDict) -> str | None:
-    """What is wrong with this task's settings in the run config (one line), or None."""
+  def config_problem(cls, config: ml_collections.ConfigDict, selected: bool) -> str | None:
+    """What is wrong with this task's section of the run config (one line), or None;
+    `selected`: the run trains this task (cross-field checks apply only then)."""
     return None
 
   @classmethod
@@ -78,6 +84,12 @@ class Task:
     """(scalar to differentiate, metric sums); the step divides both by the summed
     'weight' once, so micro-batches and hosts add up exactly."""
     raise NotImplementedError
+
+  def normalizers(self, batch: Batch) -> dict[str, Array]:
+    """Totals of a whole step's batch that `loss` needs before differentiating (e.g. a
+    per-example term's example count); the train step computes them once and passes
+    them to every micro-batch's `loss` as keyword arguments. None by default."""
+    return {}
 
   def example_batch(self, batch_size: int, seq_len: int) -> Batch:
     """Zeros of every input's shape and dtype at `seq_len`, for init and tracing."""

@@ -73,7 +73,7 @@ class SpanCorruption(base.Task):
                mean_span_length=s.mean_span_length)
 
   @classmethod
-  def config_problem(cls, config: ml_collections.ConfigDict) -> str | None:
+  def config_problem(cls, config: ml_collections.ConfigDict, selected: bool) -> str | None:
     s = config.span_corruption
     if not 0 < s.noise_density < 1:
       return f'span_corruption.noise_density={s.noise_density} must be in (0, 1).'
@@ -123,7 +123,7 @@ class SpanCorruption(base.Task):
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg
     return flops.encoder_decoder_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
-                                             cfg.d_model, batch_size, seq_len,
+                                             cfg.num_heads * cfg.head_dim, batch_size, seq_len,
                                              self.scored_length(seq_len))
 
   def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
