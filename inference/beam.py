@@ -1,11 +1,20 @@
 """Beam search for the decoder and encoder-decoder families, over the same key/value
 cache as sampling.
 
-Each prompt keeps `beam_size` hypotheses; every step extends each by every token
-and keeps the best `beam_size` by summed log-probability, reordering the cache
-rows to follow their hypotheses. A finished hypothesis (EOS) only extends by
-padding at no cost. The winner maximises score / ((5 + length) / 6) ** length_penalty
-(GNMT); length_penalty 0 compares raw log-probabilities.
+Each prompt keeps `beam_size` live hypotheses and, apart from them, its `beam_size` best
+finished ones (as Flax's examples/wmt and t5x do). Every step extends each live
+hypothesis by every token and takes the best 2 * beam_size by summed log-probability:
+those ending in EOS join the finished set, scored at their own length (EOS counted) by
+the GNMT penalty, logprob / ((5 + length) / 6) ** length_penalty; the best beam_size of
+the others stay live, and the cache rows are reordered to follow them. Taking twice the
+width keeps beam_size live even when beam_size end at once. A finished hypothesis thus
+never holds a live slot (extending by free padding, it would crowd out a longer answer
+that the penalty prefers), and finished ones compete only on the penalised score.
+
+The search stops at max_new_tokens, or once no live hypothesis can beat the worst
+finished one: log-probabilities only fall, so a live score divided by the largest
+penalty still to come bounds all its continuations. A prompt with nothing finished
+returns its best live hypothesis. length_penalty 0 compares raw log-probabilities.
 """
 import functools
 
@@ -18,52 +27,73 @@ from inference.generate import prepare, start_decoding
 Array = jax.Array
 
 
+def _penalty(length, length_penalty: float):
+  """GNMT length normaliser of a hypothesis of `length` tokens."""
+  return ((5.0 + length) / 6.0) ** length_penalty
+
+
 @functools.partial(jax.jit, static_argnames=('task', 'max_new_tokens', 'beam_size', 'eos_id',
                                              'length_penalty'))
 def _beam_search(params, ids_BP: Array, real_BP: Array, *, task, max_new_tokens: int,
                  beam_size: int, eos_id: int, length_penalty: float):
+  """(tokens [B, max_new_tokens], lengths [B]) of each prompt's best hypothesis."""
   batch, width, vocab = ids_BP.shape[0], beam_size, task.cfg.vocab_size
-  rows = batch * width
+  rows, candidates = batch * width, min(2 * width, width * vocab)
   # Every prompt repeated once per beam: rows b * width + w.
   ids_RP, real_RP = (jnp.repeat(x, width, axis=0) for x in (ids_BP, real_BP))
   decoding = start_decoding(task, params, ids_RP, real_RP)
   # Identical beams at the start: only the first may extend, so no duplicates.
-  scores_BW = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf), (batch, 1))
+  live_BW = jnp.tile(jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf), (batch, 1))
+  finished_BW = jnp.full((batch, width), -jnp.inf)  # penalised scores; -inf: an empty slot
+  empty_BWN = jnp.zeros((batch, width, max_new_tokens), jnp.int32)
 
   def step(carry):
-    i, cache, logp_RV, position_R, scores_BW, done_BW, tokens_BWN = carry
-    done_R = done_BW.reshape(rows)
-    # A finished hypothesis extends only by padding (id 0), at no cost.
-    pad_only = jnp.where(jnp.arange(vocab) == 0, 0.0, -jnp.inf)
-    logp_RV = jnp.where(done_R[:, None], pad_only, logp_RV)
-    candidates_BX = (scores_BW[:, :, None] + logp_RV.reshape(batch, width, vocab)).reshape(
+    i, cache, logp_RV, position_R, live_BW, live_BWN, finished_BW, finished_BWN = carry
+    total_BX = (live_BW[:, :, None] + logp_RV.reshape(batch, width, vocab)).reshape(
         batch, width * vocab)
-    scores_BW, flat_BW = jax.lax.top_k(candidates_BX, width)
-    beam_BW, token_BW = flat_BW // vocab, (flat_BW % vocab).astype(jnp.int32)
+    total_BC, flat_BC = jax.lax.top_k(total_BX, candidates)
+    beam_BC, token_BC = flat_BC // vocab, (flat_BC % vocab).astype(jnp.int32)
+    tokens_BCN = jnp.take_along_axis(live_BWN, beam_BC[:, :, None], axis=1)
+    tokens_BCN = tokens_BCN.at[:, :, i].set(token_BC)
+    ends_BC = token_BC == eos_id
+    # Finished: the best `width` of those kept so far and those ending now.
+    new_BC = jnp.where(ends_BC, total_BC / _penalty(i + 1, length_penalty), -jnp.inf)
+    finished_BW, pick_BW = jax.lax.top_k(jnp.concatenate([finished_BW, new_BC], axis=1), width)
+    finished_BWN = jnp.take_along_axis(jnp.concatenate([finished_BWN, tokens_BCN], axis=1),
+                                       pick_BW[:, :, None], axis=1)
+    # Live: the best `width` that did not end.
+    live_BW, keep_BW = jax.lax.top_k(jnp.where(ends_BC, -jnp.inf, total_BC), width)
+    live_BWN = jnp.take_along_axis(tokens_BCN, keep_BW[:, :, None], axis=1)
+    token_BW, beam_BW = (jnp.take_along_axis(x, keep_BW, axis=1) for x in (token_BC, beam_BC))
     source_R = (jnp.arange(batch)[:, None] * width + beam_BW).reshape(rows)
     cache = jax.tree.map(lambda c: c[source_R] if c.ndim else c, cache)
-    tokens_BWN = jnp.take_along_axis(tokens_BWN, beam_BW[:, :, None], axis=1)
-    tokens_BWN = tokens_BWN.at[:, :, i].set(token_BW)
-    done_BW = jnp.take_along_axis(done_BW, beam_BW, axis=1) | (token_BW == eos_id)
     position_R = position_R[source_R] + 1
     logits_RV, cache = decoding.step(cache, token_BW.reshape(rows), position_R)
-    logp_RV = jax.nn.log_softmax(logits_RV)
-    return i + 1, cache, logp_RV, position_R, scores_BW, done_BW, tokens_BWN
+    return (i + 1, cache, jax.nn.log_softmax(logits_RV), position_R, live_BW, live_BWN,
+            finished_BW, finished_BWN)
 
-  def not_finished(carry):
-    i, *_, done_BW, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done_BW)
+  def searching(carry):
+    i, live_BW, finished_BW = carry[0], carry[4], carry[6]
+    # Log-probs are <= 0, so the largest penalty to come (at either end of the lengths
+    # left: max_new_tokens when length_penalty >= 0) gives every live beam's best score.
+    largest = jnp.maximum(_penalty(i + 1, length_penalty),
+                          _penalty(max_new_tokens, length_penalty))
+    settled = jnp.all(finished_BW.min(axis=1) > live_BW.max(axis=1) / largest)
+    return (i < max_new_tokens) & ~settled
 
   carry = (jnp.zeros((), jnp.int32), decoding.cache, jax.nn.log_softmax(decoding.logits_BV),
-           decoding.position_B, scores_BW, jnp.zeros((batch, width), bool),
-           jnp.zeros((batch, width, max_new_tokens), jnp.int32))
-  _, _, _, _, scores_BW, _, tokens_BWN = jax.lax.while_loop(not_finished, step, carry)
-  ends_BWN = jnp.cumsum(tokens_BWN == eos_id, axis=-1) - (tokens_BWN == eos_id) > 0
-  lengths_BW = jnp.sum(~ends_BWN, axis=-1)
-  normalized_BW = scores_BW / ((5.0 + lengths_BW) / 6.0) ** length_penalty
-  best_B = jnp.argmax(normalized_BW, axis=1)
-  return jnp.take_along_axis(tokens_BWN, best_B[:, None, None], axis=1)[:, 0], lengths_BW[
-      jnp.arange(batch), best_B]
+           decoding.position_B, live_BW, empty_BWN, finished_BW, empty_BWN)
+  i, *_, live_BW, live_BWN, finished_BW, finished_BWN = jax.lax.while_loop(
+      searching, step, carry)
+  # Nothing finished (only when the loop ran to max_new_tokens): the live beams, penalised.
+  none_B1 = finished_BW[:, :1] == -jnp.inf
+  scores_BW = jnp.where(none_B1, live_BW / _penalty(i, length_penalty), finished_BW)
+  tokens_BWN = jnp.where(none_B1[:, :, None], live_BWN, finished_BWN)
+  best_B = jnp.argmax(scores_BW, axis=1)
+  tokens_BN = jnp.take_along_axis(tokens_BWN, best_B[:, None, None], axis=1)[:, 0]
+  ends_BN = tokens_BN == eos_id
+  lengths_B = jnp.sum(jnp.cumsum(ends_BN, axis=-1) - ends_BN == 0, axis=-1)  # EOS kept
+  return tokens_BN, lengths_B
 
 
 def beam_search(task, params, prompts: list[list[int]], max_new_tokens: int,

@@ -142,43 +142,6 @@ def test_int8_weights_take_a_quarter_of_the_memory_and_decode():
   assert [len(row) for row in out] == [6, 6, 6]
 
 
-def _log_probs_after_each_first_token(objective, params, cfg, prompt):
-  """([V] log-probs of the first new token, [V, V] of the second after each first token)."""
-  vocab = cfg.vocab_size
-  logits = jax.jit(objective.logits)
-  positions = lambda ids: jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-  if cfg.arch == 'decoder':
-    ids = jnp.asarray([prompt + [t, 0] for t in range(vocab)], jnp.int32)
-    batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids), 'positions': positions(ids)}
-    offset = len(prompt) - 1
-  else:
-    decoder = jnp.asarray([[0, t] for t in range(vocab)], jnp.int32)
-    encoder = jnp.asarray([prompt] * vocab, jnp.int32)
-    batch = {'encoder_inputs': encoder, 'encoder_segment_ids': jnp.ones_like(encoder),
-             'encoder_positions': positions(encoder), 'decoder_inputs': decoder,
-             'decoder_segment_ids': jnp.ones_like(decoder), 'decoder_positions': positions(decoder)}
-    offset = 0
-  logp = jax.nn.log_softmax(logits(params, batch).astype(jnp.float32))
-  return logp[0, offset], logp[:, offset + 1]  # every row shares the first step
-
-
-@pytest.mark.parametrize('changes', [{}, ENCODER_DECODER])
-def test_beam_search_is_greedy_at_width_one_and_exact_at_full_width(changes):
-  from inference.beam import beam_search
-  cfg = dataclasses.replace(TINY, **changes)
-  task, params = _params(cfg)
-  greedy = generate(task, params, PROMPTS, 6, eos_id=-1)
-  assert beam_search(task, params, PROMPTS, 6, beam_size=1, eos_id=-1) == greedy
-  # With one beam per vocabulary entry, two steps of beam search are exhaustive.
-  prompt = PROMPTS[0]
-  best = beam_search(task, params, [prompt], 2, beam_size=cfg.vocab_size, length_penalty=0.0,
-                     eos_id=-1)[0]
-  first, second = _log_probs_after_each_first_token(task, params, cfg, prompt)
-  total = first[:, None] + second
-  expected = list(np.unravel_index(int(jnp.argmax(total)), total.shape))
-  assert best == [int(t) for t in expected]
-
-
 def test_spans_fill_their_sentinels_and_a_prompt_without_mask_is_continued():
   from inference.fill_mask import fill_spans, span_prompt
   from input_pipeline.tokenizer import EOS_ID, SENTINEL_IDS
