@@ -21,16 +21,21 @@ def encode_with_masks(tokenizer: Tokenizer, text: str, mask_ids=None) -> list[in
 
 
 def fill_masks(task, params, tokenizer: Tokenizer, prompts: list[str], max_len: int) -> list[str]:
-  """Each prompt with its [MASK]s replaced by the model's top prediction."""
+  """Each prompt with its [MASK]s replaced by the model's top prediction. The prompt is
+  framed as training framed a segment (`task.prompt_frame`: [CLS] ... [SEP] for a
+  next-sentence run); the frame is stripped from the text returned."""
+  prefix, suffix = task.prompt_frame
   results = []
   for prompt in prompts:
-    ids = encode_with_masks(tokenizer, prompt)
-    if MASK_ID not in ids:
+    text_ids = encode_with_masks(tokenizer, prompt)
+    if MASK_ID not in text_ids:
       raise ValueError(f'Prompt {prompt!r} has no {MASK_TEXT}; an encoder-only run fills '
                        f'{MASK_TEXT} tokens.')
+    ids = list(prefix) + text_ids + list(suffix)
     if len(ids) > max_len:
-      raise ValueError(f"Prompt is {len(ids)} tokens but the model's context is {max_len}; "
-                       'shorten it.')
+      framing = ' with [CLS] and [SEP]' if len(ids) > len(text_ids) else ''
+      raise ValueError(f"Prompt is {len(ids)} tokens{framing} but the model's context is "
+                       f'{max_len}; shorten it.')
     ids_1T = jnp.asarray([ids], jnp.int32)
     batch = {'inputs': ids_1T, 'segment_ids': jnp.ones_like(ids_1T),
              'positions': jnp.arange(len(ids))[None],
@@ -39,7 +44,7 @@ def fill_masks(task, params, tokenizer: Tokenizer, prompts: list[str], max_len: 
     logits_TV = logits_TV.at[:, :tokenizer.vocab_size].get()  # no padding rows of the embedding
     best_T = np.asarray(jnp.argmax(logits_TV, axis=-1))
     filled = [int(best_T[t]) if token == MASK_ID else token for t, token in enumerate(ids)]
-    results.append(tokenizer.decode(filled))
+    results.append(tokenizer.decode(filled[len(prefix):len(ids) - len(suffix)]))
   return results
 
 

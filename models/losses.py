@@ -33,7 +33,8 @@ def cross_entropy_sums(logits_BTV: Array, targets_BT: Array, weights_BT: Array,
 
 def normalize_metrics(sums: dict[str, Array]) -> dict[str, Array]:
   """Per-token means of token metrics (over 'weight'), per-example means of 'nsp_*'
-  metrics (over 'nsp_count'); the counts themselves are dropped."""
+  metrics (over 'nsp_count', the summed per-example weights: padding rows count 0); the
+  counts themselves are dropped."""
   tokens = jnp.maximum(sums['weight'], 1.0)
   examples = jnp.maximum(sums.get('nsp_count', 1.0), 1.0)
   return {k: v / (examples if k.startswith('nsp_') else tokens)

@@ -33,10 +33,10 @@ class MaskedExamples(Examples):
   def source(self, tokens: np.ndarray):
     if not self.next_sentence:
       return super().source(tokens)
-    ends = np.flatnonzero(np.asarray(tokens) == EOS_ID)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    documents = [tokens[a:b] for a, b in zip(starts, ends) if b > a]
-    return _SentencePairs(documents, max(1, len(tokens) // self.seq_len))
+    ends = np.flatnonzero(np.asarray(tokens) == EOS_ID)  # each document ends in EOS
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    return _SentencePairs(masking.Documents(tokens, starts, ends),
+                          max(1, len(tokens) // self.seq_len))
 
   def make_example(self, item, rng: np.random.Generator):
     if self.next_sentence:
@@ -52,16 +52,17 @@ class MaskedExamples(Examples):
 
 
 class _SentencePairs:
-  """`count` next-sentence examples per epoch; item i is the list of documents (the
-  pair itself is drawn by the per-example rng)."""
+  """`count` next-sentence examples per epoch; item i is the documents' index, built
+  once (the pair itself is drawn by the per-example rng, reading at most two documents,
+  so an example costs the same whatever the number of documents)."""
 
-  def __init__(self, documents: list[np.ndarray], count: int):
+  def __init__(self, documents: masking.Documents, count: int):
     self.documents, self.count = documents, count
 
   def __len__(self) -> int:
     return self.count
 
-  def __getitem__(self, i: int) -> list[np.ndarray]:
+  def __getitem__(self, i: int) -> masking.Documents:
     return self.documents
 
 
@@ -82,11 +83,11 @@ class MaskedLM(base.Task):
                next_sentence=m.next_sentence)
 
   @classmethod
-  def config_problem(cls, config: ml_collections.ConfigDict) -> str | None:
+  def config_problem(cls, config: ml_collections.ConfigDict, selected: bool) -> str | None:
     m = config.masked_lm
     if not 0 < m.mask_rate < 1:
       return f'masked_lm.mask_rate={m.mask_rate} must be in (0, 1).'
-    if m.next_sentence and config.model.num_token_types < 2:
+    if selected and m.next_sentence and config.model.num_token_types < 2:
       return ('masked_lm.next_sentence needs segment A/B embeddings; set '
               'model.num_token_types=2.')
     return None
@@ -105,20 +106,30 @@ class MaskedLM(base.Task):
   def logits(self, params, batch, train: bool = False, dropout_rng=None):
     return self.apply(params, batch, train, dropout_rng)[0]
 
-  def loss(self, params, batch, dropout_rng, train: bool):
+  def normalizers(self, batch):
+    """The whole step's scored tokens and next-sentence examples (padding rows weigh 0)."""
+    if not self.cfg.nsp_head:
+      return {}
+    return {'weight': jnp.sum(batch['weights']), 'nsp_count': jnp.sum(batch['nsp_weights'])}
+
+  def loss(self, params, batch, dropout_rng, train: bool, weight=None, nsp_count=None):
+    """`weight`, `nsp_count`: the whole step's totals (`normalizers`), so that after the
+    step divides by its tokens the objective is token_sum / tokens + nsp_sum / examples,
+    the same for any split into micro-batches; without them, this batch's own."""
     logits_BTV, nsp_logits_B2 = self.apply(params, batch, train, dropout_rng)
     objective, sums = cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'],
                                          self.z_loss)
     if nsp_logits_B2 is not None:
-      labels_B = batch['nsp_labels']
+      labels_B, weights_B = batch['nsp_labels'], batch['nsp_weights']
       log_p_B2 = jax.nn.log_softmax(nsp_logits_B2.astype(jnp.float32))
       nll_B = -jnp.take_along_axis(log_p_B2, labels_B[:, None], axis=-1)[:, 0]
-      sums.update(nsp_loss=jnp.sum(nll_B), nsp_count=jnp.asarray(labels_B.shape[0], jnp.float32),
-                  nsp_correct=jnp.sum(jnp.argmax(log_p_B2, -1) == labels_B).astype(jnp.float32))
-      # The step divides by the token count; this makes the NSP term a per-example mean
-      # of this (micro-)batch.
+      correct_B = (jnp.argmax(log_p_B2, -1) == labels_B).astype(jnp.float32)
+      sums.update(nsp_loss=jnp.sum(nll_B * weights_B), nsp_count=jnp.sum(weights_B),
+                  nsp_correct=jnp.sum(correct_B * weights_B))
+      tokens = sums['weight'] if weight is None else weight
+      examples = sums['nsp_count'] if nsp_count is None else nsp_count
       objective += sums['nsp_loss'] * jax.lax.stop_gradient(
-          jnp.maximum(sums['weight'], 1.0) / sums['nsp_count'])
+          jnp.maximum(tokens, 1.0) / jnp.maximum(examples, 1.0))
     return objective, sums
 
   def example_batch(self, batch_size: int, seq_len: int):
@@ -126,6 +137,7 @@ class MaskedLM(base.Task):
     batch['token_type_ids'] = jnp.zeros((batch_size, seq_len), jnp.int32)
     if self.cfg.nsp_head:
       batch['nsp_labels'] = jnp.zeros((batch_size,), jnp.int32)
+      batch['nsp_weights'] = jnp.ones((batch_size,), jnp.float32)
     return batch
 
   def examples(self, tokenizer: Tokenizer, seq_len: int) -> MaskedExamples:
@@ -143,10 +155,16 @@ class MaskedLM(base.Task):
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg
-    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers, cfg.d_model,
-                                   batch_size, seq_len)
+    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
+                                   cfg.num_heads * cfg.head_dim, batch_size, seq_len)
 
   def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
                on_token: Callable | None = None) -> list[str]:
     """Each prompt with its [MASK]s replaced by the model's top prediction."""
     return fill_masks(self, params, tokenizer, prompts, self.cfg.max_len)
+
+  @property
+  def prompt_frame(self) -> tuple[list[int], list[int]]:
+    """Ids around a fill-mask prompt, as training framed a segment ([CLS] A [SEP] with
+    next-sentence pairs; nothing around plain windows)."""
+    return masking.prompt_frame(self.next_sentence)

@@ -3,8 +3,8 @@
 Both are family-agnostic: the task's `loss` returns a scalar to differentiate
 plus metric sums; steps add sums and divide by the summed 'weight' (scored
 tokens) once, so gradient accumulation over k micro-batches equals one batch k
-times larger for token losses. (A per-example term such as BERT's next-sentence
-loss is normalised within each micro-batch, so it matches only approximately.)
+times larger. A per-example term (BERT's next-sentence loss) is normalised by the
+whole step's totals, which the task's `normalizers` computes from the batch up front.
 """
 import functools
 
@@ -41,7 +41,8 @@ def train_step(state: TrainState, batch, *, task, tx: optax.GradientTransformati
   memory; it is brought to the devices for the update and sent back after it.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
-  grad_fn = jax.grad(lambda p, mb, key: task.loss(p, mb, key, True), has_aux=True)
+  totals = task.normalizers(batch)  # the whole step's, before any split
+  grad_fn = jax.grad(lambda p, mb, key: task.loss(p, mb, key, True, **totals), has_aux=True)
 
   if grad_accum == 1:
     grads, sums = grad_fn(state.params, batch, step_key)
