@@ -13,7 +13,9 @@ from input_pipeline.tokenizer import EOS_ID, NUM_SENTINELS, SENTINEL_IDS
 def _counts(num_tokens: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
   """(noise tokens, noise spans) for a sequence of num_tokens raw tokens."""
   num_noise = min(max(int(round(num_tokens * noise_density)), 1), num_tokens - 1)
-  num_spans = min(max(int(round(num_noise / mean_span_length)), 1), num_noise, NUM_SENTINELS)
+  # Each noise span follows a kept span, so there are at most as many as kept tokens.
+  num_spans = min(max(int(round(num_noise / mean_span_length)), 1), num_noise,
+                  num_tokens - num_noise, NUM_SENTINELS)
   return num_noise, num_spans
 
 
@@ -30,6 +32,9 @@ def raw_length_for(inputs_length: int, noise_density: float,
   input still fits inputs_length, so packed inputs fill it (to within a token or two,
   where one more raw token would add a span and overflow)."""
   num_tokens = inputs_length
+  while num_tokens > 2 and corrupted_lengths(num_tokens, noise_density,
+                                             mean_span_length)[0] > inputs_length:
+    num_tokens -= 1  # one-token spans: a sentinel per noise token, plus EOS
   while corrupted_lengths(num_tokens + 1, noise_density, mean_span_length)[0] <= inputs_length:
     num_tokens += 1
   return num_tokens, corrupted_lengths(num_tokens, noise_density, mean_span_length)[1]

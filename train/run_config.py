@@ -50,5 +50,12 @@ def saved_config(workdir: str, argv: list[str]):
         raise ValueError(f'--config.{field}: no such config field.')
     if leaf not in node:
       raise ValueError(f'--config.{field}: no such config field.')
-    node[leaf] = _parse_like(value, node[leaf])
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ValueError(f'--config.{field} is a group of fields, not a field; override one of '
+                       f'them, e.g. --config.{field}.{next(iter(node[leaf].keys()))}=VALUE.')
+    try:
+      node[leaf] = _parse_like(value, node[leaf])
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'--config.{field}={value!r} is not a valid '
+                       f'{type(node[leaf]).__name__}: {e}') from None
   return config
