@@ -35,7 +35,7 @@ def random_batch(rng: np.random.Generator, batch_size: int, seq_len: int, vocab:
 def measure(config) -> dict:
   config_checks.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  config_checks.validate_against_mesh(config, sharding.data_parallel_size(mesh))
+  config_checks.validate_against_mesh(config, dict(mesh.shape))
   vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
   cfg = tasks.model_config(config, vocab,
                            config_checks.compute_dtype(config, jax.default_backend()))
@@ -64,7 +64,7 @@ def measure(config) -> dict:
   tokens_per_step = config.data.batch_size * config.data.seq_len
   n_matmul = flops.matmul_param_count(state.params, cfg.tie_embeddings)
   flops_per_token = flops.flops_per_token(n_matmul, cfg.num_layers, config.data.seq_len,
-                                          cfg.d_model)
+                                          cfg.num_heads * cfg.head_dim)
   peak = flops.peak_flops_per_device(cfg.dtype) * mesh.size
   tokens_per_s = tokens_per_step / step_s
   result = {

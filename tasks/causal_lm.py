@@ -60,8 +60,8 @@ class CausalLM(base.Task):
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg
-    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers, cfg.d_model,
-                                   batch_size, seq_len)
+    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
+                                   cfg.num_heads * cfg.head_dim, batch_size, seq_len)
 
   def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
     for i, prompt in enumerate(prompts):

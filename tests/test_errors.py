@@ -34,7 +34,7 @@ def test_bad_config_values_name_the_field(config, field, value, message):
 def test_batch_not_divisible_by_data_parallel_devices(config):
   config.data.batch_size = 12
   with pytest.raises(config_checks.ConfigError, match='not divisible by the 8 data-parallel'):
-    config_checks.validate_against_mesh(config, data_parallel=8)
+    config_checks.validate_against_mesh(config, {'data': 8, 'fsdp': 1, 'tensor': 1})
 
 
 def test_misspelled_override_is_rejected_by_the_locked_config(tmp_path):

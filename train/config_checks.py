@@ -1,10 +1,14 @@
 """Start-up checks: every mistake a user can make in a config fails here, before
 any data is read or anything is compiled, with one line naming the field."""
+import math
+from collections.abc import Mapping
+
 import jax.numpy as jnp
 import ml_collections
 
 import tasks
-from models import config as model_config
+from models import config as model_config, padded_vocab_size
+from train import sharding
 
 DTYPES = ('float32', 'bfloat16', 'auto')
 TOKENIZER_TYPES = ('bpe', 'unigram')
@@ -47,9 +51,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if task.arch != m.arch:
     raise ConfigError(f"task='{config.task}' needs model.arch='{task.arch}', not '{m.arch}'; "
                       "change one of them (or set task='auto').")
-  problem = task.config_problem(config)
-  if problem:
-    raise ConfigError(problem)
+  for other in tasks.TASKS.values():  # every section, so a sweep's typo fails early too
+    problem = other.config_problem(config, selected=other is task)
+    if problem:
+      raise ConfigError(problem)
   for field in ('model.num_layers', 'model.num_heads', 'model.d_model', 'model.d_ff',
                 'model.max_len', 'data.seq_len', 'data.batch_size', 'data.tokenizer.vocab_size',
                 'train.steps', 'train.lr', 'train.grad_accum', 'train.log_every',
@@ -80,14 +85,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1).')
 
 
-def validate_against_mesh(config: ml_collections.ConfigDict, data_parallel: int) -> None:
-  """Each micro-batch must split evenly over the data-parallel devices."""
+def embedding_rows(config: ml_collections.ConfigDict) -> int:
+  """model.vocab_size, or (0) the tokenizer's vocabulary rounded up as training sizes it."""
+  return config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
+
+
+def validate_against_mesh(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]) -> None:
+  """The config against the mesh's axis sizes ({'data': .., 'fsdp': .., 'tensor': ..}, e.g.
+  dict(mesh.shape)): each micro-batch must split evenly over the data-parallel devices, and
+  each model dimension over the mesh axes train/sharding.py's rules shard it on; otherwise
+  jit fails deep inside with a shape error."""
+  data_parallel = mesh_shape.get('data', 1) * mesh_shape.get('fsdp', 1)
   micro_batch = config.data.batch_size // config.train.grad_accum
   if micro_batch % data_parallel:
     raise ConfigError(
         f'data.batch_size={config.data.batch_size} (micro-batch {micro_batch} with '
         f'train.grad_accum={config.train.grad_accum}) is not divisible by the {data_parallel} '
         'data-parallel devices (mesh.data x mesh.fsdp); change data.batch_size or the mesh.')
+  m = config.model
+  rows = embedding_rows(config)
+  # logical axis (models/layers.py) -> the config field that sets its size, and that size
+  dims = {'embed': ('model.d_model', m.d_model), 'heads': ('model.num_heads', m.num_heads),
+          'kv_heads': ('model.num_kv_heads', m.num_kv_heads or m.num_heads),
+          'mlp': ('model.d_ff', m.d_ff), 'vocab': ('model.vocab_size', rows)}
+  rules = dict(sharding.LOGICAL_AXIS_RULES)
+  for logical, (field, size) in dims.items():
+    axes = rules.get(logical)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    devices = math.prod(mesh_shape.get(axis, 1) for axis in axes)
+    if devices <= 1 or size % devices == 0:
+      continue
+    where = ' x '.join(f'mesh.{axis}={mesh_shape.get(axis, 1)}' for axis in axes)
+    if logical == 'vocab' and not m.vocab_size:
+      pieces = config.data.tokenizer.vocab_size
+      suggestion = -(-pieces // math.lcm(128, devices)) * math.lcm(128, devices)
+      raise ConfigError(
+          f"model.vocab_size=0 sizes the embedding from the tokenizer's {pieces} pieces, padded "
+          f"to {size} rows, which is not divisible by {where} (it shards the '{logical}' axis); "
+          f'set model.vocab_size={suggestion} (a multiple of {devices} and of 128) or change '
+          'the mesh.')
+    raise ConfigError(f"{field}={size} is not divisible by {where}, which shards its '{logical}' "
+                      f'axis; make {field} a multiple of {devices} or change the mesh.')
 
 
 def compute_dtype(config: ml_collections.ConfigDict, platform: str):

@@ -2,45 +2,85 @@
 
 Training FLOPs per token (Kaplan et al. 2020; PaLM appendix B; nanoGPT):
 
-    flops_per_token = 6 * N_matmul + 12 * num_layers * seq_len * d_model
+    flops_per_token = 6 * N_matmul + 12 * num_layers * seq_len * (num_heads * head_dim)
 
 where N_matmul counts parameters used in matrix multiplies: every projection
 kernel and the output projection (also when tied to the input embedding), but
 not a lookup-only input embedding, learned position table, norms or biases.
 6 = 2 (multiply-add) x 3 (forward + two backward matmuls); the second term is
-the attention score and value matmuls, which grow with context length.
+the attention score (Q K^T) and value (P V) matmuls, which grow with context
+length. Their width is that of the queries, N x K (num_heads x head_dim), which
+equals d_model only when head_dim = d_model / num_heads; grouped-query attention
+shares keys and values but every query head still scores and mixes all of them.
 
 MFU = achieved tokens/s x flops_per_token / peak FLOP/s of the devices used.
 """
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense peak FLOP/s per device by dtype family, from vendor data sheets.
+# Dense (no 2:4 sparsity) peak FLOP/s of one JAX device, by dtype family:
+# (bf16/fp16, fp32). Sources: NVIDIA data sheets (their tensor-core figures are
+# "with sparsity": halved here) and Google Cloud's TPU pages (per chip).
+# - fp32 on GPUs is the TF32 tensor-core figure: JAX's default matmul precision
+#   lets XLA run float32 dots as TF32 on Ampere and newer. V100 has no TF32: its
+#   plain FP32 figure. (A100 156, A10 62.5, L4 60, L40S 183, L40 90.5, H100 SXM /
+#   H200 / GH200 494.5, H100 PCIe 378 TFLOPs TF32 dense.)
+# - TPU v2 and v3 chips have two TensorCores and JAX makes each core a device: half
+#   the chip's 45 / 123 TFLOPs. v4 and v5p chips are megacores (one JAX device per
+#   chip, both cores): the chip's figure. v5e and v6e chips have one core.
+# Keys match whole words of jax.Device.device_kind (e.g. 'NVIDIA A100-SXM4-80GB',
+# 'NVIDIA L40S', 'TPU v5 lite'), the longest matching key winning: 'L4' is not
+# 'L40S', 'H100' is not 'H100 PCIe', 'TPU v5' (v5p) is not 'TPU v5 lite'.
 PEAK_FLOPS = {
-    # device_kind substring: (bf16/fp16 dense, fp32)
-    'H200': (989e12, 67e12),
-    'H100': (989e12, 67e12),  # SXM; PCIe is lower
-    'A100': (312e12, 19.5e12),
-    'L4': (121e12, 30e12),
-    'A10': (125e12, 31e12),
-    'V100': (125e12, 15.7e12),
-    'TPU v6': (918e12, 918e12 / 4),
+    'GH200': (989.5e12, 494.5e12),  # the H100 / H200 SXM GPU
+    'H200': (989.5e12, 494.5e12),  # SXM; same compute as H100 SXM
+    'H100': (989.5e12, 494.5e12),  # SXM (device kind 'NVIDIA H100 80GB HBM3')
+    'H100 PCIe': (756.5e12, 378e12),
+    'A100': (312e12, 156e12),  # SXM and PCIe alike
+    'L40S': (362e12, 183e12),
+    'L40': (181e12, 90.5e12),
+    'L4': (121e12, 60e12),
+    'A10': (125e12, 62.5e12),
+    'V100': (125e12, 15.7e12),  # fp16 tensor cores; no TF32
+    'TPU v6 lite': (918e12, 918e12 / 4),
+    'TPU v6e': (918e12, 918e12 / 4),
     'TPU v5p': (459e12, 459e12 / 4),
+    'TPU v5': (459e12, 459e12 / 4),  # v5p's device kind in some JAX versions
     'TPU v5 lite': (197e12, 197e12 / 4),
     'TPU v5e': (197e12, 197e12 / 4),
     'TPU v4': (275e12, 275e12 / 4),
-    'TPU v3': (123e12, 123e12 / 4),
+    'TPU v3': (123e12 / 2, 123e12 / 2 / 4),
+    'TPU v2': (45e12 / 2, 45e12 / 2 / 4),
 }
+
+
+def _words(text: str) -> tuple[str, ...]:
+  return tuple(re.findall(r'[a-z0-9]+', text.lower()))
+
+
+def peak_flops_entry(device_kind: str) -> tuple[float, float] | None:
+  """PEAK_FLOPS's (bf16, fp32) for a device kind: the longest key whose words occur
+  consecutively among the kind's words; None for an unknown device."""
+  kind = _words(device_kind)
+  best = None
+  for name, peaks in PEAK_FLOPS.items():
+    key = _words(name)
+    if any(kind[i:i + len(key)] == key for i in range(len(kind) - len(key) + 1)):
+      if best is None or len(key) > len(best[0]):
+        best = (key, peaks)
+  return None if best is None else best[1]
 
 
 def matmul_param_counts(params, tie_embeddings: bool) -> dict[str, int]:
   """Parameters that take part in a matmul for each token (see module docstring), by
   top-level module: 'encoder' and 'decoder' stacks, and everything else (output head,
-  poolers) under 'other'."""
-  counts = {'encoder': 0, 'decoder': 0, 'other': 0}
+  poolers) under 'other'; the decoder's cross-attention key and value projections,
+  which run over the encoder's outputs rather than the decoder's tokens, under 'cross_kv'."""
+  counts = {'encoder': 0, 'decoder': 0, 'cross_kv': 0, 'other': 0}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = [getattr(p, 'key', str(p)) for p in path]
     if names[-1] in ('scale', 'bias', 'position_embedding', 'relative_attention_bias',
@@ -48,7 +88,11 @@ def matmul_param_counts(params, tie_embeddings: bool) -> dict[str, int]:
       continue
     if names[-1] == 'embedding' and not tie_embeddings:
       continue  # lookup only; the separate lm_head kernel is counted instead
-    counts[names[0] if names[0] in counts else 'other'] += int(np.prod(leaf.shape))
+    if 'cross_attention' in names and names[-2:-1] in (['key'], ['value']):
+      part = 'cross_kv'
+    else:
+      part = names[0] if names[0] in ('encoder', 'decoder') else 'other'
+    counts[part] += int(np.prod(leaf.shape))
   return counts
 
 
@@ -56,30 +100,36 @@ def matmul_param_count(params, tie_embeddings: bool) -> int:
   return sum(matmul_param_counts(params, tie_embeddings).values())
 
 
-def stack_train_flops(params, tie_embeddings: bool, num_layers: int, d_model: int,
+def stack_train_flops(params, tie_embeddings: bool, num_layers: int, attention_width: int,
                       batch_size: int, seq_len: int) -> float:
   """Training FLOPs of one step of a single stack (decoder-only or encoder-only):
-  batch x flops_per_token(N_matmul, L, T, D) x T."""
+  batch x flops_per_token(N_matmul, L, T, N K) x T, with attention_width = N K
+  (num_heads x head_dim)."""
   n_matmul = matmul_param_count(params, tie_embeddings)
-  return batch_size * seq_len * flops_per_token(n_matmul, num_layers, seq_len, d_model)
+  return batch_size * seq_len * flops_per_token(n_matmul, num_layers, seq_len, attention_width)
 
 
-def encoder_decoder_train_flops(params, tie_embeddings: bool, num_layers: int, d_model: int,
-                                batch_size: int, inputs_len: int, targets_len: int) -> float:
-  """Training FLOPs of one encoder-decoder step: the encoder's matmuls see the
-  S = inputs_len input tokens, the decoder's and the output head's the T = targets_len
-  target tokens; attention adds 12 L D (S^2 + T^2 + T S) per example (encoder self,
-  decoder self, cross)."""
+def encoder_decoder_train_flops(params, tie_embeddings: bool, num_layers: int,
+                                attention_width: int, batch_size: int, inputs_len: int,
+                                targets_len: int) -> float:
+  """Training FLOPs of one encoder-decoder step: the encoder's matmuls (and the decoder's
+  cross-attention key and value projections, which read the encoder's outputs) see the
+  S = inputs_len input tokens, the rest of the decoder's and the output head's the
+  T = targets_len target tokens; attention adds 12 L (N K) (S^2 + T^2 + T S) per example
+  (encoder self, decoder self, cross), with attention_width = N K (num_heads x head_dim)."""
   counts = matmul_param_counts(params, tie_embeddings)
   s, t = inputs_len, targets_len
-  per_example = (6.0 * (counts['encoder'] * s + (counts['decoder'] + counts['other']) * t)
-                 + 12.0 * num_layers * d_model * (s * s + t * t + t * s))
+  per_example = (6.0 * ((counts['encoder'] + counts['cross_kv']) * s
+                        + (counts['decoder'] + counts['other']) * t)
+                 + 12.0 * num_layers * attention_width * (s * s + t * t + t * s))
   return batch_size * per_example
 
 
-def flops_per_token(n_matmul: int, num_layers: int, seq_len: int, d_model: int) -> float:
-  """Training FLOPs per token: 6 N_matmul + 12 L T D."""
-  return 6.0 * n_matmul + 12.0 * num_layers * seq_len * d_model
+def flops_per_token(n_matmul: int, num_layers: int, seq_len: int, attention_width: int) -> float:
+  """Training FLOPs per token: 6 N_matmul + 12 L T (N K), where attention_width = N K
+  is num_heads x head_dim, the width of the queries, keys and values (not d_model:
+  they differ when model.head_dim is set)."""
+  return 6.0 * n_matmul + 12.0 * num_layers * seq_len * attention_width
 
 
 _measured_cpu_peak: float | None = None
@@ -110,8 +160,8 @@ def peak_flops_per_device(dtype) -> float:
     if _measured_cpu_peak is None:
       _measured_cpu_peak = measure_matmul_flops() / max(1, jax.local_device_count())
     return _measured_cpu_peak
-  kind = device.device_kind
-  for name, (half, single) in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return half if jnp.dtype(dtype).itemsize == 2 else single
-  return float('nan')
+  peaks = peak_flops_entry(device.device_kind)
+  if peaks is None:
+    return float('nan')
+  half, single = peaks
+  return half if jnp.dtype(dtype).itemsize == 2 else single
