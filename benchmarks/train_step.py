@@ -23,13 +23,13 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step)
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line on stdout.')
 
 
-def random_batch(rng: np.random.Generator, batch_size: int, seq_len: int, vocab: int):
-  ids = rng.integers(0, vocab, size=(batch_size, seq_len + 1), dtype=np.int32)
-  return {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
-          'segment_ids': np.ones((batch_size, seq_len), np.int32),
-          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                       (batch_size, seq_len)).copy(),
-          'weights': np.ones((batch_size, seq_len), np.float32)}
+def random_batch(task, rng: np.random.Generator, batch_size: int, seq_len: int, vocab: int):
+  """A batch of the task's training shapes: random token ids, one document per row."""
+  batch = {k: np.asarray(v) for k, v in task.train_batch(batch_size, seq_len).items()}
+  for name in batch:
+    if name.endswith('inputs') or name == 'targets':
+      batch[name] = rng.integers(0, vocab, size=batch[name].shape, dtype=np.int32)
+  return batch
 
 
 def measure(config) -> dict:
@@ -47,8 +47,9 @@ def measure(config) -> dict:
   step = steps.jit_train_step(task, tx, optimizer.learning_rate_schedule(config.train),
                               config.train.grad_accum, jax.random.key(1), mesh, shardings)
   rng = np.random.default_rng(0)
-  batches = [sharding.global_batch(random_batch(rng, config.data.batch_size, config.data.seq_len,
-                                                vocab), mesh) for _ in range(2)]
+  batches = [sharding.global_batch(random_batch(task, rng, config.data.batch_size,
+                                                config.data.seq_len, vocab), mesh)
+             for _ in range(2)]
 
   start = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
@@ -62,9 +63,8 @@ def measure(config) -> dict:
   step_s = (time.perf_counter() - start) / _STEPS.value
 
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  n_matmul = flops.matmul_param_count(state.params, cfg.tie_embeddings)
-  flops_per_token = flops.flops_per_token(n_matmul, cfg.num_layers, config.data.seq_len,
-                                          cfg.num_heads * cfg.head_dim)
+  flops_per_token = (task.train_flops_per_step(state.params, config.data.batch_size,
+                                               config.data.seq_len) / tokens_per_step)
   peak = flops.peak_flops_per_device(cfg.dtype) * mesh.size
   tokens_per_s = tokens_per_step / step_s
   result = {

@@ -32,13 +32,17 @@ def cross_entropy_sums(logits_BTV: Array, targets_BT: Array, weights_BT: Array,
 
 
 def normalize_metrics(sums: dict[str, Array]) -> dict[str, Array]:
-  """Per-token means of token metrics (over 'weight'), per-example means of 'nsp_*'
-  metrics (over 'nsp_count', the summed per-example weights: padding rows count 0); the
-  counts themselves are dropped."""
+  """Means of metric sums. A sum named 'P_x' is divided by its group's count 'P_count'
+  where one exists (e.g. BERT's per-example 'nsp_*' metrics over the summed example
+  weights, so padding rows count 0); every other sum by the token 'weight'. The counts
+  themselves are dropped."""
   tokens = jnp.maximum(sums['weight'], 1.0)
-  examples = jnp.maximum(sums.get('nsp_count', 1.0), 1.0)
-  return {k: v / (examples if k.startswith('nsp_') else tokens)
-          for k, v in sums.items() if k not in ('weight', 'nsp_count')}
+  counts = {k[:-len('_count')]: jnp.maximum(v, 1.0) for k, v in sums.items()
+            if k.endswith('_count')}
+  def count_of(name):
+    return next((c for group, c in counts.items() if name.startswith(group + '_')), tokens)
+  return {k: v / count_of(k) for k, v in sums.items()
+          if k != 'weight' and not k.endswith('_count')}
 
 
 def example_batch(batch_size: int, seq_len: int) -> Batch:

@@ -41,7 +41,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, dtype) -> M
 
 def from_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Task:
   """The run's task, training the model `cfg`."""
-  return task_class(config).from_config(cfg, config)
+  return task_class(config).from_config(config, cfg)
 
 
 def for_model(cfg: ModelConfig, name: str = 'auto', **settings) -> Task:

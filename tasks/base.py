@@ -44,7 +44,7 @@ class Task:
                        f"'{self.cfg.arch}'.")
 
   @classmethod
-  def from_config(cls, cfg: ModelConfig, config: ml_collections.ConfigDict) -> 'Task':
+  def from_config(cls, config: ml_collections.ConfigDict, cfg: ModelConfig) -> 'Task':
     """The task with its settings from the run config (`cfg` is the built model's)."""
     return cls(cfg, config.train.z_loss)
 
@@ -89,6 +89,11 @@ class Task:
     """Totals of a whole step's batch that `loss` needs before differentiating (e.g. a
     per-example term's example count); the train step computes them once and passes
     them to every micro-batch's `loss` as keyword arguments. None by default."""
+    return {}
+
+  def eval_metrics(self, means: dict[str, float]) -> dict[str, float]:
+    """Task-specific eval results (named eval_*) from the eval pass's metric means,
+    beside the loss, bits per byte and token accuracy every task reports."""
     return {}
 
   def example_batch(self, batch_size: int, seq_len: int) -> Batch:

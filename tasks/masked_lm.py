@@ -68,19 +68,18 @@ class _SentencePairs:
 
 @dataclasses.dataclass(frozen=True)
 class MaskedLM(base.Task):
-  """BERT's pre-training: masked tokens, and optionally next-sentence prediction."""
+  """BERT's pre-training: masked tokens and, with the model's NSP head (`cfg.nsp_head`,
+  from masked_lm.next_sentence), next-sentence prediction on [CLS] A [SEP] B [SEP] pairs."""
   mask_rate: float = 0.15  # share of ordinary tokens chosen; 80% [MASK], 10% random, 10% kept
   whole_word: bool = False  # choose whole words rather than single pieces
-  next_sentence: bool = False  # [CLS] A [SEP] B [SEP] pairs, scored by the NSP head
 
   name = 'masked_lm'
   arch = 'encoder'
 
   @classmethod
-  def from_config(cls, cfg, config: ml_collections.ConfigDict) -> 'MaskedLM':
+  def from_config(cls, config: ml_collections.ConfigDict, cfg) -> 'MaskedLM':
     m = config.masked_lm
-    return cls(cfg, config.train.z_loss, mask_rate=m.mask_rate, whole_word=m.whole_word,
-               next_sentence=m.next_sentence)
+    return cls(cfg, config.train.z_loss, mask_rate=m.mask_rate, whole_word=m.whole_word)
 
   @classmethod
   def config_problem(cls, config: ml_collections.ConfigDict, selected: bool) -> str | None:
@@ -132,6 +131,11 @@ class MaskedLM(base.Task):
           jnp.maximum(tokens, 1.0) / jnp.maximum(examples, 1.0))
     return objective, sums
 
+  def eval_metrics(self, means: dict[str, float]) -> dict[str, float]:
+    if 'nsp_loss' not in means:
+      return {}
+    return {'eval_nsp_loss': means['nsp_loss'], 'eval_nsp_accuracy': means['nsp_correct']}
+
   def example_batch(self, batch_size: int, seq_len: int):
     batch = example_batch(batch_size, seq_len)
     batch['token_type_ids'] = jnp.zeros((batch_size, seq_len), jnp.int32)
@@ -142,7 +146,7 @@ class MaskedLM(base.Task):
 
   def examples(self, tokenizer: Tokenizer, seq_len: int) -> MaskedExamples:
     return MaskedExamples(seq_len, tokenizer.vocab_size, self.mask_rate,
-                          tokenizer.word_starts if self.whole_word else None, self.next_sentence)
+                          tokenizer.word_starts if self.whole_word else None, self.cfg.nsp_head)
 
   def param_counts(self) -> dict[str, int]:
     cfg = self.cfg
@@ -167,4 +171,4 @@ class MaskedLM(base.Task):
   def prompt_frame(self) -> tuple[list[int], list[int]]:
     """Ids around a fill-mask prompt, as training framed a segment ([CLS] A [SEP] with
     next-sentence pairs; nothing around plain windows)."""
-    return masking.prompt_frame(self.next_sentence)
+    return masking.prompt_frame(self.cfg.nsp_head)

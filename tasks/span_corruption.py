@@ -67,7 +67,7 @@ class SpanCorruption(base.Task):
   arch = 'encoder_decoder'
 
   @classmethod
-  def from_config(cls, cfg, config: ml_collections.ConfigDict) -> 'SpanCorruption':
+  def from_config(cls, config: ml_collections.ConfigDict, cfg) -> 'SpanCorruption':
     s = config.span_corruption
     return cls(cfg, config.train.z_loss, noise_density=s.noise_density,
                mean_span_length=s.mean_span_length)

@@ -54,8 +54,8 @@ def batches(count: int, seq_len: int = SEQ_LEN, vocab_size: int = CFG.vocab_size
 
 def splash_losses(shape, attention: str) -> dict:
   cfg = dataclasses.replace(SPLASH_CFG, attention=attention)
-  mesh, objective, tx, _, step = setup(shape, cfg, SPLASH_SEQ_LEN)
-  state = state_lib.create_train_state(objective, tx, mesh, SPLASH_SEQ_LEN, jax.random.key(0))
+  mesh, task, tx, _, step = setup(shape, cfg, SPLASH_SEQ_LEN)
+  state = state_lib.create_train_state(task, tx, mesh, SPLASH_SEQ_LEN, jax.random.key(0))
   losses, manual = [], None
   for batch in batches(2, SPLASH_SEQ_LEN):
     batch = sharding.global_batch(batch, mesh)
@@ -71,12 +71,12 @@ def setup(shape, cfg: ModelConfig = CFG, seq_len: int = SEQ_LEN):
   train_config.update(warmup_steps=2, lr=1e-2)
   mesh_config = ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, shape)))
   mesh = sharding.make_mesh(mesh_config, jax.devices()[:int(np.prod(shape))])
-  objective = tasks.for_model(cfg)
+  task = tasks.for_model(cfg)
   tx = optimizer.make_optimizer(train_config)
-  abstract, shardings = state_lib.state_shardings(objective, tx, mesh, seq_len)
-  step = steps.jit_train_step(objective, tx, optimizer.learning_rate_schedule(train_config), 1,
+  abstract, shardings = state_lib.state_shardings(task, tx, mesh, seq_len)
+  step = steps.jit_train_step(task, tx, optimizer.learning_rate_schedule(train_config), 1,
                               jax.random.key(1), mesh, shardings)
-  return mesh, objective, tx, abstract, step
+  return mesh, task, tx, abstract, step
 
 
 def main():
@@ -84,8 +84,8 @@ def main():
   workdir = tempfile.mkdtemp()
   manager = checkpointing.make_manager(workdir, 1)
   for shape in MESHES:
-    mesh, objective, tx, _, step = setup(shape)
-    state = state_lib.create_train_state(objective, tx, mesh, SEQ_LEN, jax.random.key(0))
+    mesh, task, tx, _, step = setup(shape)
+    state = state_lib.create_train_state(task, tx, mesh, SEQ_LEN, jax.random.key(0))
     losses = []
     for batch in batches(5):
       state, metrics = step(state, sharding.global_batch(batch, mesh))

@@ -23,16 +23,16 @@ EOS = 1
 
 
 def _params(cfg):
-  objective = tasks.for_model(cfg)
-  params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 16)))
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 16)))
   # Larger weights than at initialisation, so greedy continuations vary from step to step.
-  return objective, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
+  return task, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
 
 
-def _log_probs_after_each_first_token(objective, params, cfg, prompt):
+def _log_probs_after_each_first_token(task, params, cfg, prompt):
   """([V] log-probs of the first new token, [V, V] of the second after each first token)."""
   vocab = cfg.vocab_size
-  logits = jax.jit(objective.logits)
+  logits = jax.jit(task.logits)
   positions = lambda ids: jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
   if cfg.arch == 'decoder':
     ids = jnp.asarray([prompt + [t, 0] for t in range(vocab)], jnp.int32)

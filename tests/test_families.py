@@ -18,11 +18,11 @@ TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, he
 
 
 @functools.lru_cache(maxsize=None)
-def _objective(arch: str, **changes):
+def _task(arch: str, **changes):
   cfg = dataclasses.replace(TINY, arch=arch, **changes)
-  objective = tasks.for_model(cfg)
-  params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 16)))
-  return objective, params, jax.jit(lambda p, b: objective.logits(p, b))
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 16)))
+  return task, params, jax.jit(lambda p, b: task.logits(p, b))
 
 
 def _positions(segment_ids):
@@ -40,7 +40,7 @@ def _encoder_batch(ids, segment_ids=None):
 
 @pytest.mark.parametrize('position', ['learned', 'relative', 'rope'])
 def test_encoder_is_bidirectional(position):
-  _, params, logits = _objective('encoder', position=position)
+  _, params, logits = _task('encoder', position=position)
   rng = np.random.default_rng(0)
   ids = rng.integers(6, 128, size=(1, 12))
   base = np.asarray(logits(params, _encoder_batch(ids)))
@@ -53,7 +53,7 @@ def test_encoder_is_bidirectional(position):
 
 
 def test_encoder_packed_examples_do_not_see_each_other():
-  _, params, logits = _objective('encoder', position='learned')
+  _, params, logits = _task('encoder', position='learned')
   rng = np.random.default_rng(1)
   ids = rng.integers(6, 128, size=(1, 12))
   segments = np.array([[1] * 5 + [2] * 7])
@@ -76,7 +76,7 @@ def _seq2seq_batch(enc_ids, dec_ids, enc_segments=None, dec_segments=None):
 
 @pytest.mark.parametrize('position', ['relative', 'rope'])
 def test_decoder_is_causal_and_reads_every_encoder_token(position):
-  _, params, logits = _objective('encoder_decoder', position=position)
+  _, params, logits = _task('encoder_decoder', position=position)
   rng = np.random.default_rng(2)
   enc = rng.integers(6, 128, size=(1, 10))
   dec = rng.integers(6, 128, size=(1, 8))
@@ -94,7 +94,7 @@ def test_decoder_is_causal_and_reads_every_encoder_token(position):
 
 
 def test_encoder_decoder_packed_examples_are_isolated():
-  _, params, logits = _objective('encoder_decoder', position='relative')
+  _, params, logits = _task('encoder_decoder', position='relative')
   rng = np.random.default_rng(3)
   enc = rng.integers(6, 128, size=(1, 10))
   dec = rng.integers(6, 128, size=(1, 8))
@@ -176,7 +176,7 @@ def test_blocks_match_a_numpy_reference(cross_attention):
 
 
 def test_masked_lm_loss_counts_only_chosen_positions():
-  objective, params, _ = _objective('encoder', position='learned')
+  task, params, _ = _task('encoder', position='learned')
   rng = np.random.default_rng(6)
   batch = _encoder_batch(rng.integers(6, 128, size=(2, 12)))
   weights = np.zeros((2, 12), np.float32)
@@ -184,14 +184,14 @@ def test_masked_lm_loss_counts_only_chosen_positions():
   targets = rng.integers(6, 128, size=(2, 12))
   batch.update(targets=jnp.asarray(targets, jnp.int32), weights=jnp.asarray(weights),
                token_type_ids=jnp.zeros((2, 12), jnp.int32))
-  loss, sums = objective.loss(params, batch, None, False)
+  loss, sums = task.loss(params, batch, None, False)
   other = targets.copy()
   other[weights == 0] = rng.integers(6, 128, size=int((weights == 0).sum()))
-  loss_other, _ = objective.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
+  loss_other, _ = task.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
                                  None, False)
   assert float(sums['weight']) == 4.0
   np.testing.assert_allclose(float(loss_other), float(loss), rtol=1e-6)
   other[0, 2] = (targets[0, 2] + 1 - 6) % 122 + 6  # a chosen position does count
-  loss_chosen, _ = objective.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
+  loss_chosen, _ = task.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
                                   None, False)
   assert abs(float(loss_chosen) - float(loss)) > 1e-4

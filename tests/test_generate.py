@@ -19,16 +19,16 @@ ENCODER_DECODER = dict(arch='encoder_decoder', position='relative', mlp='swiglu'
 
 
 def _params(cfg):
-  objective = tasks.for_model(cfg)
-  params = nn.unbox(objective.init(jax.random.key(0), objective.example_batch(1, 16)))
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 16)))
   # Larger weights than at initialisation, so greedy continuations vary from step to step.
-  return objective, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
+  return task, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
 
 
-def _greedy_without_cache(objective, params, prompt, steps, length=32):
+def _greedy_without_cache(task, params, prompt, steps, length=32):
   """Re-runs the whole (right-padded, so one compiled shape) sequence for every token;
   causality makes the padding invisible to the positions read."""
-  logits = jax.jit(objective.logits)
+  logits = jax.jit(task.logits)
   sequence = list(prompt)
   for _ in range(steps):
     ids = jnp.asarray([sequence + [0] * (length - len(sequence))], jnp.int32)
@@ -37,10 +37,10 @@ def _greedy_without_cache(objective, params, prompt, steps, length=32):
   return sequence[len(prompt):]
 
 
-def _greedy_encoder_decoder_without_cache(objective, params, prompt, steps, length=32):
+def _greedy_encoder_decoder_without_cache(task, params, prompt, steps, length=32):
   """The encoder reads the right-padded prompt; the decoder re-runs its whole sequence
   (starting from pad, as in training) for every token."""
-  logits = jax.jit(objective.logits)
+  logits = jax.jit(task.logits)
   real = (jnp.arange(length) < len(prompt)).astype(jnp.int32)[None]
   encoder = {'encoder_inputs': jnp.asarray([prompt + [0] * (length - len(prompt))], jnp.int32),
              'encoder_segment_ids': real, 'encoder_positions': jnp.arange(length)[None] * real}

@@ -29,7 +29,7 @@ def _task_and_params(next_sentence: bool = True):
   cfg = ModelConfig(arch='encoder', vocab_size=VOCAB, num_layers=1, num_heads=2,
                     num_kv_heads=2, head_dim=8, d_model=16, d_ff=32, max_len=32,
                     position='learned', num_token_types=2, nsp_head=next_sentence)
-  task = tasks.for_model(cfg, next_sentence=next_sentence)
+  task = tasks.for_model(cfg)
   return task, nn.unbox(jax.jit(task.init)(jax.random.key(0), task.example_batch(1, SEQ)))
 
 

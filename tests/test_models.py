@@ -25,9 +25,9 @@ VARIANTS = {
 @functools.lru_cache(maxsize=None)
 def _init(cfg):
   """Parameters and a jitted logits function, shared by the tests of one variant."""
-  objective = tasks.for_model(cfg)
-  params = nn.unbox(objective.init(jax.random.key(0), example_batch(1, 16)))
-  logits = jax.jit(lambda p, b: objective.logits(p, b))
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(0), example_batch(1, 16)))
+  logits = jax.jit(lambda p, b: task.logits(p, b))
   return params, logits
 
 
@@ -91,12 +91,12 @@ def test_parameters_carry_logical_axis_names():
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
   cfg = dataclasses.replace(TINY, dtype=jnp.bfloat16)
-  objective = tasks.for_model(cfg)
+  task = tasks.for_model(cfg)
   batch = example_batch(2, 16) | {'inputs': jnp.arange(32, dtype=jnp.int32).reshape(2, 16)}
-  params = nn.unbox(objective.init(jax.random.key(0), batch))
+  params = nn.unbox(task.init(jax.random.key(0), batch))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  assert objective.logits(params, batch).dtype == jnp.bfloat16
-  loss, sums = objective.loss(params, batch, None, False)
+  assert task.logits(params, batch).dtype == jnp.bfloat16
+  loss, sums = task.loss(params, batch, None, False)
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
 
 
@@ -105,13 +105,13 @@ def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
   from inference.generate import unrolled_layers
   base = dataclasses.replace(TINY, arch=arch, position='learned' if arch == 'decoder'
                              else 'relative')
-  objective = tasks.for_model(base)
-  batch = objective.example_batch(2, 16)
+  task = tasks.for_model(base)
+  batch = task.example_batch(2, 16)
   rng = np.random.default_rng(0)
   for key in ('inputs', 'targets', 'encoder_inputs', 'decoder_inputs'):
     if key in batch:
       batch[key] = jnp.asarray(rng.integers(6, 128, batch[key].shape), jnp.int32)
-  scanned_params = nn.unbox(objective.init(jax.random.key(0), batch))
+  scanned_params = nn.unbox(task.init(jax.random.key(0), batch))
 
   def gradients(cfg, params):
     loss = lambda p: tasks.for_model(cfg).loss(p, batch, jax.random.key(1), train=False)[0]

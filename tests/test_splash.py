@@ -39,8 +39,8 @@ def _packed(batch: dict) -> dict:
 
 
 def _loss_and_grads(cfg: ModelConfig, params, batch):
-  objective = tasks.for_model(cfg)
-  loss = lambda p: objective.loss(p, batch, jax.random.key(0), train=False)[0]
+  task = tasks.for_model(cfg)
+  loss = lambda p: task.loss(p, batch, jax.random.key(0), train=False)[0]
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -51,9 +51,9 @@ def _loss_and_grads(cfg: ModelConfig, params, batch):
 ])
 def test_splash_gives_xla_losses_and_gradients(changes):
   cfg = dataclasses.replace(TINY, attention='xla', **changes)
-  objective = tasks.for_model(cfg)
-  batch = _packed(objective.example_batch(2, SEQ_LEN))
-  params = nn.unbox(objective.init(jax.random.key(1), batch))
+  task = tasks.for_model(cfg)
+  batch = _packed(task.example_batch(2, SEQ_LEN))
+  params = nn.unbox(task.init(jax.random.key(1), batch))
   xla_loss, xla_grads = _loss_and_grads(cfg, params, batch)
   splash_cfg = dataclasses.replace(cfg, attention='splash')
   splash_loss, splash_grads = _loss_and_grads(splash_cfg, params, batch)
@@ -70,10 +70,10 @@ def test_splash_gives_xla_losses_and_gradients(changes):
 def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
   """A relative position bias, or a sequence of partial tiles: XLA runs instead."""
   cfg = dataclasses.replace(TINY, position=position, attention='splash')
-  objective = tasks.for_model(cfg)
-  batch = objective.example_batch(2, seq_len)
-  params = nn.unbox(objective.init(jax.random.key(1), batch))
-  jaxpr = jax.make_jaxpr(lambda p: objective.loss(p, batch, jax.random.key(0), train=False))(
+  task = tasks.for_model(cfg)
+  batch = task.example_batch(2, seq_len)
+  params = nn.unbox(task.init(jax.random.key(1), batch))
+  jaxpr = jax.make_jaxpr(lambda p: task.loss(p, batch, jax.random.key(0), train=False))(
       params)
   assert 'pallas_call' not in str(jaxpr)
   xla_loss, _ = _loss_and_grads(dataclasses.replace(cfg, attention='xla'), params, batch)
@@ -83,8 +83,8 @@ def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
 def test_a_splash_model_decodes_like_an_xla_model():
   """Over the key/value cache the mask has no segment ids, so XLA attends."""
   cfg = dataclasses.replace(TINY, position='rope', attention='splash')
-  objective = tasks.for_model(cfg)
-  params = nn.unbox(objective.init(jax.random.key(1), objective.example_batch(2, SEQ_LEN)))
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(1), task.example_batch(2, SEQ_LEN)))
   prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
   tokens = generate.generate(tasks.for_model(cfg), params, prompts, 6)
   xla = tasks.for_model(dataclasses.replace(cfg, attention='xla'))

@@ -17,15 +17,15 @@ def _setup(grad_accum: int, offload_optimizer: bool = False):
   config.train.update(steps=10, warmup_steps=2, grad_accum=grad_accum, lr=1e-2)
   cfg = ModelConfig(vocab_size=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
                     d_model=16, d_ff=32, max_len=16)
-  objective = tasks.for_model(cfg)
+  task = tasks.for_model(cfg)
   tx = optimizer.make_optimizer(config.train)
   schedule = optimizer.learning_rate_schedule(config.train)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                             jax.devices()[:1])
-  _, shardings = state_lib.state_shardings(objective, tx, mesh, 16, offload_optimizer)
-  state = state_lib.create_train_state(objective, tx, mesh, 16, jax.random.key(0),
+  _, shardings = state_lib.state_shardings(task, tx, mesh, 16, offload_optimizer)
+  state = state_lib.create_train_state(task, tx, mesh, 16, jax.random.key(0),
                                        offload_optimizer)
-  step = steps.jit_train_step(objective, tx, schedule, grad_accum, jax.random.key(1), mesh,
+  step = steps.jit_train_step(task, tx, schedule, grad_accum, jax.random.key(1), mesh,
                               shardings)
   return state, step
 
