@@ -33,6 +33,16 @@ def _check_divergence(step: int, loss: float, max_loss: float) -> None:
                            f'train.max_loss={max_loss}; lower train.lr or raise the bound.')
 
 
+def _check_finite(step: int, metrics) -> None:
+  """NaN/inf in the loss or the gradients of `step`: its updated state is garbage."""
+  _check_divergence(step, float(metrics['loss']), 0.0)
+  grad_norm = float(metrics['grad_norm'])
+  if not math.isfinite(grad_norm):
+    raise TrainingDiverged(f'The gradient norm is {grad_norm} at step {step}; lower train.lr, '
+                           'raise train.warmup_steps or set train.grad_clip, and use a fresh '
+                           '--workdir.')
+
+
 class _StopRequested:
   """SIGTERM / first Ctrl-C ask the loop to checkpoint and exit after the current step.
 
@@ -105,14 +115,18 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     config_checks.validate(config)
     self.mesh = sharding.make_mesh(config.mesh)
-    config_checks.validate_against_mesh(config, sharding.data_parallel_size(self.mesh))
+    config_checks.validate_against_mesh(config, dict(self.mesh.shape))
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
     seq_len = config.data.seq_len
     corpus = input_pipeline.load_corpus(config, workdir)
     vocab = _check_vocabulary(config, workdir, corpus.tokenizer.vocab_size)
     dtype = config_checks.compute_dtype(config, jax.default_backend())
-    self.model_cfg = kernels.resolve_attention(tasks.model_config(config, vocab, dtype), seq_len)
+    try:
+      self.model_cfg = kernels.resolve_attention(tasks.model_config(config, vocab, dtype),
+                                                 seq_len)
+    except ValueError as e:  # a kernel this machine cannot run
+      raise config_checks.ConfigError(str(e)) from None
     self.task = tasks.from_config(config, self.model_cfg)
     self.data = input_pipeline.build_data(config, corpus,
                                           self.task.examples(corpus.tokenizer, seq_len))
@@ -139,8 +153,7 @@ class Run:
                'eval_bits_per_byte': totals['loss'] / max(totals['bytes'], 1.0) / math.log(2),
                'eval_accuracy': means['correct'], 'eval_tokens': totals['weight'],
                'eval_perplexity': math.exp(min(means['loss'], 50.0))}
-    if 'nsp_count' in totals:
-      results.update(eval_nsp_loss=means['nsp_loss'], eval_nsp_accuracy=means['nsp_correct'])
+    results.update(self.task.eval_metrics(means))
     return results
 
 
@@ -210,6 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Stay at most one step ahead of the device: bounded memory for queued batches,
         # and a stop request is served within a step, not after a long queue.
         jax.block_until_ready(previous_metrics)
+        if previous_metrics is not None:  # already computed: stop at the first NaN/inf step
+          _check_finite(step, previous_metrics)
         step += 1
         is_last = step == train_cfg.steps
         if step == start_step + 1:
@@ -231,15 +246,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stopping = stop.should_stop(step)
         if step % train_cfg.checkpoint_every == 0 or is_last or stopping:
           # Never checkpoint a diverged state: a rerun would resume from it.
+          _check_finite(step, metrics)
           _check_divergence(step, float(metrics['loss']), train_cfg.max_loss)
           checkpointing.save(manager, step, state, run.data.train_iter.get_state())
         if stopping:
           logging.warning('Stopped at step %d; run the same command to resume.', step)
           break
+  except TrainingDiverged as e:  # say where a rerun would resume, once the pending save lands
+    raise TrainingDiverged(f'{e} No checkpoint of the diverged state was written. '
+                           f'{checkpointing.last_good_checkpoint(manager)}') from None
   finally:  # also when the run diverged: pending checkpoints land, files close
-    manager.wait_until_finished()
-    manager.close()
     writer.close()
+    checkpointing.finish(manager)  # CheckpointSaveError when a background save failed
   return {**last, 'step': step}
 
 
