@@ -5,7 +5,8 @@ python -m benchmarks.decode --json --batch=1 --new_tokens=128 [--arch=encoder_de
 Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt (a T5 has
 6 such layers on each side and reads the prompt with its encoder); reports
 time to first token (prefill + first sample, compiled) and new tokens/s over the
-whole generation (all rows together), excluding compilation.
+whole generation (all rows together), excluding compilation, and peak_bytes: XLA's
+compiled memory of the generation (arguments + outputs + temporaries).
 """
 import json
 import time
@@ -57,9 +58,15 @@ def main(argv):
   prompts = np.random.default_rng(0).integers(200, 8192, (_BATCH.value, _PROMPT_LEN.value))
   task, params, ids, real = prepare(task, params, prompts.tolist(), _NEW_TOKENS.value,
                                     _QUANTIZE.value)  # as generate() does
-  run = lambda new: decode_tokens(params, ids, real, jax.random.key(0), task=task,
-                                  max_new_tokens=new, sampling=Sampling(temperature=0.0),
-                                  eos_id=-1)
+  inputs = (params, ids, real, jax.random.key(0))
+  options = dict(task=task, sampling=Sampling(temperature=0.0), eos_id=-1)
+  run = lambda new: decode_tokens(*inputs, max_new_tokens=new, **options)
+  # XLA's compiled memory of the whole generation: arguments (weights, prompts) + outputs
+  # + temporaries (cache, activations, any dequantized weights).
+  memory = decode_tokens.lower(*inputs, max_new_tokens=_NEW_TOKENS.value,
+                               **options).compile().memory_analysis()
+  peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   first_token_s = _timed(lambda: run(1))
   total_s = _timed(lambda: run(_NEW_TOKENS.value))
   result = {'benchmark': 'decode', 'backend': jax.default_backend(),
@@ -67,7 +74,8 @@ def main(argv):
             'quantize': _QUANTIZE.value, 'arch': _ARCH.value,
             'batch': _BATCH.value, 'prompt_len': _PROMPT_LEN.value,
             'new_tokens': _NEW_TOKENS.value, 'time_to_first_token_s': first_token_s,
-            'total_s': total_s, 'tokens_per_s': _BATCH.value * _NEW_TOKENS.value / total_s}
+            'total_s': total_s, 'tokens_per_s': _BATCH.value * _NEW_TOKENS.value / total_s,
+            'peak_bytes': peak_bytes}
   print(json.dumps(result), flush=True)
 
 

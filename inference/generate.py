@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.quantize import dequantize, quantize_int8
+from inference.quantize import for_decoding, quantize_int8
 from inference.sampling import Sampling, penalize_repeats, sample
 from models.config import ModelConfig
 
@@ -82,8 +82,13 @@ class Decoding(NamedTuple):
 
 
 def start_decoding(task, params, ids_BP: Array, real_BP: Array) -> Decoding:
-  """The task's prefill, with int8 weights (if any) dequantized first."""
-  return task.start_decoding(dequantize(params), ids_BP, real_BP)
+  """The task's prefill. Int8 weights (if any) stay int8, and so are the operands of
+  the decode loop that closes over them: the model's Dense and Embed layers dequantize
+  each matrix where it is used, inside the prefill and inside every step, so no float
+  copy of the whole model is ever live (models/layers.py; a layer that reads dense
+  weights only, such as an untied flax output head, gets its matrix dequantized here,
+  once: inference/quantize.py `for_decoding`)."""
+  return task.start_decoding(for_decoding(params), ids_BP, real_BP)
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'max_new_tokens', 'sampling', 'eos_id',
@@ -131,7 +136,8 @@ def generate(task, params, prompts: list[list[int]], max_new_tokens: int,
   A decoder continues each prompt; an encoder-decoder reads each prompt as its
   encoder input (end it with EOS, as span corruption does) and writes the target.
   quantize='int8' stores the weights as int8 with per-channel scales
-  (inference/quantize.py); they are dequantized when the decoding starts.
+  (inference/quantize.py); each matrix is dequantized where the model uses it, at
+  every step, so weights take a quarter of the float32 memory while decoding too.
   `on_token(tokens [B])` is called as each step's tokens are chosen (for streaming).
   """
   sampling.check()

@@ -10,6 +10,7 @@ Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads
 """
 import functools
 import math
+from collections.abc import Mapping
 
 import flax
 import flax.linen as nn
@@ -27,21 +28,51 @@ def param_init(stddev: float, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
+def _is_int8(value) -> bool:
+  """An int8 weight {'int8': q, 'scale': s} of inference/quantize.py."""
+  return isinstance(value, Mapping) and set(value) == {'int8', 'scale'}
+
+
+def _int8_param(module: nn.Module, name: str, *init):
+  """module.param(name, *init), or the stored int8 weight as it is."""
+  if module.has_variable('params', name) and _is_int8(module.get_variable('params', name)):
+    return module.get_variable('params', name)
+  return module.param(name, *init)
+
+
+def _weight(value, x: Array, dtype) -> Array:
+  """The weight in `dtype`. An int8 weight is dequantized here, at its use, so only
+  this one matrix exists in float at a time. Its dequantization is made to depend on
+  the input x (a clamp that changes nothing, by a bound XLA cannot know), so XLA can
+  neither hoist it out of a decode loop (whose weights are loop-invariant) nor run it
+  before x exists: either would keep a float copy of every weight live. (XLA:CPU
+  schedules independent work early, and drops optimisation barriers before scheduling.)"""
+  if not _is_int8(value):
+    return jnp.asarray(value, dtype)
+  # |q| <= 127 (inference/quantize.py), so this is q whether or not x's first value is NaN.
+  low = jnp.int8(-127) - jnp.isnan(x.reshape(-1)[0]).astype(jnp.int8)
+  q = jnp.maximum(value['int8'], low)
+  return (q.astype(jnp.float32) * value['scale']).astype(dtype)
+
+
 class Embed(nn.Module):
   """Token embedding; `attend` reuses it as the output projection when tied."""
   cfg: ModelConfig
 
   def setup(self):
-    self.embedding = self.param(
-        'embedding', param_init(INIT_STD, ('vocab', 'embed')),
+    self.embedding = _int8_param(
+        self, 'embedding', param_init(INIT_STD, ('vocab', 'embed')),
         (self.cfg.vocab_size, self.cfg.d_model), self.cfg.param_dtype)
 
   def __call__(self, ids_BT: Array) -> Array:
+    if _is_int8(self.embedding):  # int8 rows times their scales
+      rows_BTD = jnp.take(self.embedding['int8'], ids_BT, axis=0).astype(jnp.float32)
+      return (rows_BTD * jnp.take(self.embedding['scale'], ids_BT, axis=0)).astype(self.cfg.dtype)
     table_VD = jnp.asarray(self.embedding, self.cfg.dtype)
     return jnp.take(table_VD, ids_BT, axis=0)
 
   def attend(self, x_BTD: Array) -> Array:
-    table_VD = jnp.asarray(self.embedding, self.cfg.dtype)
+    table_VD = _weight(self.embedding, x_BTD, self.cfg.dtype)
     return jnp.einsum('BTD,VD->BTV', x_BTD, table_VD)
 
 
@@ -139,10 +170,11 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg, n = self.cfg, self.num_input_axes
-    kernel = self.param('kernel', param_init(self.stddev, self.names),
-                        x.shape[-n:] + self.features, cfg.param_dtype)
+    kernel = _int8_param(self, 'kernel', param_init(self.stddev, self.names),
+                         x.shape[-n:] + self.features, cfg.param_dtype)
+    kernel = _weight(kernel, x, cfg.dtype)
     contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-    y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(cfg.dtype), kernel, (contract, ((), ())))
     if cfg.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[n:]),
                         self.features, cfg.param_dtype)
