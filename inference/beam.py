@@ -85,10 +85,11 @@ def _beam_search(params, ids_BP: Array, real_BP: Array, *, task, max_new_tokens:
            decoding.position_B, live_BW, empty_BWN, finished_BW, empty_BWN)
   i, *_, live_BW, live_BWN, finished_BW, finished_BWN = jax.lax.while_loop(
       searching, step, carry)
-  # Nothing finished (only when the loop ran to max_new_tokens): the live beams, penalised.
-  none_B1 = finished_BW[:, :1] == -jnp.inf
-  scores_BW = jnp.where(none_B1, live_BW / _penalty(i, length_penalty), finished_BW)
-  tokens_BWN = jnp.where(none_B1[:, :, None], live_BWN, finished_BWN)
+  # Cut off at max_new_tokens, the live beams compete too, penalised at that length (a
+  # search that stopped early has settled: no live beam could win).
+  cut_BW = jnp.where(i == max_new_tokens, live_BW / _penalty(i, length_penalty), -jnp.inf)
+  scores_BW = jnp.concatenate([finished_BW, cut_BW], axis=1)
+  tokens_BWN = jnp.concatenate([finished_BWN, live_BWN], axis=1)
   best_B = jnp.argmax(scores_BW, axis=1)
   tokens_BN = jnp.take_along_axis(tokens_BWN, best_B[:, None, None], axis=1)[:, 0]
   ends_BN = tokens_BN == eos_id

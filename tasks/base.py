@@ -88,7 +88,7 @@ class Task:
   def normalizers(self, batch: Batch) -> dict[str, Array]:
     """Totals of a whole step's batch that `loss` needs before differentiating (e.g. a
     per-example term's example count); the train step computes them once and passes
-    them to every micro-batch's `loss` as keyword arguments. None by default."""
+    them to every micro-batch's `loss` as keyword arguments. None by default ({})."""
     return {}
 
   def eval_metrics(self, means: dict[str, float]) -> dict[str, float]:

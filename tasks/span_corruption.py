@@ -79,6 +79,9 @@ class SpanCorruption(base.Task):
       return f'span_corruption.noise_density={s.noise_density} must be in (0, 1).'
     if s.mean_span_length < 1:
       return 'span_corruption.mean_span_length must be at least 1.'
+    if selected and config.data.seq_len < 4:  # a kept token, a sentinel, EOS: and a spare
+      return (f'data.seq_len={config.data.seq_len} is too short for span corruption; use at '
+              'least 4.')
     return None
 
   def module(self, train: bool):

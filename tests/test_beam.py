@@ -138,6 +138,16 @@ def test_a_finished_hypothesis_does_not_block_the_live_beam():
   assert beam_search(task, params, [prompt], 4, beam_size=1, length_penalty=0.0) == [[EOS]]
 
 
+def test_hypotheses_cut_off_at_max_new_tokens_compete_with_finished_ones():
+  # A rare EOS finishes at once; the likely continuation is still live at the cut-off.
+  task, params = _bigram({START: {EOS: 0.01, 2: 0.9}, 2: {3: 0.9, EOS: 0.02}})
+  prompt = [START, START]
+  assert beam_search(task, params, [prompt], 1, beam_size=4, length_penalty=0.6,
+                     eos_id=EOS) == [[2]]
+  assert beam_search(task, params, [prompt], 2, beam_size=4, length_penalty=0.6,
+                     eos_id=EOS) == [[2, 3]]
+
+
 @pytest.mark.parametrize('length_penalty', [0.6, 2.0])
 def test_a_wide_enough_beam_finds_the_best_penalised_sequence_of_all(length_penalty):
   vocab, max_new_tokens = 5, 4
@@ -147,11 +157,12 @@ def test_a_wide_enough_beam_finds_the_best_penalised_sequence_of_all(length_pena
   # prefix (4 ** 3 before the last step) and takes every candidate of a step
   # (4 ** 3 * 5 = 2 * width), so nothing is pruned and the search is exhaustive.
   width = (vocab - 1) ** (max_new_tokens - 1) * vocab // 2
-  # Every sequence that ends at EOS within max_new_tokens: the beam always finishes some
-  # (EOS alone, at least), and then never returns an unfinished one.
+  # Every sequence that ends at EOS within max_new_tokens, and every one cut off there
+  # without an EOS (those compete too, penalised at max_new_tokens).
   others = [t for t in range(vocab) if t != EOS]
   sequences = [list(body) + [EOS] for n in range(max_new_tokens)
                for body in itertools.product(others, repeat=n)]
+  sequences += [list(body) for body in itertools.product(others, repeat=max_new_tokens)]
   lengths = []
   for seed in range(6):
     # Peaked odds, so some long sequences are likely enough for the penalty to prefer.

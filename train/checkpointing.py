@@ -9,7 +9,8 @@ is moved aside to <workdir>/checkpoints_corrupt/<step> with a warning, and the n
 readable one is restored instead; a save that fails (disk full, in the background or
 not) stops the run with one CheckpointSaveError that names the step, the last good
 checkpoint and what to do. A kill at any moment needs nothing: Orbax writes each step
-into a temporary directory and renames it only once it is complete.
+into a temporary directory and commits it (a rename, or a commit marker on object
+stores) only once it is complete.
 """
 import contextlib
 import dataclasses
@@ -21,6 +22,7 @@ import traceback
 import weakref
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -182,8 +184,10 @@ class _OrbaxTracebacks(std_logging.Filter):
       return True
     if 'orbax' in record.pathname:
       strip = self.waiting or _is_disk_full(record.exc_info[1])
-    else:  # asyncio, about a task or future that nobody awaited
+    elif record.name == 'asyncio':  # about an Orbax task or future nobody awaited
       strip = _from_orbax(record.exc_info[2])
+    else:
+      strip = False
     if strip:
       record.exc_info, record.exc_text = None, None
     return True
@@ -237,10 +241,25 @@ def _quiet_abandoned_io() -> None:
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, with_data: bool):
+  """The step's (state, data state). A failed read is tried once more (a transient
+  storage error must not pass for damage), and with several processes a step counts
+  as read only when every process read it, so all resume from the same step."""
   items = {'state': ocp.args.StandardRestore(abstract_state)}
   if with_data:
     items['data'] = ocp.args.JsonRestore()
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  restored, error = None, None
+  for _ in range(2):
+    try:
+      restored, error = manager.restore(step, args=ocp.args.Composite(**items)), None
+      break
+    except Exception as e:  # noqa: BLE001 -- whatever a damaged checkpoint raises
+      error = e
+  if jax.process_count() > 1:
+    everyone = multihost_utils.process_allgather(np.asarray(error is None))
+    if error is None and not np.all(everyone):
+      error = RuntimeError(f'another process could not read step {step}')
+  if error is not None:
+    raise error
   return restored['state'], restored['data'] if with_data else None
 
 

@@ -125,7 +125,7 @@ class Run:
     try:
       self.model_cfg = kernels.resolve_attention(tasks.model_config(config, vocab, dtype),
                                                  seq_len)
-    except ValueError as e:  # a kernel this machine cannot run
+    except ValueError as e:  # e.g. an attention kernel this machine cannot run
       raise config_checks.ConfigError(str(e)) from None
     self.task = tasks.from_config(config, self.model_cfg)
     self.data = input_pipeline.build_data(config, corpus,

@@ -93,10 +93,6 @@ def mesh_context(mesh: Mesh):
     yield
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape['data'] * mesh.shape['fsdp']
-
-
 def logical_to_sharding(boxed_tree, mesh: Mesh):
   """NamedShardings for a tree of logically partitioned (boxed) values."""
   specs = nn.get_partition_spec(boxed_tree)
