@@ -17,16 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.layers import is_int8
+
 # Kernels with more than one input axis, by module name: attention's output projection
 # contracts heads and head_dim ([N, K, D], models/layers.py Attention). Others: axis 0.
 _INPUT_AXES = {'out': 2}
 # Modules of models/layers.py that read int8 weights themselves (Dense by the names
 # its callers give it, Embed): their matrices stay int8 while decoding.
 _READS_INT8 = ('query', 'key', 'value', 'out', 'up', 'gate', 'down', 'token_embed')
-
-
-def _is_quantized(x) -> bool:
-  return isinstance(x, dict) and set(x) == {'int8', 'scale'}
 
 
 def _names(path) -> list[str]:
@@ -54,10 +52,10 @@ def dequantize(params, dtype=jnp.float32, keep=lambda names: False):
   """Back to dense weights (in `dtype`), except those whose path names `keep` accepts;
   a tree without int8 leaves passes through."""
   def dense(path, x):
-    if not _is_quantized(x) or keep(_names(path)):
+    if not is_int8(x) or keep(_names(path)):
       return x
     return (x['int8'].astype(jnp.float32) * x['scale']).astype(dtype)
-  return jax.tree_util.tree_map_with_path(dense, params, is_leaf=_is_quantized)
+  return jax.tree_util.tree_map_with_path(dense, params, is_leaf=is_int8)
 
 
 def for_decoding(params):

@@ -73,6 +73,7 @@ class Documents:
 
   @classmethod
   def from_list(cls, documents: list[np.ndarray]) -> 'Documents':
+    """The index of a list of documents (tests and small corpora)."""
     lengths = np.array([len(d) for d in documents], np.int64)
     ends = np.cumsum(lengths)
     tokens = np.concatenate(documents) if documents else np.zeros(0, np.int32)
@@ -85,14 +86,12 @@ class Documents:
     return np.asarray(self.tokens[self.starts[i]:self.ends[i]])
 
 
-def sentence_pair(documents: 'Documents | list[np.ndarray]', rng: np.random.Generator,
+def sentence_pair(documents: Documents, rng: np.random.Generator,
                   seq_len: int) -> Example:
   """`[CLS] A [SEP] B [SEP]` padded to seq_len; B follows A in its document (label 1)
   or comes from another document (label 0), each half of the time. Reads at most two
   documents of `documents` (a list is indexed first; documents under 2 tokens are
   never drawn). 'nsp_weights' is 1 (a padding row of zeros weighs 0)."""
-  if not isinstance(documents, Documents):
-    documents = Documents.from_list(documents)
   budget = seq_len - 3
   count = len(documents)
   index = int(rng.integers(count))

@@ -28,14 +28,14 @@ def param_init(stddev: float, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
 
 
-def _is_int8(value) -> bool:
+def is_int8(value) -> bool:
   """An int8 weight {'int8': q, 'scale': s} of inference/quantize.py."""
   return isinstance(value, Mapping) and set(value) == {'int8', 'scale'}
 
 
 def _int8_param(module: nn.Module, name: str, *init):
   """module.param(name, *init), or the stored int8 weight as it is."""
-  if module.has_variable('params', name) and _is_int8(module.get_variable('params', name)):
+  if module.has_variable('params', name) and is_int8(module.get_variable('params', name)):
     return module.get_variable('params', name)
   return module.param(name, *init)
 
@@ -47,7 +47,7 @@ def _weight(value, x: Array, dtype) -> Array:
   neither hoist it out of a decode loop (whose weights are loop-invariant) nor run it
   before x exists: either would keep a float copy of every weight live. (XLA:CPU
   schedules independent work early, and drops optimisation barriers before scheduling.)"""
-  if not _is_int8(value):
+  if not is_int8(value):
     return jnp.asarray(value, dtype)
   # |q| <= 127 (inference/quantize.py), so this is q whether or not x's first value is NaN.
   low = jnp.int8(-127) - jnp.isnan(x.reshape(-1)[0]).astype(jnp.int8)
@@ -65,7 +65,7 @@ class Embed(nn.Module):
         (self.cfg.vocab_size, self.cfg.d_model), self.cfg.param_dtype)
 
   def __call__(self, ids_BT: Array) -> Array:
-    if _is_int8(self.embedding):  # int8 rows times their scales
+    if is_int8(self.embedding):  # int8 rows times their scales
       rows_BTD = jnp.take(self.embedding['int8'], ids_BT, axis=0).astype(jnp.float32)
       return (rows_BTD * jnp.take(self.embedding['scale'], ids_BT, axis=0)).astype(self.cfg.dtype)
     table_VD = jnp.asarray(self.embedding, self.cfg.dtype)

@@ -48,7 +48,8 @@ def test_whole_word_masking_chooses_entire_words():
 
 def test_sentence_pairs_have_the_bert_layout_and_half_are_true_next():
   rng = np.random.default_rng(2)
-  documents = [np.arange(1000 * d, 1000 * d + 300) + NUM_SPECIAL for d in range(5)]
+  documents = masking.Documents.from_list(
+      [np.arange(1000 * d, 1000 * d + 300) + NUM_SPECIAL for d in range(5)])
   labels = []
   for _ in range(400):
     ex = masking.sentence_pair(documents, rng, 32)
