@@ -13,8 +13,9 @@ that the penalty prefers), and finished ones compete only on the penalised score
 
 The search stops at max_new_tokens, or once no live hypothesis can beat the worst
 finished one: log-probabilities only fall, so a live score divided by the largest
-penalty still to come bounds all its continuations. A prompt with nothing finished
-returns its best live hypothesis. length_penalty 0 compares raw log-probabilities.
+penalty still to come bounds all its continuations. A search that runs to
+max_new_tokens lets the live hypotheses cut off there compete too, penalised at that
+length (as Hugging Face's finalize does). length_penalty 0 compares raw log-probabilities.
 """
 import functools
 

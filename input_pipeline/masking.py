@@ -90,8 +90,7 @@ def sentence_pair(documents: Documents, rng: np.random.Generator,
                   seq_len: int) -> Example:
   """`[CLS] A [SEP] B [SEP]` padded to seq_len; B follows A in its document (label 1)
   or comes from another document (label 0), each half of the time. Reads at most two
-  documents of `documents` (a list is indexed first; documents under 2 tokens are
-  never drawn). 'nsp_weights' is 1 (a padding row of zeros weighs 0)."""
+  documents of the index (documents under 2 tokens are never drawn). 'nsp_weights' is 1 (a padding row of zeros weighs 0)."""
   budget = seq_len - 3
   count = len(documents)
   index = int(rng.integers(count))

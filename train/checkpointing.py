@@ -22,11 +22,9 @@ import traceback
 import weakref
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 CORRUPT_DIR = 'checkpoints_corrupt'  # beside checkpoints/, where Orbax never looks
 
@@ -241,25 +239,15 @@ def _quiet_abandoned_io() -> None:
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, with_data: bool):
-  """The step's (state, data state). A failed read is tried once more (a transient
-  storage error must not pass for damage), and with several processes a step counts
-  as read only when every process read it, so all resume from the same step."""
+  """The step's (state, data state). A failed read is tried once more, so a transient
+  storage error does not pass for damage."""
   items = {'state': ocp.args.StandardRestore(abstract_state)}
   if with_data:
     items['data'] = ocp.args.JsonRestore()
-  restored, error = None, None
-  for _ in range(2):
-    try:
-      restored, error = manager.restore(step, args=ocp.args.Composite(**items)), None
-      break
-    except Exception as e:  # noqa: BLE001 -- whatever a damaged checkpoint raises
-      error = e
-  if jax.process_count() > 1:
-    everyone = multihost_utils.process_allgather(np.asarray(error is None))
-    if error is None and not np.all(everyone):
-      error = RuntimeError(f'another process could not read step {step}')
-  if error is not None:
-    raise error
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception:  # noqa: BLE001 -- retried once; a second failure propagates
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored['state'], restored['data'] if with_data else None
 
 
@@ -269,7 +257,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, with_data: bo
   A newer step that fails to restore while an older one restores was damaged (files
   missing or cut short): it is moved to <workdir>/checkpoints_corrupt/<step>, never
   deleted, with a warning that says where. When no step restores (a changed model
-  config, say) nothing is moved and CheckpointRestoreError says why.
+  config, say) nothing is moved and CheckpointRestoreError says why. With several
+  processes there is no fallback: a failed read raises CheckpointRestoreError at once
+  (Orbax's restore ends in a barrier that a failed process never reaches, so the
+  processes could not agree on an older step without risking a hang).
   """
   steps = sorted(manager.all_steps(), reverse=True)
   failed: list[tuple[int, Exception]] = []
@@ -280,6 +271,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, with_data: bo
       logging.warning('Could not restore the checkpoint at step %d in %s (%s).', step,
                       manager.directory, _reason(e))
       failed.append((step, e))
+      if jax.process_count() > 1:
+        break
       continue
     if failed:
       _move_aside(manager, [s for s, _ in failed], step)
@@ -288,6 +281,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, with_data: bo
   if not failed:
     return None, None
   step, error = failed[0]
+  if jax.process_count() > 1:
+    raise CheckpointRestoreError(
+        f'The checkpoint at step {step} in {manager.directory} could not be restored '
+        f'({_reason(error)}). If the model or optimizer config changed, rerun with the one '
+        f'this run started with; if it is damaged, move {_step_path(manager, step)} aside '
+        'and rerun to resume from the step before.') from error
   raise CheckpointRestoreError(
       f'No checkpoint in {manager.directory} could be restored (steps '
       f'{", ".join(map(str, steps))}); step {step} failed with {_reason(error)}. If the '
@@ -307,12 +306,9 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int], good_step: int
     while target.exists():
       target, n = target_root / f'{step}.{n}', n + 1
     moved[step] = (source, target)
-  if jax.process_index() == 0:
-    target_root.mkdir(parents=True, exist_ok=True)
-    for source, target in moved.values():
-      source.rename(target)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('checkpointing: damaged checkpoints moved aside')
+  target_root.mkdir(parents=True, exist_ok=True)  # one process: restore_latest
+  for source, target in moved.values():
+    source.rename(target)
   manager.reload()
   for step, (source, target) in moved.items():
     logging.warning('The checkpoint at step %d (%s) could not be read; it was moved to %s '
