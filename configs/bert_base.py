@@ -9,7 +9,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.model.update(arch='encoder', num_layers=12, num_heads=12, d_model=768, d_ff=3072,
-                      max_len=512, position='learned', norm='layernorm', mlp='gelu',
+                      max_len=512, position='learned', norm='layernorm', activation='gelu_tanh',
                       use_bias=True, num_token_types=2, dropout=0.1)
   config.masked_lm.next_sentence = True
   config.data.update(seq_len=128, batch_size=256)

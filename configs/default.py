@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder'  # 'decoder' (GPT) | 'encoder' (BERT) | 'encoder_decoder' (T5)
-  model.num_layers = 4
+  model.num_layers = 4  # an encoder-decoder's encoder depth
+  model.num_decoder_layers = 0  # an encoder-decoder's decoder depth; 0: num_layers
   model.num_heads = 4
   model.num_kv_heads = 0  # grouped-query attention; 0: same as num_heads
   model.d_model = 256
@@ -24,11 +25,21 @@ def get_config() -> ml_collections.ConfigDict:
   model.position = 'auto'  # 'learned' | 'sinusoidal' | 'rope' | 'relative' (T5 bias) |
   #                           'auto': rope (decoder), learned (encoder), relative (encoder_decoder)
   model.rope_theta = 10_000.0
+  model.relative_buckets = 32  # T5's relative position bias: buckets, shared by both directions
+  model.relative_max_distance = 128  # in an encoder; distances beyond share the last bucket
   model.norm = 'rmsnorm'  # 'layernorm' | 'rmsnorm'
   model.norm_eps = 1e-6
-  model.mlp = 'gelu'  # 'gelu' | 'swiglu'
+  model.block_order = 'pre_norm'  # 'pre_norm': x + f(norm(x)) | 'post_norm': norm(x + f(x)) (BERT)
+  model.embed_norm = False  # a norm on the embedding sum (BERT)
+  model.final_norm = True  # a norm on each stack's output
+  model.activation = 'gelu_tanh'  # MLP: 'gelu_tanh' | 'gelu' (exact erf) | 'relu' | 'silu'
+  model.gated_mlp = False  # act(x W_gate) * (x W_up): silu -> SwiGLU (Llama), gelu_tanh -> GeGLU
+  model.attention_scale = 0.0  # multiplies q.k; 0: 1/sqrt(head_dim) (T5: 1.0)
   model.num_token_types = 0  # token-type (segment A/B) embeddings; BERT uses 2
+  model.mlm_transform = False  # dense -> activation -> norm before the output projection (BERT)
+  model.output_bias = False  # a learned bias per vocabulary entry on the logits (BERT)
   model.tie_embeddings = True  # output projection shares the token embedding
+  model.tied_output_scale = False  # last hidden * d_model**-0.5 before the tied projection (T5 v1.0)
   model.use_bias = False  # biases in attention and MLP projections
   model.dropout = 0.0
   model.scan_layers = True  # nn.scan over layers: compile time does not grow with depth

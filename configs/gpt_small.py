@@ -12,7 +12,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.model.update(num_layers=12, num_heads=12, d_model=768, d_ff=3072, max_len=1024,
-                      position='learned', norm='layernorm', mlp='gelu', use_bias=True)
+                      position='learned', norm='layernorm', activation='gelu_tanh', use_bias=True)
   config.data.update(seq_len=1024, batch_size=32)
   config.data.tokenizer.vocab_size = 32768
   config.train.update(steps=20_000, lr=6e-4, warmup_steps=700, weight_decay=0.1,

@@ -9,7 +9,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.model.update(arch='encoder_decoder', num_layers=6, num_heads=8, d_model=512,
-                      d_ff=2048, max_len=512, position='relative', norm='rmsnorm', mlp='gelu',
+                      d_ff=2048, max_len=512, position='relative', norm='rmsnorm', activation='gelu_tanh',
                       dropout=0.1)
   config.data.update(seq_len=512, batch_size=128)
   config.data.tokenizer.vocab_size = 32_000

@@ -3,7 +3,7 @@
 Every matrix (projection kernels, embeddings) is stored as int8 values q and
 float32 scales s with w ~= q * s, s = max|w| / 127 taken over the matrix's input
 (contraction) axes, after the layer axis of a scanned stack: axis 0 of a kernel, axes
-(0, 1) of attention's output kernel [N, K, D] (models/layers.py `_dense`), and each
+(0, 1) of attention's output kernel [N, K, D] (models/layers.py `dense`), and each
 row of an embedding (both a lookup and the tied output projection). So s has one
 value per output channel. Norm scales and biases stay in float32. Weights take a
 quarter of their float32 memory.

@@ -12,7 +12,8 @@ POSITIONS = ('auto', 'learned', 'sinusoidal', 'rope', 'relative')
 # 'auto' picks each family's customary positions.
 DEFAULT_POSITION = {'decoder': 'rope', 'encoder': 'learned', 'encoder_decoder': 'relative'}
 NORMS = ('layernorm', 'rmsnorm')
-MLPS = ('gelu', 'swiglu')
+ACTIVATIONS = ('gelu_tanh', 'gelu', 'relu', 'silu')  # 'gelu' is the exact (erf) form
+BLOCK_ORDERS = ('pre_norm', 'post_norm')
 # What the backward pass may keep instead of recomputing; 'none' does not rematerialise.
 REMAT_POLICIES = {
     'none': None,
@@ -27,7 +28,8 @@ class ModelConfig:
   """Hyper-parameters of one transformer; layers read what they need from it."""
   arch: str = 'decoder'
   vocab_size: int = 256
-  num_layers: int = 2
+  num_layers: int = 2  # an encoder-decoder's encoder depth
+  num_decoder_layers: int = 0  # an encoder-decoder's decoder depth; 0: num_layers
   num_heads: int = 4
   num_kv_heads: int = 4
   head_dim: int = 32
@@ -41,10 +43,19 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   norm: str = 'rmsnorm'
   norm_eps: float = 1e-6
-  mlp: str = 'gelu'
+  block_order: str = 'pre_norm'  # 'post_norm': x = norm(x + f(x)) (BERT)
+  embed_norm: bool = False  # a norm on the embedding sum (BERT)
+  final_norm: bool = True  # a norm on the last block's output (every stack's)
+  activation: str = 'gelu_tanh'  # of the MLP (and of the MLM transform)
+  gated_mlp: bool = False  # activation(x W_gate) * (x W_up): silu -> SwiGLU, gelu_tanh -> GeGLU
+  attention_scale: float = 0.0  # multiplies q.k; 0: 1/sqrt(head_dim) (T5 uses 1)
   num_token_types: int = 0  # segment (token-type) embeddings, e.g. 2 for BERT's A/B; 0: none
-  nsp_head: bool = False  # a binary next-sentence head on the first ([CLS]) token
+  nsp_head: bool = False  # a binary next-sentence head (dense + tanh pooler) on the first token
+  mlm_transform: bool = False  # dense -> activation -> norm before the output projection (BERT)
+  output_bias: bool = False  # a learned bias per vocabulary entry on the logits
   tie_embeddings: bool = True
+  tied_output_scale: bool = False  # scale the last hidden by d_model**-0.5 before the tied
+  #                                  projection (T5 v1.0)
   use_bias: bool = False
   dropout: float = 0.0
   scan_layers: bool = True

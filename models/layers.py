@@ -182,7 +182,7 @@ class Dense(nn.Module):
     return y
 
 
-def _dense(cfg: ModelConfig, features, axis, names, stddev, name) -> Dense:
+def dense(cfg: ModelConfig, features, axis, names, stddev, name) -> Dense:
   """A Dense over the input axes `axis` (-1, or (-2, -1)) onto `features`."""
   features = (features,) if isinstance(features, int) else tuple(features)
   return Dense(cfg, features, names, stddev, 1 if isinstance(axis, int) else len(axis), name=name)
@@ -211,19 +211,25 @@ def attention_mask(q_segment_BT: Array, kv_segment_BS: Array, causal: bool) -> A
 
 
 def dot_product_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: AttentionMask,
-                          bias_BNTS: Array | None, implementation: str) -> Array:
-  """[B, T, N, K] attention outputs by the configured implementation: splash where it
-  applies (else XLA), or jax.nn.dot_product_attention's XLA or cuDNN kernels."""
+                          bias_BNTS: Array | None, implementation: str, scale: float) -> Array:
+  """[B, T, N, K] attention outputs, softmax(scale q.k + bias + mask) v, by the configured
+  implementation: splash where it applies (else XLA), or jax.nn.dot_product_attention's
+  XLA or cuDNN kernels."""
   if implementation == 'splash':
     from models import splash  # the Pallas TPU modules load only when asked for
     if splash.applies(q_BTNK.shape[1], k_BSGK.shape[1], mask.q_segment_BT is not None,
                       bias_BNTS is not None):
       return splash.attention(q_BTNK, k_BSGK, v_BSGK, mask.q_segment_BT, mask.kv_segment_BS,
-                              mask.causal)
+                              mask.causal, scale)
     implementation = 'xla'
   return jax.nn.dot_product_attention(
-      q_BTNK, k_BSGK, v_BSGK, bias=bias_BNTS, mask=mask.dense_B1TS,
+      q_BTNK, k_BSGK, v_BSGK, bias=bias_BNTS, mask=mask.dense_B1TS, scale=scale,
       implementation=None if implementation == 'auto' else implementation)
+
+
+def attention_scale(cfg: ModelConfig) -> float:
+  """What q.k is multiplied by: 1/sqrt(head_dim) unless the model says otherwise (T5: 1)."""
+  return cfg.attention_scale or cfg.head_dim ** -0.5
 
 
 class Attention(nn.Module):
@@ -245,15 +251,15 @@ class Attention(nn.Module):
     cfg = self.cfg
     N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     std = INIT_STD
-    q_BTNK = _dense(cfg, (N, K), -1, ('embed', 'heads', 'kv'), std, 'query')(x_BTD)
+    q_BTNK = dense(cfg, (N, K), -1, ('embed', 'heads', 'kv'), std, 'query')(x_BTD)
     cross_cache = self.cross and cfg.decode
     if cross_cache and kv_BSD is None:  # a later decoding step
       k_BSGK = self.get_variable('cache', 'cross_key')
       v_BSGK = self.get_variable('cache', 'cross_value')
     else:
       kv_BSD = kv_BSD if self.cross else x_BTD
-      k_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key')(kv_BSD)
-      v_BSGK = _dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value')(kv_BSD)
+      k_BSGK = dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key')(kv_BSD)
+      v_BSGK = dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value')(kv_BSD)
       if cross_cache:
         self.put_variable('cache', 'cross_key', k_BSGK)
         self.put_variable('cache', 'cross_value', v_BSGK)
@@ -268,29 +274,42 @@ class Attention(nn.Module):
       cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSGK, start)
       cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BSGK, start)
       k_BSGK, v_BSGK = cached_k.value, cached_v.value
-    out_BTNK = dot_product_attention(q_BTNK, k_BSGK, v_BSGK, mask, bias_BNTS, cfg.attention)
+    out_BTNK = dot_product_attention(q_BTNK, k_BSGK, v_BSGK, mask, bias_BNTS, cfg.attention,
+                                     attention_scale(cfg))
     out_std = std / math.sqrt(2 * cfg.num_layers)
-    return _dense(cfg, D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out')(out_BTNK)
+    return dense(cfg, D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out')(out_BTNK)
+
+
+ACTIVATION_FNS = {
+    'gelu_tanh': functools.partial(nn.gelu, approximate=True),  # GPT-2's "gelu_new"
+    'gelu': functools.partial(nn.gelu, approximate=False),  # the exact erf form (BERT)
+    'relu': nn.relu,
+    'silu': nn.silu,
+}
 
 
 class Mlp(nn.Module):
-  """Position-wise MLP: GELU (GPT/BERT/T5) or SwiGLU (PaLM/LLaMA)."""
+  """Position-wise MLP: down(act(x up)), or gated down(act(x gate) * (x up)) as in
+  SwiGLU (silu: PaLM, Llama) and GeGLU (gelu_tanh: T5 v1.1)."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     cfg = self.cfg
-    up = functools.partial(_dense, cfg, cfg.d_ff, -1, ('embed', 'mlp'), INIT_STD)
-    if cfg.mlp == 'swiglu':
-      h_BTF = nn.silu(up('gate')(x_BTD)) * up('up')(x_BTD)
+    act = ACTIVATION_FNS[cfg.activation]
+    up = functools.partial(dense, cfg, cfg.d_ff, -1, ('embed', 'mlp'), INIT_STD)
+    if cfg.gated_mlp:
+      h_BTF = act(up('gate')(x_BTD)) * up('up')(x_BTD)
     else:
-      h_BTF = nn.gelu(up('up')(x_BTD))
+      h_BTF = act(up('up')(x_BTD))
     out_std = INIT_STD / math.sqrt(2 * cfg.num_layers)
-    return _dense(cfg, cfg.d_model, -1, ('mlp', 'embed'), out_std, 'down')(h_BTF)
+    return dense(cfg, cfg.d_model, -1, ('mlp', 'embed'), out_std, 'down')(h_BTF)
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: self-attention, optional cross-attention, MLP.
+  """Transformer block: self-attention, optional cross-attention, MLP, each a residual
+  branch; pre-norm (x + f(norm(x)), GPT-2, T5, Llama) or post-norm (norm(x + f(x)),
+  BERT) as `cfg.block_order` says.
 
   The same block serves every family: the caller's mask makes it causal (decoders)
   or bidirectional (encoders); `cross_attention` adds attention to an encoder's
@@ -301,21 +320,24 @@ class Block(nn.Module):
   deterministic: bool = True
   cross_attention: bool = False
 
+  def _residual(self, name: str, branch, x_BTD: Array) -> Array:
+    dropout = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)
+    if self.cfg.block_order == 'post_norm':
+      return Norm(self.cfg, name=f'post_{name}_norm')(x_BTD + dropout(branch(x_BTD)))
+    return x_BTD + dropout(branch(Norm(self.cfg, name=f'pre_{name}_norm')(x_BTD)))
+
   @nn.compact
   def __call__(self, x_BTD: Array, self_mask: AttentionMask, positions_BT: Array,
                self_bias_BNTS: Array | None = None, encoded_BSD: Array | None = None,
                cross_mask: AttentionMask | None = None, cache_index: Array | None = None):
     cfg = self.cfg
-    dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
-    h = Attention(cfg, use_rope=cfg.position == 'rope', name='self_attention')(
-        Norm(cfg, name='pre_self_attention_norm')(x_BTD), self_mask, positions_BT,
-        bias_BNTS=self_bias_BNTS, cache_index=cache_index)
-    x_BTD = x_BTD + dropout(h)
+    self_attention = Attention(cfg, use_rope=cfg.position == 'rope', name='self_attention')
+    x_BTD = self._residual('self_attention', lambda h: self_attention(
+        h, self_mask, positions_BT, bias_BNTS=self_bias_BNTS, cache_index=cache_index), x_BTD)
     if self.cross_attention:
-      h = Attention(cfg, cross=True, name='cross_attention')(
-          Norm(cfg, name='pre_cross_attention_norm')(x_BTD), cross_mask, kv_BSD=encoded_BSD)
-      x_BTD = x_BTD + dropout(h)
-    h = Mlp(cfg, name='mlp')(Norm(cfg, name='pre_mlp_norm')(x_BTD))
-    x_BTD = x_BTD + dropout(h)
+      cross_attention = Attention(cfg, cross=True, name='cross_attention')
+      x_BTD = self._residual('cross_attention',
+                             lambda h: cross_attention(h, cross_mask, kv_BSD=encoded_BSD), x_BTD)
+    x_BTD = self._residual('mlp', Mlp(cfg, name='mlp'), x_BTD)
     return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed')), None

@@ -89,9 +89,9 @@ def _divisible(mesh_axes, size: int, mesh):
 
 
 def attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, q_segment_BT: Array,
-              kv_segment_BS: Array, causal: bool) -> Array:
-  """softmax(q k^T / sqrt(K) + mask) v, as jax.nn.dot_product_attention computes it."""
-  q_BTNK = q_BTNK * (q_BTNK.shape[-1] ** -0.5)  # the kernel does not scale
+              kv_segment_BS: Array, causal: bool, scale: float) -> Array:
+  """softmax(scale q k^T + mask) v, as jax.nn.dot_product_attention computes it."""
+  q_BTNK = q_BTNK * scale  # the kernel does not scale
   local = functools.partial(_attend_local, causal=causal)
   mesh = _context_mesh()
   if mesh is None or mesh.size == 1:

@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 
 from models.config import REMAT_POLICIES, ModelConfig
-from models.layers import (INIT_STD, Array, AttentionMask, Block, Embed, Norm,
-                           RelativePositionBias, attention_mask, param_init, sinusoidal_positions)
+from models.layers import (ACTIVATION_FNS, INIT_STD, Array, AttentionMask, Block, Embed, Norm,
+                           RelativePositionBias, attention_mask, dense, param_init,
+                           sinusoidal_positions)
 
 
 class Stack(nn.Module):
@@ -16,6 +17,7 @@ class Stack(nn.Module):
   backward pass recomputes instead of storing.
   """
   cfg: ModelConfig
+  num_layers: int
   deterministic: bool = True
   cross_attention: bool = False
 
@@ -33,11 +35,11 @@ class Stack(nn.Module):
       scanned = nn.scan(
           block_cls, variable_axes={'params': 0, 'cache': 0},
           split_rngs={'params': True, 'dropout': True},
-          in_axes=nn.broadcast, length=cfg.num_layers,
+          in_axes=nn.broadcast, length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x_BTD, _ = scanned(cfg, self.deterministic, self.cross_attention, name='layers')(x_BTD, *args)
     else:
-      for i in range(cfg.num_layers):
+      for i in range(self.num_layers):
         x_BTD, _ = block_cls(cfg, self.deterministic, self.cross_attention,
                              name=f'layer_{i}')(x_BTD, *args)
     return x_BTD
@@ -45,7 +47,8 @@ class Stack(nn.Module):
 
 class InputEmbedding(nn.Module):
   """Token embedding plus absolute positions (learned or sinusoidal; RoPE and relative
-  biases act inside attention) and optional token-type (segment A/B) embeddings."""
+  biases act inside attention), optional token-type (segment A/B) embeddings, and an
+  optional norm of the sum (BERT)."""
   cfg: ModelConfig
   deterministic: bool = True
 
@@ -70,23 +73,53 @@ class InputEmbedding(nn.Module):
       if token_type_ids_BT is None:
         token_type_ids_BT = jnp.zeros_like(ids_BT)
       x_BTD = x_BTD + jnp.take(table_YD.astype(cfg.dtype), token_type_ids_BT, axis=0)
+    if cfg.embed_norm:
+      x_BTD = Norm(cfg, name='embed_norm')(x_BTD)
     return nn.Dropout(cfg.dropout, deterministic=self.deterministic)(x_BTD)
 
 
 class OutputHead(nn.Module):
-  """Final norm and projection to vocabulary logits (tied to the embedding or separate)."""
+  """Last hidden state -> vocabulary logits: the final norm (`hidden`), then an optional
+  MLM transform (dense, activation, norm: BERT) and the projection, tied to the token
+  embedding (scaled by d_model**-0.5 first in T5 v1.0) or separate, plus an optional
+  per-vocabulary bias."""
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, embed: Embed, x_BTD: Array) -> Array:
+  def setup(self):
     cfg = self.cfg
-    x_BTD = Norm(cfg, name='final_norm')(x_BTD)
-    if cfg.tie_embeddings:
-      return embed.attend(x_BTD)
-    return nn.DenseGeneral(
-        cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=param_init(INIT_STD, ('embed', 'vocab')),
-        name='lm_head')(x_BTD)
+    self.final_norm = Norm(cfg, name='final_norm') if cfg.final_norm else None
+    if cfg.mlm_transform:
+      self.transform = dense(cfg, cfg.d_model, -1, ('embed', None), INIT_STD, 'transform')
+      self.transform_norm = Norm(cfg, name='transform_norm')
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.DenseGeneral(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=param_init(INIT_STD, ('embed', 'vocab')), name='lm_head')
+    if cfg.output_bias:
+      self.output_bias = self.param(
+          'output_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+          (cfg.vocab_size,), cfg.param_dtype)
+
+  def hidden(self, x_BTD: Array) -> Array:
+    """The stack's output as the heads read it (after the final norm, where there is one)."""
+    return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
+
+  def logits(self, embed: Embed, h_BTD: Array) -> Array:
+    cfg = self.cfg
+    if cfg.mlm_transform:
+      h_BTD = self.transform_norm(ACTIVATION_FNS[cfg.activation](self.transform(h_BTD)))
+    if not cfg.tie_embeddings:
+      logits_BTV = self.lm_head(h_BTD)
+    else:
+      if cfg.tied_output_scale:
+        h_BTD = h_BTD * cfg.d_model ** -0.5
+      logits_BTV = embed.attend(h_BTD)
+    if cfg.output_bias:
+      logits_BTV = logits_BTV + self.output_bias.astype(logits_BTV.dtype)
+    return logits_BTV
+
+  def __call__(self, embed: Embed, x_BTD: Array) -> Array:
+    return self.logits(embed, self.hidden(x_BTD))
 
 
 class CacheSlots(nn.Module):
@@ -149,8 +182,8 @@ class DecoderOnly(nn.Module):
             if cfg.position == 'relative' else None)
     mask, bias_BNTS, cache_index = causal_self_attention_inputs(
         cfg, slots, bias, segment_ids_BT, positions_BT)
-    x_BTD = Stack(cfg, self.deterministic, name='decoder')(x_BTD, mask, positions_BT,
-                                                           bias_BNTS, cache_index=cache_index)
+    x_BTD = Stack(cfg, cfg.num_layers, self.deterministic, name='decoder')(
+        x_BTD, mask, positions_BT, bias_BNTS, cache_index=cache_index)
     return OutputHead(cfg, name='head')(embed, x_BTD)
 
 
@@ -170,16 +203,18 @@ class EncoderOnly(nn.Module):
     mask = attention_mask(segment_ids_BT, segment_ids_BT, causal=False)
     bias_BNTS = (RelativePositionBias(cfg, bidirectional=True, name='relative_bias')(
         positions_BT, positions_BT) if cfg.position == 'relative' else None)
-    x_BTD = Stack(cfg, self.deterministic, name='encoder')(x_BTD, mask, positions_BT,
-                                                           bias_BNTS)
-    logits_BTV = OutputHead(cfg, name='head')(embed, x_BTD)
+    x_BTD = Stack(cfg, cfg.num_layers, self.deterministic, name='encoder')(
+        x_BTD, mask, positions_BT, bias_BNTS)
+    head = OutputHead(cfg, name='head')
+    h_BTD = head.hidden(x_BTD)
+    logits_BTV = head.logits(embed, h_BTD)
     if not cfg.nsp_head:
       return logits_BTV, None
     dense = lambda features, name: nn.Dense(
         features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
         kernel_init=param_init(INIT_STD, ('embed', None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
-    pooled_BD = jnp.tanh(dense(cfg.d_model, 'pooler')(Norm(cfg, name='pooler_norm')(x_BTD[:, 0])))
+    pooled_BD = jnp.tanh(dense(cfg.d_model, 'pooler')(h_BTD[:, 0]))
     return logits_BTV, dense(2, 'next_sentence')(pooled_BD)
 
 
@@ -194,9 +229,10 @@ class EncoderDecoder(nn.Module):
     self.embed = Embed(cfg, name='token_embed')
     self.encoder_input = InputEmbedding(cfg, self.deterministic, name='encoder_input')
     self.decoder_input = InputEmbedding(cfg, self.deterministic, name='decoder_input')
-    self.encoder = Stack(cfg, self.deterministic, name='encoder')
-    self.encoder_norm = Norm(cfg, name='encoder_norm')
-    self.decoder = Stack(cfg, self.deterministic, cross_attention=True, name='decoder')
+    self.encoder = Stack(cfg, cfg.num_layers, self.deterministic, name='encoder')
+    self.encoder_norm = Norm(cfg, name='encoder_norm') if cfg.final_norm else None
+    self.decoder = Stack(cfg, cfg.num_decoder_layers or cfg.num_layers, self.deterministic,
+                         cross_attention=True, name='decoder')
     self.head = OutputHead(cfg, name='head')
     relative = cfg.position == 'relative'
     self.encoder_bias = (RelativePositionBias(cfg, bidirectional=True, name='encoder_bias')
@@ -209,7 +245,8 @@ class EncoderDecoder(nn.Module):
     x_BSD = self.encoder_input(self.embed, inputs_BS, positions_BS)
     mask = attention_mask(segment_ids_BS, segment_ids_BS, causal=False)
     bias = None if self.encoder_bias is None else self.encoder_bias(positions_BS, positions_BS)
-    return self.encoder_norm(self.encoder(x_BSD, mask, positions_BS, bias))
+    x_BSD = self.encoder(x_BSD, mask, positions_BS, bias)
+    return x_BSD if self.encoder_norm is None else self.encoder_norm(x_BSD)
 
   def decode(self, encoded_BSD: Array | None, encoder_segment_ids_BS: Array, inputs_BT: Array,
              segment_ids_BT: Array, positions_BT: Array) -> Array:

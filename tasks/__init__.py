@@ -27,13 +27,18 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, dtype) -> M
   m = config.model
   return ModelConfig(
       arch=m.arch, vocab_size=vocab_size, num_layers=m.num_layers,
+      num_decoder_layers=m.num_decoder_layers,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
       head_dim=m.head_dim or m.d_model // m.num_heads, d_model=m.d_model,
       d_ff=m.d_ff, max_len=m.max_len,
       position=DEFAULT_POSITION[m.arch] if m.position == 'auto' else m.position,
-      rope_theta=m.rope_theta, num_token_types=m.num_token_types,
-      norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp,
-      tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
+      rope_theta=m.rope_theta, relative_buckets=m.relative_buckets,
+      relative_max_distance=m.relative_max_distance, num_token_types=m.num_token_types,
+      norm=m.norm, norm_eps=m.norm_eps, block_order=m.block_order, embed_norm=m.embed_norm,
+      final_norm=m.final_norm, activation=m.activation, gated_mlp=m.gated_mlp,
+      attention_scale=m.attention_scale, mlm_transform=m.mlm_transform,
+      output_bias=m.output_bias, tie_embeddings=m.tie_embeddings,
+      tied_output_scale=m.tied_output_scale, use_bias=m.use_bias,
       dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
       attention=m.attention, dtype=dtype, param_dtype=jnp.dtype(config.param_dtype),
       **task_class(config).model_fields(config))

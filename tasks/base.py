@@ -158,19 +158,28 @@ def block_params(cfg: ModelConfig, cross: bool = False) -> int:
   D, N, G, K, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
   bias = cfg.use_bias
   attention = 2 * D * N * K + 2 * D * G * K + bias * (N * K + 2 * G * K + D)
-  up_projections = 2 if cfg.mlp == 'swiglu' else 1
+  up_projections = 2 if cfg.gated_mlp else 1
   mlp = up_projections * D * F + F * D + bias * (up_projections * F + D)
   return 2 * norm_params(cfg) + attention + mlp + cross * (norm_params(cfg) + attention)
 
 
+def decoder_layers(cfg: ModelConfig) -> int:
+  """An encoder-decoder's decoder depth."""
+  return cfg.num_decoder_layers or cfg.num_layers
+
+
 def input_params(cfg: ModelConfig) -> int:
-  """Tables added to one stack's token embeddings: learned positions, token types, and
-  T5's relative position bias."""
+  """Tables added to one stack's token embeddings: learned positions, token types, the
+  embedding norm, and T5's relative position bias."""
   learned = cfg.max_len * cfg.d_model if cfg.position == 'learned' else 0
   relative = cfg.relative_buckets * cfg.num_heads if cfg.position == 'relative' else 0
-  return learned + cfg.num_token_types * cfg.d_model + relative
+  return (learned + cfg.num_token_types * cfg.d_model + relative
+          + cfg.embed_norm * norm_params(cfg))
 
 
 def head_params(cfg: ModelConfig) -> int:
-  """The final norm and, untied, the output projection."""
-  return norm_params(cfg) + (0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size)
+  """The final norm, the MLM transform, the output projection (untied) and bias."""
+  D = cfg.d_model
+  transform = D * D + cfg.use_bias * D + norm_params(cfg)
+  return (cfg.final_norm * norm_params(cfg) + cfg.mlm_transform * transform
+          + (0 if cfg.tie_embeddings else D * cfg.vocab_size) + cfg.output_bias * cfg.vocab_size)

@@ -152,8 +152,8 @@ class MaskedLM(base.Task):
     cfg = self.cfg
     D = cfg.d_model
     head = base.head_params(cfg)
-    if cfg.nsp_head:  # pooler norm and dense, next-sentence classifier
-      head += base.norm_params(cfg) + D * D + D + 2 * D + 2
+    if cfg.nsp_head:  # pooler dense, next-sentence classifier
+      head += D * D + D + 2 * D + 2
     return {'embedding': cfg.vocab_size * D + base.input_params(cfg),
             'encoder': cfg.num_layers * base.block_params(cfg), 'head': head}
 

@@ -119,13 +119,15 @@ class SpanCorruption(base.Task):
   def param_counts(self) -> dict[str, int]:
     cfg = self.cfg
     return {'embedding': cfg.vocab_size * cfg.d_model + 2 * base.input_params(cfg),
-            'encoder': cfg.num_layers * base.block_params(cfg) + base.norm_params(cfg),
-            'decoder': cfg.num_layers * base.block_params(cfg, cross=True),
+            'encoder': (cfg.num_layers * base.block_params(cfg)
+                        + cfg.final_norm * base.norm_params(cfg)),
+            'decoder': base.decoder_layers(cfg) * base.block_params(cfg, cross=True),
             'head': base.head_params(cfg)}
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg
     return flops.encoder_decoder_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
+                                             base.decoder_layers(cfg),
                                              cfg.num_heads * cfg.head_dim, batch_size, seq_len,
                                              self.scored_length(seq_len))
 

@@ -74,7 +74,9 @@ WIDE_HEADS = ModelConfig(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads
 
 @pytest.mark.parametrize('arch', ['decoder', 'encoder', 'encoder_decoder'])
 def test_attention_flops_use_num_heads_times_head_dim_not_d_model(arch):
-  cfg = dataclasses.replace(WIDE_HEADS, arch=arch)
+  # an encoder-decoder with a decoder deeper than its encoder: each stack counts its own layers
+  cfg = dataclasses.replace(WIDE_HEADS, arch=arch,
+                            num_decoder_layers=3 if arch == 'encoder_decoder' else 0)
   task = tasks.for_model(cfg)
   params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
   batch, seq_len, width = 3, 16, cfg.num_heads * cfg.head_dim
@@ -83,10 +85,11 @@ def test_attention_flops_use_num_heads_times_head_dim_not_d_model(arch):
   if arch == 'encoder_decoder':
     s, t = seq_len, task.scored_length(seq_len)
     # the decoder's cross-attention keys and values are projections of the S encoder outputs
-    assert counts['cross_kv'] == cfg.num_layers * 2 * cfg.d_model * cfg.num_kv_heads * cfg.head_dim
+    decoder_layers = cfg.num_decoder_layers
+    assert counts['cross_kv'] == decoder_layers * 2 * cfg.d_model * cfg.num_kv_heads * cfg.head_dim
     expected = batch * (6 * ((counts['encoder'] + counts['cross_kv']) * s
                              + (counts['decoder'] + counts['other']) * t)
-                        + 12 * cfg.num_layers * width * (s * s + t * t + t * s))
+                        + 12 * width * (cfg.num_layers * s * s + decoder_layers * (t * t + t * s)))
   else:
     expected = batch * seq_len * (6 * sum(counts.values())
                                   + 12 * cfg.num_layers * seq_len * width)

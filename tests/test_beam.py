@@ -18,7 +18,7 @@ import tasks
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
 PROMPTS = [[5, 9, 20, 33], [7, 8], [100, 101, 102, 103, 104, 105]]
-ENCODER_DECODER = dict(arch='encoder_decoder', position='relative', mlp='swiglu')  # T5-like
+ENCODER_DECODER = dict(arch='encoder_decoder', position='relative', activation='silu', gated_mlp=True)  # T5-like
 EOS = 1
 
 

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('model.arch', 'gpt', "model.arch='gpt' is not one of decoder"),
     ('task', 'masked_lm', "task='masked_lm' needs model.arch='encoder'"),
     ('model.position', 'alibi', "model.position='alibi' is not one of"),
-    ('model.mlp', 'relu', "model.mlp='relu' is not one of"),
+    ('model.activation', 'tanh', "model.activation='tanh' is not one of"),
     ('model.num_kv_heads', 3, 'not a multiple of model.num_kv_heads=3'),
     ('data.seq_len', 64, 'data.seq_len=64 is longer than model.max_len=32'),
     ('train.grad_accum', 3, 'not divisible by train.grad_accum=3'),

@@ -16,7 +16,7 @@ TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, he
 VARIANTS = {
     'rope_rms_gelu_tied': {},
     'learned_layernorm_swiglu_untied_gqa_bias': dict(
-        position='learned', norm='layernorm', mlp='swiglu', tie_embeddings=False,
+        position='learned', norm='layernorm', activation='silu', gated_mlp=True, tie_embeddings=False,
         num_kv_heads=2, use_bias=True),
     'sinusoidal_unscanned_remat': dict(position='sinusoidal', scan_layers=False, remat='full'),
 }

@@ -41,7 +41,7 @@ def test_each_scale_covers_its_kernels_input_axes(scan_layers):
   """One scale per output channel: attention's out kernel [N, K, D] reduces heads and
   head_dim (not only heads, which left [K, D] scales: 4 / N extra bytes per weight), the
   others their first axis, an embedding each row; a scanned stack keeps its layer axis."""
-  cfg = dataclasses.replace(TINY, scan_layers=scan_layers, mlp='swiglu')
+  cfg = dataclasses.replace(TINY, scan_layers=scan_layers, activation='silu', gated_mlp=True)
   _, params = _params(cfg)
   L, N, G, K, D, F, V = (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          cfg.d_model, cfg.d_ff, cfg.vocab_size)
@@ -75,7 +75,7 @@ def _compiled(task, params, ids, real):
 
 @pytest.mark.parametrize('changes', [
     {}, dict(tie_embeddings=False),
-    dict(arch='encoder_decoder', position='relative', mlp='swiglu', num_layers=2)])
+    dict(arch='encoder_decoder', position='relative', activation='silu', gated_mlp=True, num_layers=2)])
 def test_int8_decoding_peaks_below_float32_and_decodes_the_same(changes):
   """Int8 weights stay int8 inside the decode loop: each matrix is dequantized where it
   is used, so the compiled program's peak (weights, cache, temporaries) is well below

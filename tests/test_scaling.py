@@ -25,11 +25,19 @@ SMALL = ModelConfig(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=4, 
 
 
 @pytest.mark.parametrize('changes', [
-    {}, dict(num_kv_heads=2), dict(mlp='swiglu'), dict(tie_embeddings=False),
+    {}, dict(num_kv_heads=2), dict(activation='silu', gated_mlp=True), dict(tie_embeddings=False),
     dict(position='learned', norm='layernorm', use_bias=True), dict(position='relative'),
     dict(arch='encoder', position='learned', num_token_types=2, nsp_head=True),
-    dict(arch='encoder_decoder', position='relative', mlp='swiglu', num_kv_heads=2),
+    dict(arch='encoder_decoder', position='relative', activation='silu', gated_mlp=True, num_kv_heads=2),
     dict(arch='encoder_decoder', position='learned', tie_embeddings=False),
+    # the published architectures' options (BERT, T5 v1.0 and v1.1)
+    dict(arch='encoder', position='learned', norm='layernorm', use_bias=True, num_token_types=2,
+         nsp_head=True, block_order='post_norm', embed_norm=True, final_norm=False,
+         mlm_transform=True, output_bias=True, activation='gelu'),
+    dict(arch='encoder_decoder', position='relative', activation='relu', tied_output_scale=True,
+         num_decoder_layers=3, relative_buckets=16, attention_scale=1.0),
+    dict(arch='encoder_decoder', position='relative', activation='gelu_tanh', gated_mlp=True,
+         tie_embeddings=False, final_norm=False, num_decoder_layers=1),
 ])
 def test_parameter_count_equals_the_initialised_model(changes):
   task = tasks.for_model(dataclasses.replace(SMALL, **changes))

@@ -109,19 +109,21 @@ def stack_train_flops(params, tie_embeddings: bool, num_layers: int, attention_w
   return batch_size * seq_len * flops_per_token(n_matmul, num_layers, seq_len, attention_width)
 
 
-def encoder_decoder_train_flops(params, tie_embeddings: bool, num_layers: int,
-                                attention_width: int, batch_size: int, inputs_len: int,
-                                targets_len: int) -> float:
+def encoder_decoder_train_flops(params, tie_embeddings: bool, encoder_layers: int,
+                                decoder_layers: int, attention_width: int, batch_size: int,
+                                inputs_len: int, targets_len: int) -> float:
   """Training FLOPs of one encoder-decoder step: the encoder's matmuls (and the decoder's
   cross-attention key and value projections, which read the encoder's outputs) see the
   S = inputs_len input tokens, the rest of the decoder's and the output head's the
-  T = targets_len target tokens; attention adds 12 L (N K) (S^2 + T^2 + T S) per example
-  (encoder self, decoder self, cross), with attention_width = N K (num_heads x head_dim)."""
+  T = targets_len target tokens; attention adds 12 (N K) (L_enc S^2 + L_dec (T^2 + T S))
+  per example (encoder self, decoder self and cross), with attention_width = N K
+  (num_heads x head_dim)."""
   counts = matmul_param_counts(params, tie_embeddings)
   s, t = inputs_len, targets_len
   per_example = (6.0 * ((counts['encoder'] + counts['cross_kv']) * s
                         + (counts['decoder'] + counts['other']) * t)
-                 + 12.0 * num_layers * attention_width * (s * s + t * t + t * s))
+                 + 12.0 * attention_width * (encoder_layers * s * s
+                                             + decoder_layers * (t * t + t * s)))
   return batch_size * per_example
 
 

@@ -40,6 +40,10 @@ def saved_config(workdir: str, argv: list[str]):
     saved = json.load(f)
   if 'objective' in saved:  # the field's name before `task`
     saved['task'] = saved.pop('objective')
+  old_mlp = saved.get('model', {}).pop('mlp', None)  # before model.activation and gated_mlp
+  if old_mlp is not None:
+    saved['model'].update(activation='silu' if old_mlp == 'swiglu' else 'gelu_tanh',
+                          gated_mlp=old_mlp == 'swiglu')
   config.update(saved)
   for field, value in _config_overrides(argv):
     *parents, leaf = field.split('.')
