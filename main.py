@@ -1,7 +1,7 @@
 """Entry point: python main.py --config=configs/gpt_tiny.py --workdir=runs/gpt_tiny [--mode=...]
 
 Parses flags and makes one call per mode; tests call the same functions. Each mode's
-own flags live beside it (inference/cli.py, scaling/cli.py).
+own flags live beside it (inference/cli.py, scaling/cli.py, interop/cli.py).
 """
 import json
 import sys
@@ -10,17 +10,19 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from inference import cli as sample_cli
+from interop import cli as interop_cli
 from scaling import cli as scaling_cli
 from train import runtime
 
 flags.adopt_module_key_flags(sample_cli)  # `--help` lists every mode's flags
 flags.adopt_module_key_flags(scaling_cli)
+flags.adopt_module_key_flags(interop_cli)
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/*.py); override fields with --config.a.b=VALUE.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, checkpoints, metrics.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'estimate', 'plan', 'sweep'],
-                          'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'estimate', 'plan', 'sweep',
+                                           'import', 'export'], 'What to do.')
 _JSON = flags.DEFINE_bool('json', False, 'Print exactly one JSON line on stdout (logs on stderr).')
 _SWEEP_RUN = flags.DEFINE_string('sweep_run', None, 'sweep: run only this member (a cluster job).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -63,6 +65,10 @@ def main(argv):
   elif mode == 'eval':
     results = loop.evaluate(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
     print(json.dumps(results) if _JSON.value else results, flush=True)
+  elif mode == 'import':
+    interop_cli.import_from_flags(_WORKDIR.value, sys.argv[1:], _JSON.value)
+  elif mode == 'export':
+    interop_cli.export_from_flags(_WORKDIR.value, sys.argv[1:])
 
 
 if __name__ == '__main__':

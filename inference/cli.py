@@ -23,7 +23,7 @@ _LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 0.6, 'sample: GNMT length
                                      'beam search (0: raw log-probabilities).')
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
                               'sample: int8 weight-only quantization (per-channel scales).')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
                            "sample: compute dtype and weight storage (default: the run's).")
 _GREEDY = flags.DEFINE_bool('greedy', False, 'sample: always take the most likely token.')
 
@@ -56,20 +56,25 @@ def sample(config, workdir: str) -> None:
   if _DTYPE.value:
     config.dtype = _DTYPE.value
   task, params, tokenizer = load_run(config, workdir)
-  if _DTYPE.value == 'bfloat16':
-    params = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
+  if _DTYPE.value in ('bfloat16', 'float16'):
+    params = jax.tree.map(lambda x: x.astype(_DTYPE.value), params)
   stream = (task.streams and len(prompts) == 1 and sys.stdout.isatty() and not request.stop
             and not request.beam_size)  # beams are only known at the end
   if not stream:
     for text in task.complete(params, tokenizer, prompts, request):
       print(text, flush=True)
     return
-  streamed = []
+  # Decoded after the prompt, as `complete` does: alone, a '▁' tokenizer's (Llama's) first
+  # new piece would lose its space as the text's dummy prefix.
+  streamed = tokenizer.encode(prompts[0])
+  shown = len(tokenizer.decode(streamed))
 
   def on_token(tokens):
+    nonlocal shown
     streamed.append(int(tokens[0]))
     text = tokenizer.decode(streamed)
-    print(text[len(tokenizer.decode(streamed[:-1])):], end='', flush=True)
+    print(text[shown:], end='', flush=True)
+    shown = len(text)
 
   print(prompts[0], end='', flush=True)
   task.complete(params, tokenizer, prompts, request, on_token=on_token)

@@ -1,34 +1,39 @@
 """Filling the [MASK]s of a prompt: an encoder-only run (BERT) predicts each masked
-token; an encoder-decoder run (T5) writes a span of any length for each [MASK]."""
+token; an encoder-decoder run (T5) writes a span of any length for each [MASK]. The
+mask, sentinel and EOS ids are the tokenizer's."""
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline.tokenizer import EOS_ID, MASK_ID, NUM_SENTINELS, SENTINEL_IDS, Tokenizer
+from input_pipeline.tokenizer import Tokenizer
 
 MASK_TEXT = '[MASK]'
 
 
 def encode_with_masks(tokenizer: Tokenizer, text: str, mask_ids=None) -> list[int]:
   """Token ids of `text` with the i-th literal '[MASK]' turned into mask_ids[i] (default:
-  the mask id). Ordinary encoding never produces control ids, so the parts are
-  encoded separately."""
+  the tokenizer's mask id). The parts between are encoded separately, so the literal never
+  reaches the tokenizer."""
   ids = []
   for i, part in enumerate(text.split(MASK_TEXT)):
     if i:
-      ids.append(MASK_ID if mask_ids is None else mask_ids[i - 1])
+      ids.append(tokenizer.mask_id if mask_ids is None else mask_ids[i - 1])
     ids.extend(tokenizer.encode(part))
   return ids
 
 
 def fill_masks(task, params, tokenizer: Tokenizer, prompts: list[str], max_len: int) -> list[str]:
   """Each prompt with its [MASK]s replaced by the model's top prediction. The prompt is
-  framed as training framed a segment (`task.prompt_frame`: [CLS] ... [SEP] for a
+  framed as training framed a segment (`task.prompt_frame(tokenizer)`: [CLS] ... [SEP] for a
   next-sentence run); the frame is stripped from the text returned."""
-  prefix, suffix = task.prompt_frame
+  mask_id = tokenizer.mask_id
+  if mask_id is None:
+    raise ValueError(f'The tokenizer {tokenizer.path} has no mask token, so there is no '
+                     f'{MASK_TEXT} to fill; use a run whose tokenizer has one (BERT\'s).')
+  prefix, suffix = task.prompt_frame(tokenizer)
   results = []
   for prompt in prompts:
     text_ids = encode_with_masks(tokenizer, prompt)
-    if MASK_ID not in text_ids:
+    if mask_id not in text_ids:
       raise ValueError(f'Prompt {prompt!r} has no {MASK_TEXT}; an encoder-only run fills '
                        f'{MASK_TEXT} tokens.')
     ids = list(prefix) + text_ids + list(suffix)
@@ -43,7 +48,7 @@ def fill_masks(task, params, tokenizer: Tokenizer, prompts: list[str], max_len: 
     logits_TV = task.logits(params, batch)[0]
     logits_TV = logits_TV.at[:, :tokenizer.vocab_size].get()  # no padding rows of the embedding
     best_T = np.asarray(jnp.argmax(logits_TV, axis=-1))
-    filled = [int(best_T[t]) if token == MASK_ID else token for t, token in enumerate(ids)]
+    filled = [int(best_T[t]) if token == mask_id else token for t, token in enumerate(ids)]
     results.append(tokenizer.decode(filled[len(prefix):len(ids) - len(suffix)]))
   return results
 
@@ -54,27 +59,29 @@ def span_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
   its end, so the model continues it."""
   if MASK_TEXT not in text:
     text += MASK_TEXT
-  if text.count(MASK_TEXT) > NUM_SENTINELS:
+  sentinels = tokenizer.sentinel_ids
+  if text.count(MASK_TEXT) > len(sentinels):
     raise ValueError(f'The prompt has {text.count(MASK_TEXT)} {MASK_TEXT}s; at most '
-                     f'{NUM_SENTINELS} fit the sentinels.')
-  return encode_with_masks(tokenizer, text, SENTINEL_IDS) + [EOS_ID]
+                     f'{len(sentinels)} fit the tokenizer\'s sentinels.')
+  return encode_with_masks(tokenizer, text, sentinels) + [tokenizer.eos_id]
 
 
 def fill_spans(tokenizer: Tokenizer, prompt_ids: list[int], target_ids: list[int]) -> str:
   """The prompt's text with each sentinel replaced by the span the decoder wrote after
   that sentinel (target: <extra_id_0> span <extra_id_1> span ... EOS); a sentinel the
   decoder never wrote leaves an empty span."""
+  eos, sentinels = tokenizer.eos_id, set(tokenizer.sentinel_ids)
   spans, current = {}, None
   for token in target_ids:
-    if token == EOS_ID:
+    if token == eos:
       break
-    if token in SENTINEL_IDS:
+    if token in sentinels:
       current = spans.setdefault(token, [])
     elif current is not None:
       current.append(token)
   filled = []
   for token in prompt_ids:
-    if token == EOS_ID:
+    if token == eos:
       break
-    filled.extend(spans.get(token, []) if token in SENTINEL_IDS else [token])
+    filled.extend(spans.get(token, []) if token in sentinels else [token])
   return tokenizer.decode(filled)

@@ -1,13 +1,11 @@
 """Loading a trained run for inference: its task (model), latest parameters and
 tokenizer. Only the parameters are read from the checkpoint: no optimizer is built
 and its moments stay on disk."""
-import os
-
 import jax
 import ml_collections
 
 import tasks
-from input_pipeline import Tokenizer
+from input_pipeline.tokenizer import load_tokenizer, tokenizer_file
 from models import kernels
 from train import checkpointing, config_checks, sharding, state as state_lib
 
@@ -15,9 +13,8 @@ from train import checkpointing, config_checks, sharding, state as state_lib
 def load_run(config: ml_collections.ConfigDict, workdir: str):
   """(task, params, tokenizer) of the latest checkpoint in workdir; `config` is the
   run's own (config.json, with model.vocab_size resolved)."""
-  tokenizer_path = os.path.join(workdir, 'tokenizer.model')
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
-  if manager.latest_step() is None or not os.path.exists(tokenizer_path):
+  if manager.latest_step() is None or tokenizer_file(workdir) is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints; train first with '
                             f'python main.py --config=CFG --workdir={workdir}.')
   dtype = config_checks.compute_dtype(config, jax.default_backend())
@@ -27,4 +24,4 @@ def load_run(config: ml_collections.ConfigDict, workdir: str):
                                           config.data.seq_len)
   params, _ = checkpointing.restore_params(manager, abstract)
   manager.close()
-  return task, params, Tokenizer(tokenizer_path)
+  return task, params, load_tokenizer(workdir)

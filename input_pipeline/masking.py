@@ -1,22 +1,23 @@
 """BERT's masked-LM inputs and next-sentence pairs, in NumPy (one example at a time).
 
-Of the ordinary tokens (ids >= NUM_SPECIAL, not padding) of a row, exactly
-round(mask_rate * n) are chosen uniformly at random (whole words when word starts
-are given, never more than that count: as many as whole words can make); of the
+Of the ordinary tokens of a row (not the tokenizer's special ids: padding, EOS, ...),
+exactly round(mask_rate * n) are chosen uniformly at random (whole words when word
+starts are given, never more than that count: as many as whole words can make); of the
 chosen, 80% become [MASK], 10% a random ordinary token and 10% stay as they were. Only
-chosen positions are scored.
+chosen positions are scored. Special ids come from the tokenizer (`SpecialIds`).
 """
 import numpy as np
 
-from input_pipeline.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID
+from input_pipeline.tokenizer import SpecialIds
 
 Example = dict[str, np.ndarray]
 
 
 def choose_positions(ids_T: np.ndarray, rng: np.random.Generator, mask_rate: float,
-                     word_starts_T: np.ndarray | None = None) -> np.ndarray:
+                     word_starts_T: np.ndarray | None = None, *,
+                     special: SpecialIds) -> np.ndarray:
   """Boolean [T]: the positions to predict (whole words when `word_starts_T` is given)."""
-  eligible_T = ids_T >= NUM_SPECIAL
+  eligible_T = ~special.is_special(ids_T)
   num_chosen = int(round(mask_rate * eligible_T.sum()))
   if word_starts_T is None:
     scores_T = np.where(eligible_T, rng.random(ids_T.shape), np.inf)
@@ -47,12 +48,14 @@ def choose_positions(ids_T: np.ndarray, rng: np.random.Generator, mask_rate: flo
 
 
 def mask_tokens(ids_T: np.ndarray, rng: np.random.Generator, vocab_size: int,
-                mask_rate: float = 0.15, word_starts_T: np.ndarray | None = None) -> Example:
+                mask_rate: float = 0.15, word_starts_T: np.ndarray | None = None, *,
+                special: SpecialIds) -> Example:
   """{'inputs': corrupted ids, 'targets': original ids, 'weights': 1.0 where chosen}."""
-  chosen_T = choose_positions(ids_T, rng, mask_rate, word_starts_T)
+  chosen_T = choose_positions(ids_T, rng, mask_rate, word_starts_T, special=special)
   action_T = rng.random(ids_T.shape)
-  random_T = rng.integers(NUM_SPECIAL, vocab_size, size=ids_T.shape)
-  inputs_T = np.where(chosen_T & (action_T < 0.8), MASK_ID, ids_T)
+  random_T = special.ordinary(rng.integers(0, special.num_ordinary(vocab_size),
+                                           size=ids_T.shape))
+  inputs_T = np.where(chosen_T & (action_T < 0.8), special.mask, ids_T)
   inputs_T = np.where(chosen_T & (action_T >= 0.8) & (action_T < 0.9), random_T, inputs_T)
   return {'inputs': inputs_T.astype(np.int32), 'targets': ids_T.astype(np.int32),
           'weights': chosen_T.astype(np.float32)}
@@ -86,8 +89,8 @@ class Documents:
     return np.asarray(self.tokens[self.starts[i]:self.ends[i]])
 
 
-def sentence_pair(documents: Documents, rng: np.random.Generator,
-                  seq_len: int) -> Example:
+def sentence_pair(documents: Documents, rng: np.random.Generator, seq_len: int, *,
+                  special: SpecialIds) -> Example:
   """`[CLS] A [SEP] B [SEP]` padded to seq_len; B follows A in its document (label 1)
   or comes from another document (label 0), each half of the time. Reads at most two
   documents of the index (documents under 2 tokens are never drawn). 'nsp_weights' is 1 (a padding row of zeros weighs 0)."""
@@ -107,19 +110,21 @@ def sentence_pair(documents: Documents, rng: np.random.Generator,
     other = documents[other_index + (other_index >= index)]
     b_start = int(rng.integers(0, len(other) - 1))
     b_T = other[b_start:b_start + budget - a_len]
-  ids_T = np.concatenate([[CLS_ID], a_T, [SEP_ID], b_T, [SEP_ID]]).astype(np.int32)
+  cls, sep = special.cls, special.sep
+  ids_T = np.concatenate([[cls], a_T, [sep], b_T, [sep]]).astype(np.int32)
   length = len(ids_T)
   pad = seq_len - length
   token_type_T = np.concatenate([np.zeros(a_len + 2), np.ones(len(b_T) + 1), np.zeros(pad)])
-  return {'inputs': np.pad(ids_T, (0, pad), constant_values=PAD_ID),
+  return {'inputs': np.pad(ids_T, (0, pad), constant_values=special.pad),
           'token_type_ids': token_type_T.astype(np.int32),
           'segment_ids': (np.arange(seq_len) < length).astype(np.int32),
           'positions': np.where(np.arange(seq_len) < length, np.arange(seq_len), 0).astype(np.int32),
           'nsp_labels': np.int32(is_next), 'nsp_weights': np.float32(1.0)}
 
 
-def prompt_frame(next_sentence: bool) -> tuple[list[int], list[int]]:
+def prompt_frame(next_sentence: bool,
+                 special: SpecialIds) -> tuple[list[int], list[int]]:
   """The ids training puts before and after a segment's text, for fill-mask prompts:
   `[CLS] ... [SEP]` in next-sentence pairs (segment A); nothing in plain windows (raw
   token-stream windows, no [CLS])."""
-  return ([CLS_ID], [SEP_ID]) if next_sentence else ([], [])
+  return ([special.cls], [special.sep]) if next_sentence else ([], [])

@@ -1,11 +1,12 @@
 """Batches of a task's examples: packed, sharded and checkpointable for training,
 one pass for evaluation.
 
-`load_corpus` reads the corpus, trains (or reuses) the sentencepiece tokenizer and
-tokenizes each split once into a memory-mapped token stream (documents, each ending
-in EOS). A task's `Examples` (tasks/) cut that stream into raw items, by default
-fixed windows, and turn each into arrays; `build_data` shuffles, repeats and shards
-them into global batches with grain. `pack_windows` is the packing several tasks
+`load_corpus` reads the corpus, trains (or reuses) the sentencepiece tokenizer (or
+uses the run's, e.g. an imported checkpoint's) and tokenizes each split once into a
+memory-mapped token stream (documents, each ending in the tokenizer's EOS). A task's
+`Examples` (tasks/) cut that stream into raw items, by default fixed windows, and turn
+each into arrays; `build_data` shuffles, repeats and shards them into global batches
+with grain. `pack_windows` is the packing several tasks
 share: documents share a row, and segment ids (1, 2, ... per document, 0 for
 padding) and positions restarting at each document keep attention inside them."""
 import dataclasses
@@ -22,7 +23,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from input_pipeline import corpora, token_cache
-from input_pipeline.tokenizer import EOS_ID, Tokenizer, train_tokenizer
+from input_pipeline.tokenizer import (SENTENCEPIECE_FILE, Tokenizer, load_tokenizer,
+                                      tokenizer_file, train_tokenizer)
 
 Batch = dict[str, np.ndarray]
 Example = dict[str, np.ndarray]
@@ -36,13 +38,13 @@ class Data:
   train_tokens: int
 
 
-def pack_windows(windows: np.ndarray) -> Batch:
+def pack_windows(windows: np.ndarray, *, eos_id: int) -> Batch:
   """[B, T+1] token windows -> inputs, targets, segment_ids, positions, weights ([B, T])."""
   inputs = windows[:, :-1].astype(np.int32)
   targets = windows[:, 1:].astype(np.int32)
   # A token after an EOS starts a new document; the EOS belongs to the one it ends.
   starts = np.zeros_like(inputs, bool)
-  starts[:, 1:] = inputs[:, :-1] == EOS_ID
+  starts[:, 1:] = inputs[:, :-1] == eos_id
   segment_ids = 1 + np.cumsum(starts, axis=1, dtype=np.int32)
   index = np.arange(inputs.shape[1], dtype=np.int32)
   starts[:, 0] = True
@@ -67,8 +69,8 @@ class _Windows:
     return np.asarray(self.tokens[start:start + self.length])
 
 
-def segments_and_positions(ids_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  packed = pack_windows(np.concatenate([ids_T, [0]])[None])
+def segments_and_positions(ids_T: np.ndarray, *, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+  packed = pack_windows(np.concatenate([ids_T, [0]])[None], eos_id=eos_id)
   return packed['segment_ids'][0], packed['positions'][0]
 
 
@@ -162,11 +164,12 @@ def _cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs) -> Tokenizer:
-  """The workdir's tokenizer, else one from the cache, else one trained on the train split.
-  With several processes, process 0 makes it and the others read its file."""
-  path = os.path.join(workdir, 'tokenizer.model')
-  if os.path.exists(path):
-    logging.info('Using the run\'s tokenizer %s', path)
+  """The workdir's tokenizer (trained or imported), else one from the cache, else one
+  trained on the train split. With several processes, process 0 makes it and the others
+  read its file."""
+  path = os.path.join(workdir, SENTENCEPIECE_FILE)
+  if tokenizer_file(workdir):
+    logging.info('Using the run\'s tokenizer %s', tokenizer_file(workdir))
   elif jax.process_index() == 0:
     t = config.data.tokenizer
     key = token_cache.cache_key(train_id, t.type, t.vocab_size, t.byte_fallback,
@@ -189,7 +192,7 @@ def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs)
     os.replace(f'{path}.tmp{os.getpid()}', path)  # a killed copy never leaves a broken tokenizer
   if jax.process_count() > 1:  # every process passes here exactly once
     multihost_utils.sync_global_devices('tokenizer.model written')
-  return Tokenizer(path)
+  return load_tokenizer(workdir)
 
 
 @dataclasses.dataclass

@@ -4,10 +4,17 @@ the target lists each sentinel followed by the tokens it replaced.
     raw:     a b c d e f g h i j
     inputs:  a b <extra_id_0> e f g <extra_id_1> j EOS
     targets: <extra_id_0> c d <extra_id_1> h i EOS
+
+Sentinel and EOS ids are the tokenizer's (`SpecialIds`).
 """
 import numpy as np
 
-from input_pipeline.tokenizer import EOS_ID, NUM_SENTINELS, SENTINEL_IDS
+from input_pipeline.tokenizer import SpecialIds
+
+# T5's 100 sentinels (<extra_id_0..99>) bound the spans of an example. The bound is fixed,
+# not the tokenizer's count, because example lengths depend on it and a task sizes its
+# decoder without a tokenizer; span corruption needs a tokenizer with this many.
+MAX_SPANS = 100
 
 
 def _counts(num_tokens: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
@@ -15,7 +22,7 @@ def _counts(num_tokens: int, noise_density: float, mean_span_length: float) -> t
   num_noise = min(max(int(round(num_tokens * noise_density)), 1), num_tokens - 1)
   # Each noise span follows a kept span, so there are at most as many as kept tokens.
   num_spans = min(max(int(round(num_noise / mean_span_length)), 1), num_noise,
-                  num_tokens - num_noise, NUM_SENTINELS)
+                  num_tokens - num_noise, MAX_SPANS)
   return num_noise, num_spans
 
 
@@ -47,7 +54,8 @@ def _random_partition(total: int, parts: int, rng: np.random.Generator) -> np.nd
 
 
 def corrupt_spans(tokens_N: np.ndarray, rng: np.random.Generator, noise_density: float = 0.15,
-                  mean_span_length: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+                  mean_span_length: float = 3.0, *,
+                  special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
   """(encoder inputs, targets) for one sequence; spans alternate kept / noise, kept first."""
   num_noise, num_spans = _counts(len(tokens_N), noise_density, mean_span_length)
   noise_lengths = _random_partition(num_noise, num_spans, rng)
@@ -55,18 +63,18 @@ def corrupt_spans(tokens_N: np.ndarray, rng: np.random.Generator, noise_density:
   inputs, targets, start = [], [], 0
   for span, (kept, noise) in enumerate(zip(kept_lengths, noise_lengths)):
     inputs.append(tokens_N[start:start + kept])
-    inputs.append([SENTINEL_IDS[span]])
-    targets.append([SENTINEL_IDS[span]])
+    inputs.append([special.sentinels[span]])
+    targets.append([special.sentinels[span]])
     targets.append(tokens_N[start + kept:start + kept + noise])
     start += kept + noise
-  inputs.append([EOS_ID])
-  targets.append([EOS_ID])
+  inputs.append([special.eos])
+  targets.append([special.eos])
   return (np.concatenate(inputs).astype(np.int32), np.concatenate(targets).astype(np.int32))
 
 
-def reconstruct(inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def reconstruct(inputs: np.ndarray, targets: np.ndarray, *, special: SpecialIds) -> np.ndarray:
   """The raw tokens back from (inputs, targets): each sentinel replaced by its span."""
-  sentinels = set(SENTINEL_IDS)
+  sentinels = set(special.sentinels)
   spans, current = {}, None
   for token in targets[:-1]:
     if token in sentinels:

@@ -1,4 +1,5 @@
-"""Documents tokenized once into a memory-mapped file of ids, each document ending in EOS.
+"""Documents tokenized once into a memory-mapped file of ids, each document ending in the
+tokenizer's eos (and starting with its bos where it adds one, as Llama's does).
 
 Files are keyed by what they depend on (corpus, split, tokenizer), written to a
 temporary name and renamed into place, so a killed process never leaves half a file
@@ -12,7 +13,7 @@ import time
 import numpy as np
 from absl import logging
 
-from input_pipeline.tokenizer import EOS_ID, Tokenizer
+from input_pipeline.tokenizer import Tokenizer
 
 _DOCS_PER_CHUNK = 4096  # bounds the memory of Python id lists while tokenizing
 
@@ -36,11 +37,13 @@ def _write_atomically(path: str, write):
 def _write_tokens(docs: list[str], tokenizer: Tokenizer, dtype, path: str) -> int:
   """Streams ids chunk by chunk to `path`; returns the number of tokens."""
   num_tokens = 0
+  first = (tokenizer.bos_id,) if tokenizer.adds_bos else ()
+  last = (tokenizer.eos_id,)
   with open(path, 'wb') as f:
     for start in range(0, len(docs), _DOCS_PER_CHUNK):
       ids = tokenizer.encode_batch(docs[start:start + _DOCS_PER_CHUNK])
-      chunk = np.fromiter((i for doc in ids for i in (*doc, EOS_ID)), dtype,
-                          sum(len(doc) + 1 for doc in ids))
+      chunk = np.fromiter((i for doc in ids for i in (*first, *doc, *last)), dtype,
+                          sum(len(first) + len(doc) + 1 for doc in ids))
       chunk.tofile(f)
       num_tokens += chunk.size
   return num_tokens

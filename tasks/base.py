@@ -139,13 +139,14 @@ class Task:
 
 
 def continuations(task: Task, params, prompt_ids: list[list[int]], request: Request,
-                  on_token: Callable | None = None) -> list[list[int]]:
-  """New token ids for each prompt, by beam search or sampling as the request says."""
+                  eos_id: int, on_token: Callable | None = None) -> list[list[int]]:
+  """New token ids for each prompt, by beam search or sampling as the request says; a
+  row ends at `eos_id` (the tokenizer's)."""
   if request.beam_size:
     return beam_search(task, params, prompt_ids, request.max_new_tokens, request.beam_size,
-                       request.length_penalty, quantize=request.quantize)
+                       request.length_penalty, eos_id=eos_id, quantize=request.quantize)
   return generate(task, params, prompt_ids, request.max_new_tokens, request.sampling,
-                  request.seed, on_token=on_token, quantize=request.quantize)
+                  request.seed, eos_id=eos_id, on_token=on_token, quantize=request.quantize)
 
 
 # --- exact parameter counts, shared by the families -----------------------------

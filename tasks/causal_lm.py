@@ -20,13 +20,15 @@ Array = jax.Array
 
 class CausalExamples(Examples):
   """Windows of seq_len + 1 tokens, consecutive ones sharing a token (the last target
-  of one is the first input of the next); documents are packed with segment ids."""
+  of one is the first input of the next); documents (each ending in `eos_id`, the
+  tokenizer's) are packed with segment ids."""
 
-  def __init__(self, seq_len: int):
+  def __init__(self, seq_len: int, *, eos_id: int):
     super().__init__(seq_len, raw_length=seq_len + 1, window_overlap=1)
+    self.eos_id = eos_id
 
   def make_example(self, item, rng: np.random.Generator):
-    return {k: v[0] for k, v in pack_windows(item[None]).items()}
+    return {k: v[0] for k, v in pack_windows(item[None], eos_id=self.eos_id).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,7 @@ class CausalLM(base.Task):
     return example_batch(batch_size, seq_len)
 
   def examples(self, tokenizer: Tokenizer, seq_len: int) -> CausalExamples:
-    return CausalExamples(seq_len)
+    return CausalExamples(seq_len, eos_id=tokenizer.eos_id)
 
   def param_counts(self) -> dict[str, int]:
     cfg = self.cfg
@@ -92,12 +94,16 @@ class CausalLM(base.Task):
 
   def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
                on_token: Callable | None = None) -> list[str]:
-    """Each prompt followed by its continuation, cut at the first stop string."""
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    """Each prompt followed by its continuation, cut at the first stop string. A prompt
+    starts with bos where the tokenizer puts one in front of documents (Llama's). The
+    continuation is decoded after its prompt: decoded alone, a '▁' tokenizer (Llama's)
+    would drop its first space as the text's dummy prefix."""
+    first = [tokenizer.bos_id] if tokenizer.adds_bos else []
+    prompt_ids = [first + tokenizer.encode(p) for p in prompts]
     texts = []
-    for prompt, ids in zip(prompts, base.continuations(self, params, prompt_ids, request,
-                                                       on_token)):
-      text = tokenizer.decode(ids)
+    for prompt, before, ids in zip(prompts, prompt_ids, base.continuations(
+        self, params, prompt_ids, request, tokenizer.eos_id, on_token)):
+      text = tokenizer.decode(before + ids)[len(tokenizer.decode(before)):]
       for stop in request.stop:
         text = text.split(stop)[0]
       texts.append(prompt + text)

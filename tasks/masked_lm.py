@@ -13,7 +13,7 @@ from inference.fill_mask import fill_masks
 from inference.generate import Request
 from input_pipeline import masking
 from input_pipeline.pipeline import Examples, segments_and_positions
-from input_pipeline.tokenizer import EOS_ID, Tokenizer
+from input_pipeline.tokenizer import SpecialIds, Tokenizer
 from models.losses import cross_entropy_sums, example_batch
 from models.transformer import EncoderOnly
 from tasks import base
@@ -22,32 +22,41 @@ from train import flops
 
 class MaskedExamples(Examples):
   """Windows of seq_len tokens (or, for next-sentence prediction, sentence pairs drawn
-  from the documents), with mask_rate of their ordinary tokens chosen to predict."""
+  from the documents), with mask_rate of their ordinary tokens chosen to predict;
+  `special`: the tokenizer's ids ([MASK], and [CLS] / [SEP] for sentence pairs)."""
 
   def __init__(self, seq_len: int, vocab_size: int, mask_rate: float,
-               word_starts: np.ndarray | None, next_sentence: bool):
+               word_starts: np.ndarray | None, next_sentence: bool, *, special: SpecialIds):
     super().__init__(seq_len, raw_length=seq_len)
     self.vocab_size, self.mask_rate = vocab_size, mask_rate
     self.word_starts, self.next_sentence = word_starts, next_sentence
+    self.special = special
+    if special.mask is None:
+      raise ValueError('Masked LM needs a mask token and this tokenizer has none; use a '
+                       "tokenizer with one (this project's, BERT's).")
+    if next_sentence and None in (special.cls, special.sep):
+      raise ValueError('Next-sentence pairs need [CLS] and [SEP] tokens and this tokenizer '
+                       'lacks one; set masked_lm.next_sentence=False.')
 
   def source(self, tokens: np.ndarray):
     if not self.next_sentence:
       return super().source(tokens)
-    ends = np.flatnonzero(np.asarray(tokens) == EOS_ID)  # each document ends in EOS
+    ends = np.flatnonzero(np.asarray(tokens) == self.special.eos)  # each document ends in EOS
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
     return _SentencePairs(masking.Documents(tokens, starts, ends),
                           max(1, len(tokens) // self.seq_len))
 
   def make_example(self, item, rng: np.random.Generator):
     if self.next_sentence:
-      example = masking.sentence_pair(item, rng, self.seq_len)
+      example = masking.sentence_pair(item, rng, self.seq_len, special=self.special)
     else:
-      segment_ids, positions = segments_and_positions(item)
+      segment_ids, positions = segments_and_positions(item, eos_id=self.special.eos)
       example = {'inputs': item.astype(np.int32), 'segment_ids': segment_ids,
                  'positions': positions, 'token_type_ids': np.zeros(self.seq_len, np.int32)}
     ids = example['inputs']
     starts = None if self.word_starts is None else self.word_starts[ids]
-    example.update(masking.mask_tokens(ids, rng, self.vocab_size, self.mask_rate, starts))
+    example.update(masking.mask_tokens(ids, rng, self.vocab_size, self.mask_rate, starts,
+                                       special=self.special))
     return example
 
 
@@ -146,7 +155,8 @@ class MaskedLM(base.Task):
 
   def examples(self, tokenizer: Tokenizer, seq_len: int) -> MaskedExamples:
     return MaskedExamples(seq_len, tokenizer.vocab_size, self.mask_rate,
-                          tokenizer.word_starts if self.whole_word else None, self.cfg.nsp_head)
+                          tokenizer.word_starts if self.whole_word else None, self.cfg.nsp_head,
+                          special=tokenizer.special)
 
   def param_counts(self) -> dict[str, int]:
     cfg = self.cfg
@@ -167,8 +177,7 @@ class MaskedLM(base.Task):
     """Each prompt with its [MASK]s replaced by the model's top prediction."""
     return fill_masks(self, params, tokenizer, prompts, self.cfg.max_len)
 
-  @property
-  def prompt_frame(self) -> tuple[list[int], list[int]]:
+  def prompt_frame(self, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Ids around a fill-mask prompt, as training framed a segment ([CLS] A [SEP] with
     next-sentence pairs; nothing around plain windows)."""
-    return masking.prompt_frame(self.cfg.nsp_head)
+    return masking.prompt_frame(self.cfg.nsp_head, tokenizer.special)

@@ -14,7 +14,7 @@ from inference.fill_mask import fill_spans, span_prompt
 from inference.generate import Decoding, Request
 from input_pipeline import spans
 from input_pipeline.pipeline import Examples
-from input_pipeline.tokenizer import PAD_ID, Tokenizer
+from input_pipeline.tokenizer import SpecialIds, Tokenizer
 from models.losses import cross_entropy_sums, example_batch
 from models.transformer import EncoderDecoder
 from tasks import base
@@ -31,20 +31,27 @@ def span_lengths(seq_len: int, noise_density: float, mean_span_length: float) ->
 
 class SpanExamples(Examples):
   """Windows of raw tokens whose corrupted encoder input fits seq_len; the decoder side
-  has `targets_length` positions."""
+  has `targets_length` positions. `special`: the tokenizer's sentinel, EOS and pad ids."""
 
-  def __init__(self, seq_len: int, noise_density: float, mean_span_length: float):
+  def __init__(self, seq_len: int, noise_density: float, mean_span_length: float, *,
+               special: SpecialIds):
     raw_length, self.targets_length = span_lengths(seq_len, noise_density, mean_span_length)
     super().__init__(seq_len, raw_length=raw_length)
     self.noise_density, self.mean_span_length = noise_density, mean_span_length
+    self.special = special
+    if len(special.sentinels) < spans.MAX_SPANS:
+      raise ValueError(f'Span corruption needs {spans.MAX_SPANS} sentinel tokens '
+                       f'(<extra_id_0>..<extra_id_{spans.MAX_SPANS - 1}>) and this tokenizer has '
+                       f"{len(special.sentinels)}; use a tokenizer with them (this project's, "
+                       "T5's).")
 
   def make_example(self, item, rng: np.random.Generator):
     inputs, targets = spans.corrupt_spans(item.astype(np.int32), rng, self.noise_density,
-                                          self.mean_span_length)
+                                          self.mean_span_length, special=self.special)
     pad = lambda x, n: np.pad(x, (0, n - len(x)))
     real = lambda x, n: (np.arange(n) < len(x)).astype(np.int32)
     s, t = self.seq_len, self.targets_length
-    decoder_inputs = np.concatenate([[PAD_ID], targets[:-1]])  # T5 starts decoding from pad
+    decoder_inputs = np.concatenate([[self.special.pad], targets[:-1]])  # T5 starts from pad
     return {'encoder_inputs': pad(inputs, s), 'encoder_segment_ids': real(inputs, s),
             'encoder_positions': np.arange(s, dtype=np.int32) * real(inputs, s),
             'decoder_inputs': pad(decoder_inputs, t).astype(np.int32),
@@ -62,6 +69,9 @@ class SpanCorruption(base.Task):
   """T5's pre-training on corrupted spans."""
   noise_density: float = 0.15  # share of tokens dropped into spans
   mean_span_length: float = 3.0
+  # The decoder's first input when generating: the tokenizer's pad id (T5's convention;
+  # 0 in this project's and T5's tokenizers). complete() sets it from the tokenizer.
+  decoder_start_id: int = 0
 
   name = 'span_corruption'
   arch = 'encoder_decoder'
@@ -114,7 +124,8 @@ class SpanCorruption(base.Task):
     return span_lengths(seq_len, self.noise_density, self.mean_span_length)[1]
 
   def examples(self, tokenizer: Tokenizer, seq_len: int) -> SpanExamples:
-    return SpanExamples(seq_len, self.noise_density, self.mean_span_length)
+    return SpanExamples(seq_len, self.noise_density, self.mean_span_length,
+                        special=tokenizer.special)
 
   def param_counts(self) -> dict[str, int]:
     cfg = self.cfg
@@ -158,7 +169,7 @@ class SpanCorruption(base.Task):
           method='decode', mutable=['cache'])
       return logits_BTV[:, -1].astype(jnp.float32), variables['cache']
 
-    start_B = jnp.full((batch,), PAD_ID, jnp.int32)  # T5 starts decoding from pad
+    start_B = jnp.full((batch,), self.decoder_start_id, jnp.int32)  # T5 starts from pad
     position_B = jnp.zeros((batch,), jnp.int32)
     logits_BV, cache = run({'params': params}, encoded_BPD, start_B, position_B)
     step = lambda cache, token_B, position_B: run({'params': params, 'cache': cache}, None,
@@ -169,5 +180,6 @@ class SpanCorruption(base.Task):
                on_token: Callable | None = None) -> list[str]:
     """Each prompt with its [MASK]s (or its end) filled by the spans the decoder writes."""
     prompt_ids = [span_prompt(tokenizer, p) for p in prompts]
-    completions = base.continuations(self, params, prompt_ids, request)
+    task = dataclasses.replace(self, decoder_start_id=tokenizer.pad_id)
+    completions = base.continuations(task, params, prompt_ids, request, tokenizer.eos_id)
     return [fill_spans(tokenizer, ids, target) for ids, target in zip(prompt_ids, completions)]
