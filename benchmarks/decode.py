@@ -25,7 +25,8 @@ from models import ModelConfig
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'],
+                           'Compute dtype.')
 _ARCH = flags.DEFINE_enum('arch', 'decoder', ['decoder', 'encoder_decoder'],
                           'decoder: GPT; encoder_decoder: a T5 of the same width and depth on '
                           'each side (the prompt is the encoder input).')

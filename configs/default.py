@@ -8,7 +8,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # every random key of a run is split from this
-  config.dtype = 'auto'  # compute: 'auto' (bf16 on GPU/TPU, f32 on CPU) | 'float32' | 'bfloat16'
+  # compute: 'auto' (bf16 on GPU/TPU, f32 on CPU) | 'float32' | 'bfloat16' | 'float16'
+  # (V100/T4 tensor cores; trains with dynamic loss scaling, train.loss_scale_*)
+  config.dtype = 'auto'
   config.param_dtype = 'float32'  # parameters (and optimizer state) are stored in this
 
   model = config.model = ml_collections.ConfigDict()
@@ -86,6 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_loss = 0.0  # stop (TrainingDiverged) when a logged loss exceeds this; 0: only NaN/inf
   train.offload_optimizer = False  # keep AdamW's moments in host memory (frees 8 bytes/param)
   train.z_loss = 0.0  # weight of log(Z)^2, keeps the softmax normaliser near 1
+  # Dynamic loss scaling, float16 runs only (train/loss_scale.py): the loss per token
+  # position is multiplied by the scale; a step whose gradients overflow is skipped
+  # and halves it; growth_interval finite steps in a row multiply it by the factor.
+  train.loss_scale_init = 2.0**15  # the first scale
+  train.loss_scale_growth_interval = 2000  # finite steps in a row before it grows
+  train.loss_scale_factor = 2.0  # it grows and shrinks by this factor
+  train.loss_scale_min = 1.0  # a step skipped at this scale stops the run (TrainingDiverged)
   train.log_every = 10
   train.eval_every = 200
   train.eval_steps = 20  # at most this many validation batches, never more than one pass

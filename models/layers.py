@@ -222,9 +222,32 @@ def dot_product_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: Att
       return splash.attention(q_BTNK, k_BSGK, v_BSGK, mask.q_segment_BT, mask.kv_segment_BS,
                               mask.causal, scale)
     implementation = 'xla'
+  if q_BTNK.dtype == jnp.float16 and implementation != 'cudnn':
+    return _float16_attention(q_BTNK, k_BSGK, v_BSGK, mask.dense_B1TS, bias_BNTS, scale)
   return jax.nn.dot_product_attention(
       q_BTNK, k_BSGK, v_BSGK, bias=bias_BNTS, mask=mask.dense_B1TS, scale=scale,
       implementation=None if implementation == 'auto' else implementation)
+
+
+def _float16_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask_B1TS: Array,
+                       bias_BNTS: Array | None, scale: float) -> Array:
+  """jax.nn.dot_product_attention's XLA path for float16 inputs: float32 scores and
+  softmax, float16 probabilities times values. (JAX asks for the scores with the
+  F16_F16_F32 dot algorithm, which compiles on GPUs only; here they are requested as a
+  float32 result of the default algorithm, which compiles everywhere.)"""
+  B, T, N, K = q_BTNK.shape
+  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+  q_BTGRK = q_BTNK.reshape(B, T, G, N // G, K)  # query head n = g * (N / G) + r
+  scores_BGRTS = jnp.einsum('BTGRK,BSGK->BGRTS', q_BTGRK, k_BSGK,
+                            preferred_element_type=jnp.float32)
+  scores_BNTS = scores_BGRTS.reshape(B, N, T, S) * jnp.float32(scale)
+  if bias_BNTS is not None:
+    scores_BNTS = scores_BNTS + bias_BNTS.astype(jnp.float32)
+  scores_BNTS = jnp.where(mask_B1TS, scores_BNTS, -0.7 * jnp.finfo(jnp.float32).max)
+  probs_BGRTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BSGK.dtype).reshape(
+      B, G, N // G, T, S)
+  out_BTGRK = jnp.einsum('BGRTS,BSGK->BTGRK', probs_BGRTS, v_BSGK)
+  return out_BTGRK.reshape(B, T, N, K)
 
 
 def attention_scale(cfg: ModelConfig) -> float:

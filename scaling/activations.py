@@ -4,13 +4,27 @@
 from the forward pass, under the model's remat policy. Counting them is exact for
 what JAX asks for, but XLA keeps less: it fuses elementwise and layout ops into their
 consumers, so an elementwise residual (a GELU's `0.5 * x`) is recomputed in the
-backward fusion from the values it was computed from. Four things stop that:
-a value produced by a non-fusible op (a matmul, a reduction, a gather, a loop) must
-exist in memory; so must one that a non-fusible op reads (a matmul operand); XLA
-does not duplicate expensive ops (exp, tanh, divide...) into a second consumer, so
-their outputs are kept too; and masks computed from the batch alone are computed
-once and shared by the forward and backward passes. `residuals` counts those roots,
-and the broadcast reciprocal XLA keeps beside a quotient such as softmax's.
+backward fusion from the values it was computed from. Six things stop that:
+- a value produced by a non-fusible op (a matmul, a reduction, a gather, a loop) must
+  exist in memory; so must one that a non-fusible op reads (a matmul operand);
+- XLA does not duplicate expensive ops (exp, tanh, divide...) into a second consumer,
+  so their outputs are kept too;
+- masks computed from the batch alone are computed once and shared by the forward and
+  backward passes (constants are not: XLA folds a broadcast constant into its users);
+- XLA does not duplicate an op that reads more than one array of its size (a gated
+  MLP's `silu(g) = g * sigmoid(g)`) unless it can fuse it into all its consumers on
+  every path, and a residual that the forward pass reads too fails that: its backward
+  consumer also reads cotangents that come from it through matmuls. Such a residual
+  is computed once and kept;
+- XLA:CPU computes sums in YNNPACK fusions, which fuse no producer that something else
+  reads too. The backward sums the gradient of a factor spread over a product (a norm's
+  scale in `x_hat * scale`, summed over batch and length) from the other factor, so
+  that residual is kept.
+`residuals` counts those roots, and the broadcast reciprocal XLA keeps beside a
+quotient such as softmax's.
+
+A jitted function (jax.nn.silu, jnp.where) is traced once, so every call of it is the
+same jaxpr with the same variables; each inlined call gets variables of its own.
 
 Residuals of scanned layers are outputs of the scan loop, stacked over layers, so
 XLA keeps exactly what JAX traced; `Residuals.stacks` lists them per stack.
@@ -64,11 +78,21 @@ def _is_literal(var) -> bool:
   return isinstance(var, jax_core.Literal)
 
 
-def _inline(jaxpr, eqns: list, alias: dict) -> None:
+class _Var:
+  """One call's own copy of a variable of an inlined body: a body traced once (a jitted
+  function such as jax.nn.silu) is the same jaxpr, with the same variables, at every call."""
+  __slots__ = ('aval',)
+
+  def __init__(self, aval):
+    self.aval = aval
+
+
+def _inline(jaxpr, eqns: list, env: dict, fresh: bool = False) -> None:
   """Appends (primitive name, inputs, outputs) of `jaxpr` to `eqns`, with `CALLS`
-  replaced by their bodies; `alias` maps each
-  variable of an inlined body's boundary to the one it stands for."""
-  resolve = lambda v: v if _is_literal(v) or v not in alias else resolve(alias[v])
+  replaced by their bodies; `env` maps each variable of `jaxpr` to the one it stands
+  for (a body's inputs to its call's arguments, with `fresh` its own outputs to new
+  variables of this call)."""
+  read = lambda v: v if _is_literal(v) else env.get(v, v)
   for eqn in jaxpr.eqns:
     body = None
     if eqn.primitive.name in CALLS:
@@ -76,45 +100,76 @@ def _inline(jaxpr, eqns: list, alias: dict) -> None:
                    for p in eqn.params.values()
                    if isinstance(p, (jax_core.ClosedJaxpr, jax_core.Jaxpr))), None)
     if body is None:
-      eqns.append((eqn.primitive.name, [resolve(v) for v in eqn.invars], eqn.outvars))
+      if fresh:
+        env.update({v: v if isinstance(v, jax_core.DropVar) else _Var(v.aval)
+                    for v in eqn.outvars})
+      eqns.append((eqn.primitive.name, [read(v) for v in eqn.invars],
+                   [read(v) for v in eqn.outvars]))
       continue
-    alias.update({inner: resolve(outer) for inner, outer in zip(body.invars, eqn.invars)})
-    _inline(body, eqns, alias)
-    alias.update({outer: resolve(inner) for outer, inner in zip(eqn.outvars, body.outvars)})
+    inner = dict(zip(body.invars, map(read, eqn.invars)))
+    _inline(body, eqns, inner, fresh=True)
+    env.update({outer: v if _is_literal(v) else inner.get(v, v)
+                for outer, v in zip(eqn.outvars, body.outvars)})
+
+
+def _broadcast(var, out, producer: dict) -> bool:
+  """Whether operand `var` of an elementwise op with result `out` is a smaller array
+  spread over out's shape (by the op itself, broadcast_in_dim or iota)."""
+  if var.aval.size < out.aval.size:
+    return True
+  name, inputs = producer.get(var, (None, ()))
+  return name in ('broadcast_in_dim', 'iota') and all(
+      v.aval.size < var.aval.size for v in inputs if not _is_literal(v))
 
 
 def residuals(closed: jax_core.ClosedJaxpr, num_params: int) -> Residuals:
   """Reads a ClosedJaxpr of (params, batch) whose outputs are a VJP closure's
   residuals; its first `num_params` inputs are the parameters."""
-  eqns, alias = [], {}
-  _inline(closed.jaxpr, eqns, alias)
-  resolve = lambda v: v if _is_literal(v) or v not in alias else resolve(alias[v])
-  producer, read_by_unfusible = {}, set()
+  eqns, env = [], {}
+  _inline(closed.jaxpr, eqns, env)
+  saved = [env.get(v, v) for v in closed.jaxpr.outvars if not _is_literal(v)]
+  saved = {v for v in saved if not _is_literal(v)}
+  producer, read_from_memory, read_by_forward = {}, set(), set()
   from_batch = set(closed.jaxpr.invars[num_params:])  # masks: computed once, shared
+  from_params = set(closed.jaxpr.invars[:num_params])
   for name, inputs, outputs in eqns:
-    producer.update({v: (name, inputs) for v in outputs})
-    if all(_is_literal(v) or v in from_batch for v in inputs):
+    arrays = [v for v in inputs if not _is_literal(v)]
+    producer.update({v: (name, arrays) for v in outputs})
+    if arrays and all(v in from_batch for v in arrays):  # not constants: XLA folds those
       from_batch.update(outputs)
+    if any(v in from_params for v in arrays):
+      from_params.update(outputs)
     if name not in FUSIBLE and not name.startswith('reduce_'):  # reductions fuse their inputs
-      read_by_unfusible.update(v for v in inputs if not _is_literal(v))
+      read_from_memory.update(arrays)
+    elif name == 'mul' and any(v in from_params and _broadcast(v, outputs[0], producer)
+                               for v in arrays):  # the backward sums dy * x for the factor
+      read_from_memory.update(v for v in arrays if not _broadcast(v, outputs[0], producer))
+    if not all(isinstance(v, jax_core.DropVar) for v in outputs):  # dead code reads nothing
+      read_by_forward.update(arrays)
+
+  def more_than_unary(var) -> bool:  # reads more than one array of its size
+    operands = set(producer[var][1])
+    return (sum(not _broadcast(v, var, producer) for v in operands) > 1
+            and sum(v.aval.size for v in operands) > var.aval.size)
+
   roots, seen = set(), set()
-  pending = [resolve(v) for v in closed.jaxpr.outvars]
+  pending = list(saved)
   while pending:
     var = pending.pop()
-    if _is_literal(var) or var in seen or var not in producer:  # inputs: parameters, batch
+    if var in seen or var not in producer:  # inputs: parameters, batch
       continue
     seen.add(var)
     name, inputs = producer[var]
-    if (name in FUSIBLE and name not in EXPENSIVE and var not in read_by_unfusible
-        and var not in from_batch):
+    if (name in FUSIBLE and name not in EXPENSIVE and var not in read_from_memory
+        and var not in from_batch
+        and not (var in saved and var in read_by_forward and more_than_unary(var))):
       pending.extend(inputs)  # recomputed inside the backward's fusion
     else:
       roots.add(var)
   # XLA turns x / broadcast(s) into x * broadcast(1 / s) and keeps that broadcast, as
   # large as the quotient, beside a kept quotient (softmax probabilities).
   reciprocals = sum(_nbytes(v) for v in roots if producer[v][0] == 'div'
-                    and not _is_literal(producer[v][1][1])
-                    and producer[v][1][1].aval.size < v.aval.size)
+                    and len(producer[v][1]) == 2 and producer[v][1][1].aval.size < v.aval.size)
   stacks = tuple(tuple(_nbytes(v) for v in eqn.outvars[eqn.params['num_carry']:])
                  for eqn in closed.jaxpr.eqns if eqn.primitive.name == 'scan')
   return Residuals(kept=sum(_nbytes(v) for v in roots) + reciprocals, stacks=stacks)

@@ -6,6 +6,8 @@ for training, a third of that for a forward pass). Memory is the training-memory
 rule of thumb made exact: weights, gradients and AdamW's two moments in the
 parameter dtype (4 + 4 + 8 = 16 bytes per float32 parameter), plus the activations
 at the peak of the backward pass for the configured micro-batch (scaling/activations.py).
+`by_precision` repeats that for each compute dtype (float32, bfloat16, float16, with
+activations traced in it) beside the bytes of the weights served in each, int8 included.
 """
 
 import dataclasses
@@ -76,17 +78,57 @@ def _residual_trace(config: ml_collections.ConfigDict, task: Task, remat: str,
                               len(jax.tree.leaves(params)))
 
 
-def activation_bytes(config: ml_collections.ConfigDict, task: Task) -> dict[str, int]:
+def activation_bytes(config: ml_collections.ConfigDict, task: Task,
+                     policies=REMAT_POLICIES) -> dict[str, int]:
   """Peak activation bytes of one micro-batch's backward pass under each remat policy
   (scaling/activations.py), with the run's scanned or unrolled layers."""
   cfg = task.cfg
-  scanned = {policy: _residual_trace(config, task, policy, True) for policy in REMAT_POLICIES}
+  scanned = {policy: _residual_trace(config, task, policy, True)
+             for policy in set(policies) | {'none'}}
   sequences = config.data.batch_size // config.train.grad_accum
   logits_bytes = sequences * task.scored_length(config.data.seq_len) * cfg.vocab_size * 4
   return {policy: activations.peak_bytes(
               scanned[policy] if cfg.scan_layers else _residual_trace(config, task, policy, False),
               scanned[policy], scanned['none'], cfg.num_layers, logits_bytes)
-          for policy in REMAT_POLICIES}
+          for policy in policies}
+
+
+# Compute dtypes a run can train in; float16 keeps float32 master weights (and adds a
+# loss scale of three scalars, train/loss_scale.py).
+TRAINING_PRECISIONS = ('float32', 'bfloat16', 'float16')
+
+
+def _device_bytes(state: dict[str, int], activation: int, offload_optimizer: bool) -> int:
+  """Training memory per device: the train state and the activations at their peak."""
+  if offload_optimizer:  # the moments visit the devices for the update only, after the
+    # activations are freed
+    return state['weights'] + state['gradients'] + max(activation, state['adam_moments'])
+  return sum(state.values()) + activation
+
+
+def by_precision(config: ml_collections.ConfigDict, task: Task, remat: str, n: int,
+                 int8_bytes: int, run_activation: int) -> dict[str, dict]:
+  """For each precision: the weights as served for inference and, for the training
+  precisions, the master weights, gradients and AdamW moments (in the parameter dtype;
+  float16's are float32) and the activations traced in that compute dtype (remat
+  policy `remat`), with their total per device."""
+  run_dtype = jnp.dtype(task.cfg.dtype).name
+  rows = {}
+  for name in TRAINING_PRECISIONS:
+    param_bytes = 4 if name == 'float16' else jnp.dtype(config.param_dtype).itemsize
+    weights = n * param_bytes
+    state = {'weights': weights, 'gradients': weights * (2 if config.train.grad_accum > 1 else 1),
+             'adam_moments': 2 * weights}
+    if name == run_dtype:
+      activation = run_activation
+    else:
+      other = dataclasses.replace(task, cfg=dataclasses.replace(task.cfg, dtype=jnp.dtype(name)))
+      activation = activation_bytes(config, other, (remat,))[remat]
+    rows[name] = {'served_weights': n * jnp.dtype(name).itemsize, **state,
+                  'activations': activation,
+                  'training': _device_bytes(state, activation, config.train.offload_optimizer)}
+  rows['int8'] = {'served_weights': int8_bytes}
+  return rows
 
 
 def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> dict:
@@ -116,11 +158,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   # Gradients, and with accumulation over micro-batches their running sum.
   gradients = weights * (2 if config.train.grad_accum > 1 else 1)
   state = {'weights': weights, 'gradients': gradients, 'adam_moments': 2 * weights}
-  if config.train.offload_optimizer:  # the moments visit the devices for the update only,
-    # after the activations are freed
-    device_bytes = weights + gradients + max(activation[remat], state['adam_moments'])
-  else:
-    device_bytes = sum(state.values()) + activation[remat]
+  device_bytes = _device_bytes(state, activation[remat], config.train.offload_optimizer)
   return {
       'arch': cfg.arch, 'params': n, 'params_by_part': counts,
       'matmul_params': flops.matmul_param_count(params, cfg.tie_embeddings),
@@ -129,7 +167,8 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       'tokens_per_step': tokens_per_step, 'steps': config.train.steps,
       'train_tokens': tokens_per_step * config.train.steps,
       'train_flops': train_flops, 'pf_days': train_flops / PF_DAY,
-      'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'int8': int8_bytes},
+      'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'float16': 2 * n, 'int8': int8_bytes},
+      'by_precision': by_precision(config, task, remat, n, int8_bytes, activation[remat]),
       'train_state_bytes': state,
       'activation_bytes': activation,
       'memory_bytes': device_bytes,
@@ -182,6 +221,22 @@ def _bytes(n: float) -> str:
   return f'{n / 2**30:.3f} GiB' if n >= 2**30 else f'{n / 2**20:.2f} MiB'
 
 
+def _precision_lines(result: dict) -> list[str]:
+  """Training memory per device by compute dtype, and int8 (inference only)."""
+  lines = [f"By precision (training: master weights, gradients and AdamW moments in the "
+           f"parameter dtype, activations at remat={result['effective_remat']}):"]
+  for name, row in result['by_precision'].items():
+    if 'training' not in row:
+      lines.append(f"  {name:<9} served weights {_bytes(row['served_weights'])}; inference only")
+      continue
+    lines.append(f"  {name:<9} served weights {_bytes(row['served_weights'])}; training "
+                 f"{_bytes(row['training'])} = weights {_bytes(row['weights'])} + gradients "
+                 f"{_bytes(row['gradients'])} + AdamW {_bytes(row['adam_moments'])} + "
+                 f"activations {_bytes(row['activations'])}"
+                 + (' (+ dynamic loss scaling)' if name == 'float16' else ''))
+  return lines
+
+
 def report(result: dict) -> str:
   """Human-readable lines of an estimate (with the compiled analysis if present)."""
   lines = [f"{result['arch']}: {result['params']:,} parameters "
@@ -193,6 +248,7 @@ def report(result: dict) -> str:
            f"{_size(result['train_tokens'])} tokens, {result['train_flops']:.3g} FLOPs = "
            f"{result['pf_days']:.3g} PF-days",
            'Weights: ' + ', '.join(f'{k} {_bytes(v)}' for k, v in result['weight_bytes'].items()),
+           *_precision_lines(result),
            'Train state: ' + ', '.join(f'{k} {_bytes(v)}'
                                        for k, v in result['train_state_bytes'].items()),
            'Activations (' + result['compute_dtype'] + '): ' + ', '.join(

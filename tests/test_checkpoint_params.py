@@ -134,7 +134,9 @@ def _full_restore_fails(workdir: str, step: int) -> None:
 
 def _run_self(*args, devices: int = 1):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+         # this process's flags (conftest.py's faster compiling), and the devices
+         'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} "
+                      f'--xla_force_host_platform_device_count={devices}'}
   out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -195,6 +197,7 @@ def _sharded_check(workdir: str) -> None:
   print('SHARDED_OK')
 
 
+@pytest.mark.slow  # a mesh of 4 devices, in a process of its own
 def test_restores_into_the_requested_shardings(tmp_path):
   assert 'SHARDED_OK' in _run_self('sharded', tmp_path, devices=4)
 

@@ -58,6 +58,7 @@ def test_empty_corpus(config, tmp_path):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+@pytest.mark.slow  # trains (2 steps) and checkpoints a run first
 def test_tokenizer_of_another_size_than_the_run(config, tmp_path):
   workdir = str(tmp_path / 'run')
   config.train.steps = 2

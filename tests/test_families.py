@@ -21,7 +21,7 @@ TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, he
 def _task(arch: str, **changes):
   cfg = dataclasses.replace(TINY, arch=arch, **changes)
   task = tasks.for_model(cfg)
-  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 16)))
+  params = nn.unbox(jax.jit(task.init)(jax.random.key(0), task.example_batch(1, 16)))
   return task, params, jax.jit(lambda p, b: task.logits(p, b))
 
 
@@ -184,14 +184,13 @@ def test_masked_lm_loss_counts_only_chosen_positions():
   targets = rng.integers(6, 128, size=(2, 12))
   batch.update(targets=jnp.asarray(targets, jnp.int32), weights=jnp.asarray(weights),
                token_type_ids=jnp.zeros((2, 12), jnp.int32))
-  loss, sums = task.loss(params, batch, None, False)
+  loss_and_sums = jax.jit(lambda p, b: task.loss(p, b, None, False))
+  loss, sums = loss_and_sums(params, batch)
   other = targets.copy()
   other[weights == 0] = rng.integers(6, 128, size=int((weights == 0).sum()))
-  loss_other, _ = task.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
-                                 None, False)
+  loss_other, _ = loss_and_sums(params, batch | {'targets': jnp.asarray(other, jnp.int32)})
   assert float(sums['weight']) == 4.0
   np.testing.assert_allclose(float(loss_other), float(loss), rtol=1e-6)
   other[0, 2] = (targets[0, 2] + 1 - 6) % 122 + 6  # a chosen position does count
-  loss_chosen, _ = task.loss(params, batch | {'targets': jnp.asarray(other, jnp.int32)},
-                                  None, False)
+  loss_chosen, _ = loss_and_sums(params, batch | {'targets': jnp.asarray(other, jnp.int32)})
   assert abs(float(loss_chosen) - float(loss)) > 1e-4

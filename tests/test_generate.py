@@ -1,7 +1,6 @@
 """Generation: the key/value cache matches full forward passes; sampling filters hold."""
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,17 +11,15 @@ from inference.sampling import Sampling, filter_logits, sample
 from models import ModelConfig
 import tasks
 
+from conftest import decoding_params
+
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
 PROMPTS = [[5, 9, 20, 33], [7, 8], [100, 101, 102, 103, 104, 105]]
 ENCODER_DECODER = dict(arch='encoder_decoder', position='relative', activation='silu', gated_mlp=True)  # T5-like
 
 
-def _params(cfg):
-  task = tasks.for_model(cfg)
-  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 16)))
-  # Larger weights than at initialisation, so greedy continuations vary from step to step.
-  return task, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
+_params = decoding_params  # (task, params), one per config for the whole session
 
 
 def _greedy_without_cache(task, params, prompt, steps, length=32):
@@ -147,6 +144,7 @@ def test_spans_fill_their_sentinels_and_a_prompt_without_mask_is_continued():
   from input_pipeline.tokenizer import EOS_ID, SENTINEL_IDS
 
   class Letters:  # a tokenizer of single letters: 'a' is 200, 'b' 201, ...
+    eos_id, sentinel_ids = EOS_ID, SENTINEL_IDS
     encode = staticmethod(lambda text: [200 + ord(c) - ord('a') for c in text])
     decode = staticmethod(lambda ids: ''.join(chr(ord('a') + i - 200) for i in ids))
 

@@ -12,7 +12,7 @@ from tasks.causal_lm import CausalExamples
 
 from conftest import tiny_config, write_tiny_corpus
 
-EOS = input_pipeline.EOS_ID
+EOS = tokenizer_lib.EOS_ID
 VOCAB = 512  # 106 special ids + 256 byte pieces + '\n' + the corpus's characters fit
 
 
@@ -24,7 +24,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope='module')
 def tokenizer(corpus, tmp_path_factory):
   prefix = str(tmp_path_factory.mktemp('tokenizer') / 'tok')
-  return input_pipeline.Tokenizer(
+  return tokenizer_lib.SentencePieceTokenizer(
       tokenizer_lib.train_tokenizer(corpora.load_documents(corpus), prefix, VOCAB))
 
 
@@ -51,7 +51,7 @@ def _assert_same_batches(a, b):
 def _build_data(config, workdir: str) -> pipeline.Data:
   """A causal LM run's data, as train/loop.py builds it."""
   corpus = pipeline.load_corpus(config, workdir)
-  return pipeline.build_data(config, corpus, CausalExamples(config.data.seq_len))
+  return pipeline.build_data(config, corpus, CausalExamples(config.data.seq_len, eos_id=EOS))
 
 
 def test_round_trip_of_non_ascii_text_never_seen_in_training(tokenizer):
@@ -64,19 +64,26 @@ def test_round_trip_of_non_ascii_text_never_seen_in_training(tokenizer):
 
 
 def test_special_ids_are_fixed_and_never_produced_from_text(tokenizer):
-  pieces = [tokenizer.id_to_piece(i) for i in range(input_pipeline.NUM_SPECIAL)]
+  pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer_lib.NUM_SPECIAL)]
   assert pieces[:6] == ['<pad>', '</s>', '<unk>', '[MASK]', '[CLS]', '[SEP]']
-  assert (input_pipeline.PAD_ID, input_pipeline.EOS_ID, input_pipeline.UNK_ID) == (0, 1, 2)
-  assert (input_pipeline.MASK_ID, input_pipeline.CLS_ID, input_pipeline.SEP_ID) == (3, 4, 5)
-  assert input_pipeline.SENTINEL_IDS == tuple(range(6, 106)) and input_pipeline.NUM_SPECIAL == 106
-  assert pieces[input_pipeline.sentinel_id(0)] == '<extra_id_0>'
-  assert pieces[input_pipeline.sentinel_id(99)] == '<extra_id_99>'
-  assert (tokenizer.bytes_per_token[:input_pipeline.NUM_SPECIAL] == 0).all()
+  assert (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID, tokenizer_lib.UNK_ID) == (0, 1, 2)
+  assert (tokenizer_lib.MASK_ID, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID) == (3, 4, 5)
+  assert tokenizer_lib.SENTINEL_IDS == tuple(range(6, 106)) and tokenizer_lib.NUM_SPECIAL == 106
+  assert pieces[tokenizer_lib.sentinel_id(0)] == '<extra_id_0>'
+  assert pieces[tokenizer_lib.sentinel_id(99)] == '<extra_id_99>'
+  # The tokenizer reads the same table from its model file.
+  assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.bos_id) == (0, 1, 2, None)
+  assert (tokenizer.mask_id, tokenizer.cls_id, tokenizer.sep_id) == (3, 4, 5)
+  assert tokenizer.sentinel_ids == tokenizer_lib.SENTINEL_IDS
+  assert tokenizer.special == tokenizer_lib.TRAINED_SPECIAL_IDS and not tokenizer.adds_bos
+  assert tokenizer.special_ids == tuple(range(106))
+  assert (tokenizer.special_mask == (np.arange(VOCAB) < 106)).all()
+  assert (tokenizer.bytes_per_token[:tokenizer_lib.NUM_SPECIAL] == 0).all()
   text = 'a [MASK] b [CLS] [SEP] <extra_id_0> </s> <pad> <unk>'
   ids = tokenizer.encode(text)
-  assert min(ids) >= input_pipeline.NUM_SPECIAL
+  assert min(ids) >= tokenizer_lib.NUM_SPECIAL
   assert tokenizer.decode(ids) == text
-  assert tokenizer.decode([input_pipeline.PAD_ID] + ids + [VOCAB + 5]) == text
+  assert tokenizer.decode([tokenizer_lib.PAD_ID] + ids + [VOCAB + 5]) == text
 
 
 def test_too_large_vocabulary_says_to_lower_it(tmp_path):
@@ -208,7 +215,7 @@ def test_train_batches_are_packed_windows_of_the_token_stream(corpus, tmp_path):
 
 
 def test_packing_starts_a_document_after_each_eos():
-  batch = input_pipeline.pack_windows(np.array([[7, 8, EOS, 9, 10, 11, EOS, 12, 13]]))
+  batch = input_pipeline.pack_windows(np.array([[7, 8, EOS, 9, 10, 11, EOS, 12, 13]]), eos_id=EOS)
   np.testing.assert_array_equal(batch['inputs'], [[7, 8, EOS, 9, 10, 11, EOS, 12]])
   np.testing.assert_array_equal(batch['targets'], [[8, EOS, 9, 10, 11, EOS, 12, 13]])
   np.testing.assert_array_equal(batch['segment_ids'], [[1, 1, 1, 2, 2, 2, 2, 3]])
@@ -235,8 +242,8 @@ def test_train_iterator_resumes_exactly_and_follows_the_seed(corpus, tmp_path):
 
 
 def test_every_epoch_sees_every_window_once_in_its_own_order(tokenizer):
-  task = CausalExamples(8)
-  tokens = np.arange(8 * 12 + 1, dtype=np.uint16) + input_pipeline.NUM_SPECIAL
+  task = CausalExamples(8, eos_id=EOS)
+  tokens = np.arange(8 * 12 + 1, dtype=np.uint16) + tokenizer_lib.NUM_SPECIAL
   batches = _take(pipeline.train_iterator(task, tokens, 2, 0, 0, 1), 3 * 6)  # 3 epochs
   starts = np.concatenate([b['inputs'][:, 0] for b in batches]).reshape(3, 12)
   for epoch in starts:
@@ -262,8 +269,8 @@ def test_eval_pass_sees_every_validation_window_once(corpus, tmp_path):
 
 
 def test_processes_read_disjoint_shards_that_make_up_the_same_global_batches(tokenizer):
-  task = CausalExamples(8)
-  tokens = np.arange(8 * 11 + 1, dtype=np.uint16) + input_pipeline.NUM_SPECIAL
+  task = CausalExamples(8, eos_id=EOS)
+  tokens = np.arange(8 * 11 + 1, dtype=np.uint16) + tokenizer_lib.NUM_SPECIAL
   evals = [list(pipeline.eval_batches(task, tokens, 2, shard, 3)) for shard in range(3)]
   assert len({len(batches) for batches in evals}) == 1
   firsts = [b['inputs'][b['weights'][:, 0] > 0, 0] for batches in evals for b in batches]
@@ -305,6 +312,6 @@ def test_split_shorter_than_one_window(corpus, tmp_path):
 def test_unigram_tokenizer_round_trips(tmp_path):
   docs = corpora.load_documents(write_tiny_corpus(tmp_path / 'c.jsonl'))
   path = tokenizer_lib.train_tokenizer(docs, str(tmp_path / 'uni'), 400, model_type='unigram')
-  tokenizer = tokenizer_lib.Tokenizer(path)
+  tokenizer = tokenizer_lib.SentencePieceTokenizer(path)
   text = 'the café dog — 中文'
   assert tokenizer.decode(tokenizer.encode(text)) == text

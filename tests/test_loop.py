@@ -37,8 +37,8 @@ def test_training_lowers_loss_below_unigram_and_writes_outputs(config, tmp_path)
   for key in ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu', 'eval_loss',
               'eval_bits_per_byte', 'eval_accuracy'):
     assert key in rows[-1], key
-  from input_pipeline import Tokenizer
-  tokenizer = Tokenizer(os.path.join(workdir, 'tokenizer.model'))
+  from input_pipeline import load_tokenizer
+  tokenizer = load_tokenizer(workdir)
   with open(config.data.corpus) as f:
     ids = np.concatenate([tokenizer.encode(json.loads(line)['text']) for line in f])
   assert last['eval_loss'] < _unigram_entropy_nats(ids) - 0.3

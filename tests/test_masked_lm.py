@@ -12,7 +12,8 @@ import pytest
 
 from input_pipeline import masking
 from input_pipeline.pipeline import eval_batches
-from input_pipeline.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID
+from input_pipeline.tokenizer import (CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID,
+                                      TRAINED_SPECIAL_IDS as IDS, Tokenizer)
 from models import ModelConfig
 import tasks
 from tasks.masked_lm import MaskedExamples
@@ -44,7 +45,7 @@ def _token_stream(num_docs: int, seed: int = 0, low: int = 5, high: int = 40) ->
 # --- 2. NSP metrics weigh padding rows 0 ---------------------------------------------
 def test_nsp_metrics_ignore_the_zero_rows_that_pad_the_last_eval_batch():
   task, params = _task_and_params()
-  examples = MaskedExamples(SEQ, VOCAB, 0.15, None, next_sentence=True)
+  examples = MaskedExamples(SEQ, VOCAB, 0.15, None, next_sentence=True, special=IDS)
   tokens = _token_stream(8)
   assert len(examples.source(tokens)) % 4 != 0  # the last batch of 4 is padded
   last = [jax.tree.map(jnp.asarray, b) for b in eval_batches(examples, tokens, 4, 0, 1)][-1]
@@ -99,7 +100,7 @@ def test_nsp_gradient_accumulation_over_unequal_micro_batches_equals_one_large_b
 # --- 4. drawing a sentence pair costs the same whatever the number of documents -------
 def _calls_to_make_one_example(num_docs: int, seed: int) -> int:
   """Python and C function calls made while drawing one example (a count, not a time)."""
-  examples = MaskedExamples(32, VOCAB, 0.15, None, next_sentence=True)
+  examples = MaskedExamples(32, VOCAB, 0.15, None, next_sentence=True, special=IDS)
   item = examples.source(_token_stream(num_docs))[0]
   rng = np.random.default_rng(seed)
   calls = 0
@@ -136,7 +137,7 @@ def test_sentence_pair_reads_at_most_two_documents_of_the_index():
   rng = np.random.default_rng(0)
   for _ in range(50):
     reads.clear()
-    masking.sentence_pair(documents, rng, 32)
+    masking.sentence_pair(documents, rng, 32, special=IDS)
     assert 1 <= len(reads) <= 2
 
 
@@ -168,7 +169,7 @@ def test_the_index_draws_exactly_the_pairs_the_document_list_drew():
   index = masking.Documents(tokens, starts, ends)
   new_rng, old_rng = np.random.default_rng(5), np.random.default_rng(5)
   for _ in range(300):
-    example = masking.sentence_pair(index, new_rng, 32)
+    example = masking.sentence_pair(index, new_rng, 32, special=IDS)
     ids, is_next = _old_sentence_pair(as_list, old_rng, 32)
     length = int(example['segment_ids'].sum())
     np.testing.assert_array_equal(example['inputs'][:length], ids)
@@ -196,7 +197,7 @@ def test_whole_word_masking_reaches_but_never_exceeds_the_rate(lengths, rate, ex
   ids, starts = _row(lengths)
   rng = np.random.default_rng(0)
   for _ in range(100):
-    chosen = masking.choose_positions(ids, rng, rate, starts)
+    chosen = masking.choose_positions(ids, rng, rate, starts, special=IDS)
     assert chosen.sum() == expected
     _check_whole_words(chosen, np.cumsum(starts))
 
@@ -207,7 +208,7 @@ def test_whole_word_masking_on_random_rows_hits_the_best_reachable_count():
     ids = rng.integers(NUM_SPECIAL, VOCAB, size=48)
     ids[rng.random(48) < 0.1] = PAD_ID  # not eligible
     starts = rng.random(48) < 0.35
-    chosen = masking.choose_positions(ids, rng, 0.15, starts)
+    chosen = masking.choose_positions(ids, rng, 0.15, starts, special=IDS)
     eligible = ids >= NUM_SPECIAL
     target = int(round(0.15 * eligible.sum()))
     word = np.cumsum(starts | ~eligible) * eligible  # a word: a start and what follows it
@@ -220,10 +221,11 @@ def test_whole_word_masking_on_random_rows_hits_the_best_reachable_count():
 
 
 # --- 10. fill-mask prompts look like training's segments ------------------------------
-class _CharTokenizer:
+class _CharTokenizer(Tokenizer):
   """One id per character; shows control ids in its output, so a frame left in shows."""
   chars = 'abcdefghijklmnopqrstuvwxyz .'
   vocab_size = VOCAB
+  special = IDS
 
   def encode(self, text):
     return [NUM_SPECIAL + self.chars.index(c) for c in text]
@@ -253,7 +255,7 @@ class _Recording:
 def test_fill_mask_prompts_are_framed_as_training_framed_a_segment(next_sentence):
   from inference.fill_mask import fill_masks
   task, params = _task_and_params(next_sentence)
-  examples = MaskedExamples(SEQ, VOCAB, 0.15, None, next_sentence)
+  examples = MaskedExamples(SEQ, VOCAB, 0.15, None, next_sentence, special=IDS)
   trained = examples.make_example(examples.source(_token_stream(20))[0],
                                   np.random.default_rng(0))['targets']
   recording, tokenizer = _Recording(task), _CharTokenizer()

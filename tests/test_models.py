@@ -26,22 +26,24 @@ VARIANTS = {
 def _init(cfg):
   """Parameters and a jitted logits function, shared by the tests of one variant."""
   task = tasks.for_model(cfg)
-  params = nn.unbox(task.init(jax.random.key(0), example_batch(1, 16)))
+  params = nn.unbox(jax.jit(task.init)(jax.random.key(0), example_batch(1, 16)))
   logits = jax.jit(lambda p, b: task.logits(p, b))
   return params, logits
 
 
 def _batch(ids, segment_ids=None):
-  ids = jnp.asarray(ids, jnp.int32)
+  """A batch in NumPy (built without compiling anything)."""
+  ids = np.asarray(ids, np.int32)
   if segment_ids is None:
-    segment_ids = jnp.ones_like(ids)
-  segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    segment_ids = np.ones_like(ids)
+  segment_ids = np.asarray(segment_ids, np.int32)
   # positions restart at each new segment
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-  idx = jnp.arange(ids.shape[1])
-  last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-  return {'inputs': ids, 'segment_ids': segment_ids, 'positions': idx - last_start}
+  starts = np.concatenate([np.ones_like(segment_ids[:, :1], bool),
+                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  idx = np.arange(ids.shape[1], dtype=np.int32)
+  last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+  return {'inputs': ids, 'segment_ids': segment_ids,
+          'positions': (idx - last_start).astype(np.int32)}
 
 
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
@@ -50,11 +52,11 @@ def test_future_tokens_never_change_past_logits(variant):
   params, logits = _init(cfg)
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 128, size=(2, 16))
-  base = logits(params, _batch(ids))
+  base = np.asarray(logits(params, _batch(ids)))
   for t in (0, 5, 14):
     perturbed = ids.copy()
     perturbed[:, t + 1:] = rng.integers(3, 128, size=perturbed[:, t + 1:].shape)
-    out = logits(params, _batch(perturbed))
+    out = np.asarray(logits(params, _batch(perturbed)))
     np.testing.assert_array_equal(np.asarray(out[:, :t + 1]), np.asarray(base[:, :t + 1]))
     assert not np.allclose(out[:, t + 1:], base[:, t + 1:])  # the perturbation is visible
 
@@ -66,21 +68,21 @@ def test_packed_document_ignores_other_documents(variant):
   rng = np.random.default_rng(1)
   ids = rng.integers(3, 128, size=(1, 16))
   segments = np.array([[1] * 6 + [2] * 7 + [3] * 3])
-  base = logits(params, _batch(ids, segments))
+  base = np.asarray(logits(params, _batch(ids, segments)))
   changed = ids.copy()
   changed[:, :6] = rng.integers(3, 128, size=(1, 6))  # document A only
   changed[:, 13:] = rng.integers(3, 128, size=(1, 3))  # and the document after B
-  out = logits(params, _batch(changed, segments))
+  out = np.asarray(logits(params, _batch(changed, segments)))
   np.testing.assert_allclose(np.asarray(out[:, 6:13]), np.asarray(base[:, 6:13]), rtol=0, atol=1e-6)
   assert not np.allclose(out[:, :6], base[:, :6])
   # Document B alone, at the start of a row, gives the same logits as packed.
-  alone = logits(params, _batch(ids[:, 6:13]))
+  alone = np.asarray(logits(params, _batch(ids[:, 6:13])))
   np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(base[0, 6:13]), atol=1e-5)
 
 
 def test_parameters_carry_logical_axis_names():
   cfg = dataclasses.replace(TINY, tie_embeddings=False, use_bias=True, position='learned')
-  boxed = tasks.for_model(cfg).init(jax.random.key(0), example_batch(1, 8))
+  boxed = jax.eval_shape(tasks.for_model(cfg).init, jax.random.key(0), example_batch(1, 8))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   specs = nn.get_partition_spec(boxed)
@@ -93,10 +95,10 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
   cfg = dataclasses.replace(TINY, dtype=jnp.bfloat16)
   task = tasks.for_model(cfg)
   batch = example_batch(2, 16) | {'inputs': jnp.arange(32, dtype=jnp.int32).reshape(2, 16)}
-  params = nn.unbox(task.init(jax.random.key(0), batch))
+  params = nn.unbox(jax.jit(task.init)(jax.random.key(0), batch))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  assert task.logits(params, batch).dtype == jnp.bfloat16
-  loss, sums = task.loss(params, batch, None, False)
+  assert jax.jit(task.logits)(params, batch).dtype == jnp.bfloat16
+  loss, sums = jax.jit(lambda p, b: task.loss(p, b, None, False))(params, batch)
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
 
 
@@ -111,15 +113,15 @@ def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
   for key in ('inputs', 'targets', 'encoder_inputs', 'decoder_inputs'):
     if key in batch:
       batch[key] = jnp.asarray(rng.integers(6, 128, batch[key].shape), jnp.int32)
-  scanned_params = nn.unbox(task.init(jax.random.key(0), batch))
+  scanned_params = nn.unbox(jax.jit(task.init)(jax.random.key(0), batch))
 
   def gradients(cfg, params):
     loss = lambda p: tasks.for_model(cfg).loss(p, batch, jax.random.key(1), train=False)[0]
     return jax.jit(jax.grad(loss))(params)
 
   expected = gradients(base, scanned_params)  # scanned, no remat
-  _, unrolled_params = unrolled_layers(base, scanned_params)
-  _, expected_unrolled = unrolled_layers(base, expected)
+  unrolled = jax.jit(lambda p: unrolled_layers(base, p)[1])
+  unrolled_params, expected_unrolled = unrolled(scanned_params), unrolled(expected)
   for remat, scan in [('none', False), ('dots_saveable', True), ('full', True), ('full', False)]:
     cfg = dataclasses.replace(base, remat=remat, scan_layers=scan)
     got = gradients(cfg, scanned_params if scan else unrolled_params)

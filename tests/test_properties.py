@@ -18,6 +18,7 @@ from input_pipeline import masking, spans
 from input_pipeline.pipeline import pack_windows
 from tasks.causal_lm import CausalExamples
 from input_pipeline.tokenizer import EOS_ID, MASK_ID, NUM_SPECIAL, SENTINEL_IDS
+from input_pipeline.tokenizer import TRAINED_SPECIAL_IDS as IDS
 from train import run_config
 
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -42,9 +43,9 @@ def token_streams(draw):
 @given(token_streams())
 def test_packing_keeps_documents_apart_and_loses_no_token(stream_and_seq_len):
   stream, T = stream_and_seq_len
-  windows = CausalExamples(T).source(stream)  # the causal LM's windows
+  windows = CausalExamples(T, eos_id=EOS_ID).source(stream)  # the causal LM's windows
   windows_BW = np.stack([windows[i] for i in range(len(windows))])
-  packed = pack_windows(windows_BW)
+  packed = pack_windows(windows_BW, eos_id=EOS_ID)
   inputs, targets = packed['inputs'], packed['targets']
   B = len(windows_BW)
   assert inputs.shape == targets.shape == packed['segment_ids'].shape == (B, T)
@@ -92,7 +93,7 @@ mask_rates = st.floats(0.01, 0.99)
 @given(masking_rows(), mask_rates, seeds)
 def test_mask_count_is_round_of_rate_times_ordinary_tokens(row, mask_rate, seed):
   ids, _ = row
-  chosen = masking.choose_positions(ids, np.random.default_rng(seed), mask_rate)
+  chosen = masking.choose_positions(ids, np.random.default_rng(seed), mask_rate, special=IDS)
   ordinary = ids >= NUM_SPECIAL
   assert chosen.sum() == round(mask_rate * ordinary.sum())
   assert not chosen[~ordinary].any()
@@ -120,7 +121,7 @@ def test_whole_word_masking_takes_whole_words_up_to_the_count(row, mask_rate, se
   ids, _ = row
   rng = np.random.default_rng(seed)
   starts = rng.random(len(ids)) < p_start
-  chosen = masking.choose_positions(ids, rng, mask_rate, starts)
+  chosen = masking.choose_positions(ids, rng, mask_rate, starts, special=IDS)
   target = round(mask_rate * (ids >= NUM_SPECIAL).sum())
   words = _words(ids, starts)
   in_a_word = np.zeros(len(ids), bool)
@@ -143,7 +144,7 @@ def test_masking_changes_only_chosen_positions_and_never_to_a_special_id(
   ids, vocab_size = row
   rng = np.random.default_rng(seed)
   starts = rng.random(len(ids)) < 0.5 if whole_word else None
-  out = masking.mask_tokens(ids, rng, vocab_size, mask_rate, starts)
+  out = masking.mask_tokens(ids, rng, vocab_size, mask_rate, starts, special=IDS)
   inputs, weights = out['inputs'], out['weights']
   chosen = weights == 1
   assert inputs.dtype == out['targets'].dtype == np.int32 and weights.dtype == np.float32
@@ -167,7 +168,7 @@ def test_mask_random_keep_split_is_80_10_10_over_many_draws(mask_rate, special_s
   for _ in range(1000):
     ids = rng.integers(NUM_SPECIAL, vocab_size, size=128)
     ids[rng.random(128) < special_share] = EOS_ID
-    out = masking.mask_tokens(ids, rng, vocab_size, mask_rate)
+    out = masking.mask_tokens(ids, rng, vocab_size, mask_rate, special=IDS)
     chosen = out['weights'] == 1
     new, old = out['inputs'][chosen], ids[chosen]
     counts['mask'] += (new == MASK_ID).sum()
@@ -225,7 +226,7 @@ def test_span_corruption_round_trips_to_the_raw_tokens(n, noise_density, mean_sp
   num_noise = target_length - 1 - num_spans
   tokens = _raw_tokens(n, seed)
   inputs, targets = spans.corrupt_spans(tokens, np.random.default_rng(seed), noise_density,
-                                        mean_span_length)
+                                        mean_span_length, special=IDS)
   assert (len(inputs), len(targets)) == (input_length, target_length)
   assert inputs[-1] == targets[-1] == EOS_ID
   assert 1 <= num_spans <= len(SENTINEL_IDS) and 1 <= num_noise < n
@@ -235,7 +236,7 @@ def test_span_corruption_round_trips_to_the_raw_tokens(n, noise_density, mean_sp
     assert not (s[:-1] & s[1:]).any()
   assert not np.isin(inputs[0], SENTINEL_IDS) and targets[0] == SENTINEL_IDS[0]
   np.testing.assert_array_equal(_uncorrupt(inputs, targets), tokens)
-  np.testing.assert_array_equal(spans.reconstruct(inputs, targets), tokens)
+  np.testing.assert_array_equal(spans.reconstruct(inputs, targets, special=IDS), tokens)
 
 
 @PROPERTY
@@ -243,7 +244,7 @@ def test_span_corruption_round_trips_to_the_raw_tokens(n, noise_density, mean_sp
 @example(n=10, noise_density=0.6, mean_span_length=1.0, seed=0)
 def test_span_corruption_accepts_every_allowed_setting(n, noise_density, mean_span_length, seed):
   inputs, targets = spans.corrupt_spans(_raw_tokens(n, seed), np.random.default_rng(seed),
-                                        noise_density, mean_span_length)
+                                        noise_density, mean_span_length, special=IDS)
   np.testing.assert_array_equal(_uncorrupt(inputs, targets), _raw_tokens(n, seed))
 
 

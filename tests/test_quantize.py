@@ -24,14 +24,15 @@ PROMPTS = [[5, 9, 20, 33], [7, 8]]
 
 def _params(cfg):
   task = tasks.for_model(cfg)
-  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
   # Larger weights than at initialisation, so greedy continuations vary from step to step.
-  return task, jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x, params)
+  init = jax.jit(lambda key, batch: jax.tree.map(lambda x: x * 8.0 if x.ndim > 1 else x,
+                                                 nn.unbox(task.init(key, batch))))
+  return task, init(jax.random.key(0), task.example_batch(1, 8))
 
 
 def _scales(params) -> dict[str, tuple[int, ...]]:
   """'path/to/kernel' -> shape of its int8 scale."""
-  flat = jax.tree_util.tree_flatten_with_path(quantize_int8(params))[0]
+  flat = jax.tree_util.tree_flatten_with_path(jax.eval_shape(quantize_int8, params))[0]
   return {'/'.join(p.key for p in path[:-1]): x.shape for path, x in flat
           if path[-1].key == 'scale'}
 
@@ -55,8 +56,9 @@ def test_each_scale_covers_its_kernels_input_axes(scan_layers):
   assert scales[f'{layer}/mlp/down/kernel'] == lead + (1, D)
   assert scales['token_embed/embedding'] == (V, 1)
   # Every weight is within half a step of its int8 value.
-  for w, q in zip(jax.tree.leaves(params), jax.tree.leaves(
-      quantize_int8(params), is_leaf=lambda x: isinstance(x, dict) and 'int8' in x)):
+  quantized = jax.device_get(jax.jit(quantize_int8)(params))  # checked in NumPy
+  for w, q in zip(jax.device_get(jax.tree.leaves(params)), jax.tree.leaves(
+      quantized, is_leaf=lambda x: isinstance(x, dict) and 'int8' in x)):
     if isinstance(q, dict):
       assert np.all(np.abs(w - q['int8'].astype(np.float32) * q['scale'])
                     <= 0.5001 * q['scale'])
@@ -84,7 +86,7 @@ def test_int8_decoding_peaks_below_float32_and_decodes_the_same(changes):
   float32 decoding with the weights that int8 represents."""
   task, params = _params(dataclasses.replace(WIDE, **changes))
   task, float_params, ids, real = prepare(task, params, PROMPTS, 8, 'none')
-  int8_params = quantize_int8(float_params)  # as prepare(..., 'int8') makes them
+  int8_params = jax.jit(quantize_int8)(float_params)  # as prepare(..., 'int8') makes them
   float32, float32_peak = _compiled(task, float_params, ids, real)
   int8, int8_peak = _compiled(task, int8_params, ids, real)
   float32_weights = sum(x.nbytes for x in jax.tree.leaves(float_params))
@@ -95,5 +97,5 @@ def test_int8_decoding_peaks_below_float32_and_decodes_the_same(changes):
   key = jax.random.key(0)
   tokens = np.asarray(int8(int8_params, ids, real, key))
   assert len({int(t) for t in tokens.ravel()}) > 2  # not a degenerate repetition
-  np.testing.assert_array_equal(tokens, np.asarray(float32(dequantize(int8_params), ids, real,
-                                                           key)))
+  np.testing.assert_array_equal(tokens, np.asarray(float32(jax.jit(dequantize)(int8_params), ids,
+                                                           real, key)))

@@ -20,7 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _env(devices: int) -> dict:
   return {**os.environ, 'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+          # this process's flags (conftest.py's faster compiling), and the devices
+          'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} "
+                       f'--xla_force_host_platform_device_count={devices}'}
 
 
 @pytest.fixture(scope='module')

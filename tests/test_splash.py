@@ -53,7 +53,7 @@ def test_splash_gives_xla_losses_and_gradients(changes):
   cfg = dataclasses.replace(TINY, attention='xla', **changes)
   task = tasks.for_model(cfg)
   batch = _packed(task.example_batch(2, SEQ_LEN))
-  params = nn.unbox(task.init(jax.random.key(1), batch))
+  params = nn.unbox(jax.jit(task.init)(jax.random.key(1), batch))
   xla_loss, xla_grads = _loss_and_grads(cfg, params, batch)
   splash_cfg = dataclasses.replace(cfg, attention='splash')
   splash_loss, splash_grads = _loss_and_grads(splash_cfg, params, batch)
@@ -72,7 +72,7 @@ def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
   cfg = dataclasses.replace(TINY, position=position, attention='splash')
   task = tasks.for_model(cfg)
   batch = task.example_batch(2, seq_len)
-  params = nn.unbox(task.init(jax.random.key(1), batch))
+  params = nn.unbox(jax.jit(task.init)(jax.random.key(1), batch))
   jaxpr = jax.make_jaxpr(lambda p: task.loss(p, batch, jax.random.key(0), train=False))(
       params)
   assert 'pallas_call' not in str(jaxpr)
@@ -84,7 +84,7 @@ def test_a_splash_model_decodes_like_an_xla_model():
   """Over the key/value cache the mask has no segment ids, so XLA attends."""
   cfg = dataclasses.replace(TINY, position='rope', attention='splash')
   task = tasks.for_model(cfg)
-  params = nn.unbox(task.init(jax.random.key(1), task.example_batch(2, SEQ_LEN)))
+  params = nn.unbox(jax.jit(task.init)(jax.random.key(1), task.example_batch(2, SEQ_LEN)))
   prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
   tokens = generate.generate(tasks.for_model(cfg), params, prompts, 6)
   xla = tasks.for_model(dataclasses.replace(cfg, attention='xla'))

@@ -1,4 +1,6 @@
 """The train step: gradient accumulation, optimizer details, loss decreasing."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,9 @@ import tasks
 from train import optimizer, sharding, state as state_lib, steps
 
 
-def _setup(grad_accum: int, offload_optimizer: bool = False):
+@functools.lru_cache(maxsize=None)
+def _jitted(grad_accum: int, offload_optimizer: bool):
+  """(task, tx, mesh, jitted train step), compiled once for the tests that share them."""
   config = default.get_config()
   config.train.update(steps=10, warmup_steps=2, grad_accum=grad_accum, lr=1e-2)
   cfg = ModelConfig(vocab_size=128, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=8,
@@ -23,10 +27,16 @@ def _setup(grad_accum: int, offload_optimizer: bool = False):
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                             jax.devices()[:1])
   _, shardings = state_lib.state_shardings(task, tx, mesh, 16, offload_optimizer)
-  state = state_lib.create_train_state(task, tx, mesh, 16, jax.random.key(0),
-                                       offload_optimizer)
   step = steps.jit_train_step(task, tx, schedule, grad_accum, jax.random.key(1), mesh,
                               shardings)
+  return task, tx, mesh, step
+
+
+def _setup(grad_accum: int, offload_optimizer: bool = False):
+  """A fresh train state (the step donates it) and the shared jitted step."""
+  task, tx, mesh, step = _jitted(grad_accum, offload_optimizer)
+  state = state_lib.create_train_state(task, tx, mesh, 16, jax.random.key(0),
+                                       offload_optimizer)
   return state, step
 
 
@@ -103,8 +113,8 @@ def test_matmul_parameters_count_the_output_projection_not_the_lookup():
   per_layer = 4 * 16 * 16 + 2 * 16 * 32
   for tie in (True, False):
     cfg = ModelConfig(tie_embeddings=tie, **base)
-    params = nn.unbox(tasks.for_model(cfg).init(jax.random.key(0),
-                                                tasks.for_model(cfg).example_batch(1, 8)))
+    params = nn.unbox(jax.eval_shape(tasks.for_model(cfg).init, jax.random.key(0),
+                                     tasks.for_model(cfg).example_batch(1, 8)))  # shapes only
     # the output projection (tied embedding or lm_head) counts once; positions never
     assert flops.matmul_param_count(params, tie) == 2 * per_layer + 128 * 16
   assert flops.flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16

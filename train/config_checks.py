@@ -10,7 +10,7 @@ import tasks
 from models import config as model_config, padded_vocab_size
 from train import sharding
 
-DTYPES = ('float32', 'bfloat16', 'auto')
+DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
 TOKENIZER_TYPES = ('bpe', 'unigram')
 
 
@@ -84,6 +84,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'data.eval_fraction={d.eval_fraction} must be in (0, 1).')
   if not 0 <= m.dropout < 1:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1).')
+  _check_loss_scale(config)
+
+
+def _check_loss_scale(config: ml_collections.ConfigDict) -> None:
+  """float16 trains on float32 master parameters with a sane dynamic loss scale."""
+  t = config.train
+  if config.dtype == 'float16' and config.param_dtype != 'float32':
+    raise ConfigError(f"dtype='float16' keeps float32 master parameters; set "
+                      f"--config.param_dtype=float32 (not '{config.param_dtype}').")
+  for field in ('train.loss_scale_init', 'train.loss_scale_min',
+                'train.loss_scale_growth_interval'):
+    _positive(_get(config, field), field)
+  if not t.loss_scale_factor > 1:
+    raise ConfigError(f'train.loss_scale_factor={t.loss_scale_factor} must be above 1; set '
+                      '--config.train.loss_scale_factor (e.g. 2).')
+  if t.loss_scale_min > t.loss_scale_init:
+    raise ConfigError(f'train.loss_scale_min={t.loss_scale_min} is above '
+                      f'train.loss_scale_init={t.loss_scale_init}; lower the minimum or raise '
+                      'the initial scale.')
 
 
 def embedding_rows(config: ml_collections.ConfigDict) -> int:
@@ -130,7 +149,7 @@ def validate_against_mesh(config: ml_collections.ConfigDict, mesh_shape: Mapping
 
 
 def compute_dtype(config: ml_collections.ConfigDict, platform: str):
-  """'auto' is bfloat16 on GPU/TPU and float32 on CPU."""
+  """'auto' is bfloat16 on GPU/TPU and float32 on CPU (never float16)."""
   if config.dtype == 'auto':
     return jnp.bfloat16 if platform in ('gpu', 'tpu', 'cuda', 'rocm') else jnp.float32
   return jnp.dtype(config.dtype)

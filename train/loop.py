@@ -15,7 +15,8 @@ from jax.experimental import multihost_utils
 import input_pipeline
 import tasks
 from models import kernels, normalize_metrics, padded_vocab_size
-from train import checkpointing, config_checks, flops, optimizer, sharding, state as state_lib
+from train import checkpointing, config_checks, flops, loss_scale, optimizer, sharding
+from train import state as state_lib
 from train import steps as steps_lib
 from train.metrics import MetricsWriter, Throughput, log_line
 
@@ -33,8 +34,29 @@ def _check_divergence(step: int, loss: float, max_loss: float) -> None:
                            f'train.max_loss={max_loss}; lower train.lr or raise the bound.')
 
 
-def _check_finite(step: int, metrics) -> None:
-  """NaN/inf in the loss or the gradients of `step`: its updated state is garbage."""
+def _skipped(step: int, metrics, min_scale: float) -> bool:
+  """Whether float16's loss scaling skipped `step`'s update (NaN/inf gradients): the
+  state is as it was before the step, so the run goes on at half the scale. A skip
+  with the scale already at train.loss_scale_min stops the run: scaling cannot help
+  there (float16 overflows unscaled, or the loss itself is NaN/inf), and persistent
+  skipping ends there too, after log2(loss_scale_init / loss_scale_min) halvings."""
+  if 'skipped' not in metrics or not float(metrics['skipped']):
+    return False
+  scale = float(metrics['loss_scale'])
+  if scale <= min_scale:
+    raise TrainingDiverged(
+        f"The float16 gradients overflow at step {step} (loss {float(metrics['loss'])}, "
+        f"gradient norm {float(metrics['grad_norm'])}) with the loss scale already at "
+        f'train.loss_scale_min={min_scale:g}; lower train.lr or set train.grad_clip, or use '
+        '--config.dtype=bfloat16 (or float32) in a fresh --workdir.')
+  return True
+
+
+def _check_finite(step: int, metrics, min_scale: float = 1.0) -> None:
+  """NaN/inf in the loss or the gradients of `step`: its updated state is garbage,
+  unless float16's loss scaling skipped that update (_skipped)."""
+  if _skipped(step, metrics, min_scale):
+    return
   _check_divergence(step, float(metrics['loss']), 0.0)
   grad_norm = float(metrics['grad_norm'])
   if not math.isfinite(grad_norm):
@@ -83,11 +105,12 @@ class _StopRequested:
       signal.signal(sig, handler)
 
 
-def _check_vocabulary(config, workdir: str, tokenizer_vocab: int) -> int:
+def _check_vocabulary(config, workdir: str, tokenizer: input_pipeline.Tokenizer) -> int:
   """The embedding size, checked against the tokenizer, the config and the saved run."""
+  tokenizer_vocab = tokenizer.vocab_size
   if tokenizer_vocab != config.data.tokenizer.vocab_size:
     raise config_checks.ConfigError(
-        f"{workdir}/tokenizer.model has {tokenizer_vocab} pieces but data.tokenizer.vocab_size="
+        f"{tokenizer.path} has {tokenizer_vocab} pieces but data.tokenizer.vocab_size="
         f'{config.data.tokenizer.vocab_size}; use a fresh --workdir for a new tokenizer or drop '
         'the override.')
   vocab = config.model.vocab_size or padded_vocab_size(tokenizer_vocab)
@@ -120,7 +143,7 @@ class Run:
     self.config, self.workdir = config, workdir
     seq_len = config.data.seq_len
     corpus = input_pipeline.load_corpus(config, workdir)
-    vocab = _check_vocabulary(config, workdir, corpus.tokenizer.vocab_size)
+    vocab = _check_vocabulary(config, workdir, corpus.tokenizer)
     dtype = config_checks.compute_dtype(config, jax.default_backend())
     try:
       self.model_cfg = kernels.resolve_attention(tasks.model_config(config, vocab, dtype),
@@ -174,8 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_cfg, seq_len = config.train, config.data.seq_len
   schedule = optimizer.learning_rate_schedule(train_cfg)
   tx = optimizer.make_optimizer(train_cfg)
+  scaler = loss_scale.from_config(config, run.model_cfg.dtype)  # None unless float16
   abstract_state, state_shardings = state_lib.state_shardings(
-      run.task, tx, run.mesh, seq_len, train_cfg.offload_optimizer)
+      run.task, tx, run.mesh, seq_len, train_cfg.offload_optimizer, scaler)
 
   # --- state: restore or create ---------------------------------------------
   manager = checkpointing.make_manager(workdir, train_cfg.keep_checkpoints)
@@ -183,8 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if state is None:
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     state = state_lib.create_train_state(run.task, tx, run.mesh, seq_len, init_key,
-                                         train_cfg.offload_optimizer)
-  else:
+                                         train_cfg.offload_optimizer, scaler)
+  elif data_state is not None:  # None: an imported checkpoint, which starts the data afresh
     run.data.train_iter.set_state(data_state)
   start_step = int(state.step)
 
@@ -224,21 +248,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # and a stop request is served within a step, not after a long queue.
         jax.block_until_ready(previous_metrics)
         if previous_metrics is not None:  # already computed: stop at the first NaN/inf step
-          _check_finite(step, previous_metrics)
+          _check_finite(step, previous_metrics, train_cfg.loss_scale_min)
         step += 1
         is_last = step == train_cfg.steps
         if step == start_step + 1:
           jax.block_until_ready(metrics)
           throughput.update(step, tokens_per_step)  # starts the clock after compilation
         if step % train_cfg.log_every == 0 or is_last:
-          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          last = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'skipped'}
           tokens_per_s, eta = throughput.update(step, tokens_per_step)
           last.update(tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token / peak)
           if step % train_cfg.eval_every == 0 or is_last:
             last.update(evaluate_timed())
           log_line(step, train_cfg.steps, last, eta)
           writer.write(step, last)
-          _check_divergence(step, last['loss'], train_cfg.max_loss)
+          if not _skipped(step, metrics, train_cfg.loss_scale_min):
+            _check_divergence(step, last['loss'], train_cfg.max_loss)
         elif step % train_cfg.eval_every == 0:
           evaluated = evaluate_timed()
           log_line(step, train_cfg.steps, evaluated, float('nan'))
@@ -246,8 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stopping = stop.should_stop(step)
         if step % train_cfg.checkpoint_every == 0 or is_last or stopping:
           # Never checkpoint a diverged state: a rerun would resume from it.
-          _check_finite(step, metrics)
-          _check_divergence(step, float(metrics['loss']), train_cfg.max_loss)
+          _check_finite(step, metrics, train_cfg.loss_scale_min)
+          if not _skipped(step, metrics, train_cfg.loss_scale_min):
+            _check_divergence(step, float(metrics['loss']), train_cfg.max_loss)
           checkpointing.save(manager, step, state, run.data.train_iter.get_state())
         if stopping:
           logging.warning('Stopped at step %d; run the same command to resume.', step)

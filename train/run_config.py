@@ -45,6 +45,12 @@ def saved_config(workdir: str, argv: list[str]):
     saved['model'].update(activation='silu' if old_mlp == 'swiglu' else 'gelu_tanh',
                           gated_mlp=old_mlp == 'swiglu')
   config.update(saved)
+  return apply_overrides(config, argv)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, argv: list[str]):
+  """`config` with argv's --config.a.b=VALUE arguments applied, each parsed to its field's
+  type; an unknown field or a bad value raises ValueError naming it."""
   for field, value in _config_overrides(argv):
     *parents, leaf = field.split('.')
     node = config

@@ -3,6 +3,11 @@
 eval_shape gives the boxed (logically named) state without allocating; its
 names become shardings; jit(init, out_shardings=...) then materialises every
 shard on its own device, so no device ever holds the whole model.
+
+A float16 run's state is a ScaledTrainState: the TrainState and its loss scale
+(train/loss_scale.py), replicated scalars. Every other dtype keeps the plain
+TrainState, so its checkpoints are as they always were (Orbax would not restore a
+checkpoint without a field into a state that has one, even a None field).
 """
 from typing import Any
 
@@ -14,26 +19,39 @@ import optax
 from jax.sharding import Mesh
 
 from train import sharding
+from train.loss_scale import LossScale
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array  # batches trained on (a float16 run's skipped updates included)
   params: Any
   opt_state: Any
 
 
-def _init_boxed(task, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int):
+@flax.struct.dataclass
+class ScaledTrainState(TrainState):
+  loss_scale: LossScale
+
+
+def _init_boxed(task, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int,
+                loss_scale: LossScale | None = None):
   params = task.init(rng, task.example_batch(1, seq_len))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  if loss_scale is None:
+    return state
+  return ScaledTrainState(state.step, state.params, state.opt_state, loss_scale)
 
 
-def state_shardings(task, tx, mesh: Mesh, seq_len: int, offload_optimizer: bool = False):
+def state_shardings(task, tx, mesh: Mesh, seq_len: int, offload_optimizer: bool = False,
+                    loss_scale: LossScale | None = None):
   """(abstract unboxed state, NamedSharding tree) without allocating anything.
 
   offload_optimizer keeps the optimizer state (AdamW's moments: twice the parameters)
-  in pinned host memory; the train step brings it in for the update only."""
-  boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, r, seq_len), jax.random.key(0))
+  in pinned host memory; the train step brings it in for the update only. loss_scale:
+  the fresh scaler of a float16 run (None otherwise)."""
+  boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, r, seq_len, loss_scale),
+                         jax.random.key(0))
   shardings = sharding.logical_to_sharding(boxed, mesh)
   if offload_optimizer:
     shardings = shardings.replace(opt_state=jax.tree.map(
@@ -56,9 +74,9 @@ def _abstract(boxed, shardings):
 
 
 def create_train_state(task, tx, mesh: Mesh, seq_len: int, rng: jax.Array,
-                       offload_optimizer: bool = False):
-  _, shardings = state_shardings(task, tx, mesh, seq_len, offload_optimizer)
-  init = jax.jit(lambda r: nn.unbox(_init_boxed(task, tx, r, seq_len)),
+                       offload_optimizer: bool = False, loss_scale: LossScale | None = None):
+  _, shardings = state_shardings(task, tx, mesh, seq_len, offload_optimizer, loss_scale)
+  init = jax.jit(lambda r: nn.unbox(_init_boxed(task, tx, r, seq_len, loss_scale)),
                  out_shardings=shardings)
   with sharding.mesh_context(mesh):
     return init(rng)

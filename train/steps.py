@@ -5,6 +5,15 @@ plus metric sums; steps add sums and divide by the summed 'weight' (scored
 tokens) once, so gradient accumulation over k micro-batches equals one batch k
 times larger. A per-example term (BERT's next-sentence loss) is normalised by the
 whole step's totals, which the task's `normalizers` computes from the batch up front.
+
+A float16 run's state carries a loss scale (a ScaledTrainState, train/loss_scale.py):
+the step differentiates the loss per token position times the scale, unscales the
+summed float32 gradients, and when any of them is NaN/inf keeps the old parameters
+and optimizer state (bit for bit) and halves the scale. `state.step` still advances
+(it counts batches: data position, dropout keys, checkpoints); the optimizer's own
+count, which drives the learning-rate schedule and Adam's bias correction, counts
+applied updates only, so each skip delays the schedule by one step. Other dtypes
+(a plain TrainState) trace exactly the step they always did.
 """
 import functools
 
@@ -14,7 +23,7 @@ import optax
 from jax.sharding import Mesh
 
 from models import normalize_metrics
-from train import sharding
+from train import loss_scale as loss_scale_lib, sharding
 from train.state import TrainState
 
 
@@ -42,7 +51,16 @@ def train_step(state: TrainState, batch, *, task, tx: optax.GradientTransformati
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
   totals = task.normalizers(batch)  # the whole step's, before any split
-  grad_fn = jax.grad(lambda p, mb, key: task.loss(p, mb, key, True, **totals), has_aux=True)
+  scaler = getattr(state, 'loss_scale', None)  # a ScaledTrainState's (float16)
+  if scaler is None:
+    objective = lambda p, mb, key: task.loss(p, mb, key, True, **totals)
+  else:  # the loss per token position of the whole step (every task marks them in
+    positions = batch['weights'].size  # 'weights'), times the scale
+
+    def objective(p, mb, key):
+      value, sums = task.loss(p, mb, key, True, **totals)
+      return value * (scaler.scale / positions), sums
+  grad_fn = jax.grad(objective, has_aux=True)
 
   if grad_accum == 1:
     grads, sums = grad_fn(state.params, batch, step_key)
@@ -61,19 +79,31 @@ def train_step(state: TrainState, batch, *, task, tx: optax.GradientTransformati
     (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
                                     (jnp.arange(grad_accum), micro_batches))
 
+  if scaler is not None:  # back to the gradient of the summed loss, in float32
+    grads = jax.tree.map(lambda g: g * (positions / scaler.scale), grads)
   num_tokens = jnp.maximum(sums['weight'], 1.0)
   grads = jax.tree.map(lambda g: g / num_tokens, grads)
-  opt_state = state.opt_state
+  old_opt_state = opt_state = state.opt_state
   if offloaded_opt_state is not None:
-    opt_state = jax.device_put(opt_state, offloaded_opt_state[0])
+    old_opt_state = opt_state = jax.device_put(opt_state, offloaded_opt_state[0])
   updates, opt_state = tx.update(grads, opt_state, state.params)
-  if offloaded_opt_state is not None:
-    opt_state = jax.device_put(opt_state, offloaded_opt_state[1])
   params = optax.apply_updates(state.params, updates)
   metrics = normalize_metrics(sums)
-  metrics.update(tokens=sums['weight'], grad_norm=_global_norm(grads),
-                 lr=schedule(state.step))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  metrics.update(tokens=sums['weight'], grad_norm=_global_norm(grads))
+  if scaler is None:
+    metrics['lr'] = schedule(state.step)
+  else:
+    finite = loss_scale_lib.all_finite(grads)
+    params = loss_scale_lib.select(finite, params, state.params)
+    opt_state = loss_scale_lib.select(finite, opt_state, old_opt_state)
+    scaler = scaler.update(finite)
+    metrics.update(lr=schedule(state.step - state.loss_scale.skipped_steps),
+                   loss_scale=state.loss_scale.scale, skipped=(~finite).astype(jnp.float32),
+                   skipped_steps=scaler.skipped_steps)
+  if offloaded_opt_state is not None:
+    opt_state = jax.device_put(opt_state, offloaded_opt_state[1])
+  state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return (state if scaler is None else state.replace(loss_scale=scaler)), metrics
 
 
 def eval_step(params, batch, bytes_per_token, *, task):
