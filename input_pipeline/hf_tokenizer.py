@@ -5,6 +5,8 @@ Special tokens come from tokenizer_config.json / special_tokens_map.json (pad, e
 bos, mask, cls, sep; additional / extra special tokens such as <extra_id_N>) and from
 tokenizer.json's added tokens marked special. Missing ones follow Hugging Face's
 conventions: no pad (GPT-2, Llama) pads with eos; no eos (BERT) ends documents with sep.
+Files that name no special tokens at all (the hub's gpt2 and bert-base-* ship a bare
+tokenizer_config.json) get their tokenizer class's defaults, as `transformers` does.
 
 Bytes per token, by vocabulary:
   byte-level BPE (GPT-2)         exact: each character of a piece is one byte;
@@ -28,6 +30,13 @@ from input_pipeline.tokenizer import (HF_CONFIG_FILES, HF_FILE, SentencePieceTok
 
 _NAMED = ('pad', 'eos', 'unk', 'bos', 'mask', 'cls', 'sep')
 _BYTE_PIECE = re.compile(r'<0x([0-9A-Fa-f]{2})>')
+# The special tokens a tokenizer class has when its files name none (transformers'
+# GPT2Tokenizer, BertTokenizer and T5Tokenizer defaults), by the class's family.
+_CLASS_DEFAULTS = {
+    'gpt2': {'eos': '<|endoftext|>', 'bos': '<|endoftext|>', 'unk': '<|endoftext|>'},
+    'bert': {'pad': '[PAD]', 'unk': '[UNK]', 'cls': '[CLS]', 'sep': '[SEP]', 'mask': '[MASK]'},
+    't5': {'pad': '<pad>', 'eos': '</s>', 'unk': '<unk>'},
+}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -76,10 +85,6 @@ class HFTokenizer(Tokenizer):
     self._tok.no_padding()
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.vocab_size = max(vocab.values()) + 1
-    self.special = self._special_ids(config, vocab)
-    plain, marked = self._tok.encode('a', add_special_tokens=False).ids, self._tok.encode('a').ids
-    self.adds_bos = (self.special.bos is not None and marked[:1] == [self.special.bos]
-                     and plain[:1] != [self.special.bos])
     if _has_type(spec.get('pre_tokenizer'), 'ByteLevel') or _has_type(spec.get('decoder'),
                                                                       'ByteLevel'):
       self.kind = 'byte_level'
@@ -87,11 +92,27 @@ class HFTokenizer(Tokenizer):
       self.kind = 'wordpiece'
     else:
       self.kind = 'sentencepiece'
+    self.special = self._special_ids(config, vocab)
+    plain, marked = self._tok.encode('a', add_special_tokens=False).ids, self._tok.encode('a').ids
+    self.adds_bos = (self.special.bos is not None and marked[:1] == [self.special.bos]
+                     and plain[:1] != [self.special.bos])
     self.bytes_per_token, self.word_starts = self._piece_tables()
 
+  def _class_defaults(self, config: dict) -> dict[str, str]:
+    """The family's default special tokens when the files name none (module docstring):
+    the family from tokenizer_class, else from the vocabulary's kind."""
+    if any(_content(config.get(f'{key}_token')) for key in _NAMED):
+      return {}
+    name = (config.get('tokenizer_class') or '').lower()
+    family = next((f for f in _CLASS_DEFAULTS if name.startswith(f)),
+                  {'byte_level': 'gpt2', 'wordpiece': 'bert'}.get(self.kind))
+    return _CLASS_DEFAULTS.get(family, {})
+
   def _special_ids(self, config: dict, vocab: dict[str, int]) -> SpecialIds:
+    defaults = self._class_defaults(config)
+
     def token_id(key):
-      content = _content(config.get(f'{key}_token'))
+      content = _content(config.get(f'{key}_token')) or defaults.get(key)
       return None if content is None else vocab.get(content)
 
     named = {key: token_id(key) for key in _NAMED}
@@ -106,6 +127,7 @@ class HFTokenizer(Tokenizer):
     added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
     special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
     special |= {vocab[c] for c in listed if c in vocab}
+    special |= {i for i in named.values() if i is not None}
     special |= set(range(self.vocab_size)) - set(vocab.values())  # holes: never text
     sentinels = {}
     for content in [*added.values(), *listed]:

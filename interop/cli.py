@@ -82,15 +82,19 @@ def _save_train_state(config, cfg, params: dict, workdir: str) -> int:
   """Saves a TrainState of `params` (fresh optimizer moments) as step 0, laid out as
   training lays it out; returns the parameter count."""
   import jax
-  import jax.numpy as jnp
   from flax import traverse_util
 
   import tasks
-  from train import checkpointing, optimizer, sharding, state as state_lib
+  from train import checkpointing, config_checks, loss_scale, optimizer, sharding
+  from train import state as state_lib
   task = tasks.from_config(config, cfg)
   tx = optimizer.make_optimizer(config.train)
   mesh = sharding.make_mesh(config.mesh)
-  abstract, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len)
+  # A float16 run's state carries its loss scale: save the state that run restores.
+  scaler = loss_scale.from_config(config, config_checks.compute_dtype(config,
+                                                                      jax.default_backend()))
+  abstract, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len,
+                                                  loss_scale=scaler)
   expected = traverse_util.flatten_dict(abstract.params, sep='/')
   got = traverse_util.flatten_dict(params, sep='/')
   differ = sorted(set(expected) ^ set(got) | {k for k in set(expected) & set(got)
@@ -100,11 +104,9 @@ def _save_train_state(config, cfg, params: dict, workdir: str) -> int:
                        f"{', '.join(differ[:5])}.")
   params = traverse_util.unflatten_dict({k: got[k] for k in expected}, sep='/')
 
-  def build(params):
-    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params))
   with sharding.mesh_context(mesh):
-    state = jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    state = jax.jit(lambda p: state_lib.state_at_step_zero(p, tx, scaler),
+                    in_shardings=(shardings.params,), out_shardings=shardings)(params)
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
   checkpointing.save(manager, 0, state, None)
   checkpointing.finish(manager)

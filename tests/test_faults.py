@@ -158,6 +158,19 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_newest_readable_restor
   assert sorted(os.listdir(tmp_path / 'checkpoints_corrupt')) == ['3', '3.1', '4']
 
 
+def test_a_later_step_without_its_data_state_is_damaged_not_a_fresh_start(tmp_path):
+  """Only an imported step 0 may lack the input pipeline's position; at a later step the
+  missing item is damage, or the run would silently replay data it had already seen."""
+  _save_steps(tmp_path, [1, 2])
+  shutil.rmtree(tmp_path / 'checkpoints' / '2' / 'data')
+  manager = checkpointing.make_manager(str(tmp_path), keep=3)
+  state, data = checkpointing.restore_latest(manager, _abstract(_state(2)))
+  _assert_trees_equal(state, _state(1))
+  assert data == {'epoch': 0, 'position': 1}
+  assert (tmp_path / 'checkpoints_corrupt' / '2').exists()
+  checkpointing.finish(manager)
+
+
 def test_nothing_is_moved_when_no_checkpoint_restores(tmp_path):
   """A model of another shape (a changed config), or damage to every step: an error that
   says so, and every checkpoint stays where it is."""

@@ -27,7 +27,7 @@ from inference.sampling import Sampling  # noqa: E402
 from input_pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from interop import InteropError, cli, hf_config, weights  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from train import checkpointing, loop, optimizer, run_config, sharding  # noqa: E402
+from train import checkpointing, loop, loss_scale, optimizer, run_config, sharding  # noqa: E402
 from train import state as state_lib  # noqa: E402
 
 TOLERANCE = 1e-4  # max |logit difference|, float32 both sides
@@ -400,6 +400,25 @@ def test_import_never_writes_into_a_used_workdir(checkpoints, tmp_path):
   with pytest.raises(InteropError, match='already has config.json'):
     cli.import_checkpoint(checkpoints['gpt2'][0], str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == '{"mine": 1}'
+
+
+def test_a_float16_import_restores_as_the_run_that_trains_it(checkpoints, tmp_path):
+  """A float16 run's state carries a loss scale: the import saves that state, so the
+  training loop's restore (abstract state with the scale) reads it."""
+  workdir = str(tmp_path / 'run')
+  cli.import_checkpoint(checkpoints['gpt2'][0], workdir, ['--config.dtype=float16'])
+  config = run_config.saved_config(workdir, [])
+  assert config.dtype == 'float16'
+  cfg = tasks.model_config(config, config.model.vocab_size, jnp.float16)
+  task, tx = tasks.from_config(config, cfg), optimizer.make_optimizer(config.train)
+  scaler = loss_scale.from_config(config, jnp.float16)
+  abstract, _ = state_lib.state_shardings(task, tx, sharding.make_mesh(config.mesh),
+                                          config.data.seq_len, loss_scale=scaler)
+  manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
+  state, data_state = checkpointing.restore_latest(manager, abstract)
+  assert isinstance(state, state_lib.ScaledTrainState) and data_state is None
+  assert float(state.loss_scale.scale) == config.train.loss_scale_init
+  checkpointing.finish(manager)
 
 
 def test_an_override_that_changes_the_model_is_refused(checkpoints, tmp_path):

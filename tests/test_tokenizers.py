@@ -226,6 +226,26 @@ def test_truncation_saved_in_tokenizer_json_is_ignored(hf_dirs, tmp_path):
   assert len(tokenizer.encode(TEXTS[0] * 3)) > 8
 
 
+@pytest.mark.parametrize('kind', ['gpt2', 'bert'])
+@pytest.mark.parametrize('tokenizer_class', [True, False], ids=['class_named', 'class_inferred'])
+def test_files_that_name_no_special_tokens_get_the_class_defaults(hf_dirs, imported, tmp_path,
+                                                                   kind, tokenizer_class):
+  """The hub's gpt2 and bert-base-* tokenizer_config.json name no special tokens: the ids
+  are the tokenizer class's defaults, as transformers gives them."""
+  source = tmp_path / 'src'
+  source.mkdir()
+  with open(os.path.join(hf_dirs[kind], 'tokenizer.json')) as f:
+    (source / 'tokenizer.json').write_text(f.read())
+  bare = {'model_max_length': 512}
+  if tokenizer_class:
+    bare['tokenizer_class'] = {'gpt2': 'GPT2Tokenizer', 'bert': 'BertTokenizer'}[kind]
+  (source / 'tokenizer_config.json').write_text(json.dumps(bare))
+  tokenizer = HFTokenizer(str(source))
+  assert tokenizer.special == imported[kind].special
+  if tokenizer_class:
+    _check_named_ids(_auto(str(source)), tokenizer)
+
+
 # --- special ids reach the data --------------------------------------------------
 def test_ordinary_ids_skip_the_special_ones():
   special = SpecialIds(pad=0, eos=5, special=(1, 2, 9), mask=7)

@@ -241,9 +241,10 @@ def _quiet_abandoned_io() -> None:
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, with_data: bool):
   """The step's (state, data state). A failed read is tried once more, so a transient
   storage error does not pass for damage. A step saved without the input pipeline's
-  position (an imported checkpoint, `interop/`) has data state None."""
+  position (an imported checkpoint, `interop/`, always step 0) has data state None; a
+  later step without it is damaged, and its restore fails like any other damage."""
   items = {'state': ocp.args.StandardRestore(abstract_state)}
-  with_data = with_data and (_step_path(manager, step) / 'data').exists()
+  with_data = with_data and (step != 0 or (_step_path(manager, step) / 'data').exists())
   if with_data:
     items['data'] = ocp.args.JsonRestore()
   try:

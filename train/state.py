@@ -34,13 +34,19 @@ class ScaledTrainState(TrainState):
   loss_scale: LossScale
 
 
-def _init_boxed(task, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int,
-                loss_scale: LossScale | None = None):
-  params = task.init(rng, task.example_batch(1, seq_len))
+def state_at_step_zero(params, tx: optax.GradientTransformation,
+                       loss_scale: LossScale | None = None):
+  """A TrainState of `params` with fresh optimizer moments (and, for float16, a fresh
+  loss scale): what training starts from, from an initialisation or an import."""
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   if loss_scale is None:
     return state
   return ScaledTrainState(state.step, state.params, state.opt_state, loss_scale)
+
+
+def _init_boxed(task, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int,
+                loss_scale: LossScale | None = None):
+  return state_at_step_zero(task.init(rng, task.example_batch(1, seq_len)), tx, loss_scale)
 
 
 def state_shardings(task, tx, mesh: Mesh, seq_len: int, offload_optimizer: bool = False,
