@@ -10,11 +10,13 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from inference import cli as sample_cli
+from inference import predict as predict_cli
 from interop import cli as interop_cli
 from scaling import cli as scaling_cli
 from train import runtime
 
 flags.adopt_module_key_flags(sample_cli)  # `--help` lists every mode's flags
+flags.adopt_module_key_flags(predict_cli)
 flags.adopt_module_key_flags(scaling_cli)
 flags.adopt_module_key_flags(interop_cli)
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, checkpoints, metrics.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'estimate', 'plan', 'sweep',
-                                           'import', 'export'], 'What to do.')
+                                           'import', 'export', 'predict'], 'What to do.')
 _JSON = flags.DEFINE_bool('json', False, 'Print exactly one JSON line on stdout (logs on stderr).')
 _SWEEP_RUN = flags.DEFINE_string('sweep_run', None, 'sweep: run only this member (a cluster job).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -62,6 +64,8 @@ def main(argv):
     sweep.run_sweep(_CONFIG.value, _WORKDIR.value, _SWEEP_RUN.value, _sweep_command())
   elif mode == 'sample':
     sample_cli.sample(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
+  elif mode == 'predict':
+    predict_cli.predict(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
   elif mode == 'eval':
     results = loop.evaluate(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
     print(json.dumps(results) if _JSON.value else results, flush=True)

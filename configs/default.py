@@ -12,6 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (V100/T4 tensor cores; trains with dynamic loss scaling, train.loss_scale_*)
   config.dtype = 'auto'
   config.param_dtype = 'float32'  # parameters (and optimizer state) are stored in this
+  # Start from another run's parameters (train/init_from.py): a workdir (its latest
+  # checkpoint), DIR@STEP, or an imported workdir; the run takes that model's fields and
+  # tokenizer. Used only while this workdir has no checkpoint. Empty: from scratch.
+  config.init_from = ''
 
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder'  # 'decoder' (GPT) | 'encoder' (BERT) | 'encoder_decoder' (T5)
@@ -60,6 +64,19 @@ def get_config() -> ml_collections.ConfigDict:
   span_corruption = config.span_corruption = ml_collections.ConfigDict()
   span_corruption.noise_density = 0.15  # share of tokens dropped into spans
   span_corruption.mean_span_length = 3.0
+  # task='classification' on {"text", "label"[, "text_pair"]} records (tasks/classification.py)
+  classification = config.classification = ml_collections.ConfigDict()
+  # The classes (strings or integers), in the order of the head's outputs; empty: the
+  # training records' labels, sorted, filled in at start-up and saved in config.json
+  classification.labels = []
+  # Training records per label, aligned with labels (filled in at start-up when empty);
+  # the most frequent label's share of eval records is eval_majority_baseline
+  classification.label_counts = []
+  # Encoder: classify [CLS] through BERT's dense + tanh pooler (a pre-trained one is reused);
+  # False: the [CLS] hidden state itself. A decoder reads its last real token.
+  classification.pooler = True
+  seq2seq = config.seq2seq = ml_collections.ConfigDict()
+  seq2seq.beam_size = 0  # eval decoding: 0 greedy, else beam search with this many beams
 
   data = config.data = ml_collections.ConfigDict()
   data.corpus = 'web_bible'  # built-in name, or a path / glob of .txt, .jsonl, .parquet, or hf:NAME
@@ -98,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 10
   train.eval_every = 200
   train.eval_steps = 20  # at most this many validation batches, never more than one pass
+  # Record tasks that decode at eval (seq2seq: chrF, BLEU) decode this many validation
+  # records, the first ones in order (0: none)
+  train.eval_decode_examples = 64
   train.checkpoint_every = 200
   train.keep_checkpoints = 3
 

@@ -22,9 +22,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from input_pipeline import corpora, token_cache
-from input_pipeline.tokenizer import (SENTENCEPIECE_FILE, Tokenizer, load_tokenizer,
-                                      tokenizer_file, train_tokenizer)
+from input_pipeline import corpora, records, token_cache
+from input_pipeline.tokenizer import (CONTROL_SYMBOLS, SENTENCEPIECE_FILE, Tokenizer,
+                                      load_tokenizer, tokenizer_file, train_tokenizer)
 
 Batch = dict[str, np.ndarray]
 Example = dict[str, np.ndarray]
@@ -36,6 +36,7 @@ class Data:
   train_iter: grain.DatasetIterator  # infinite; get_state() / set_state() resume it exactly
   make_eval_iter: Callable[[], Iterator[Batch]]  # a fresh one-pass iterator
   train_tokens: int
+  eval_records: list[dict] | None = None  # a record task's validation records (decoded evals)
 
 
 def pack_windows(windows: np.ndarray, *, eos_id: int) -> Batch:
@@ -75,34 +76,77 @@ def segments_and_positions(ids_T: np.ndarray, *, eos_id: int) -> tuple[np.ndarra
 
 
 class Examples:
-  """How one task turns the token stream into examples (tasks/ subclass it).
+  """How one task turns a split into examples (tasks/ subclass it).
 
-  `source(tokens)` is a random-access grain source of raw items (by default windows
-  of `raw_length` tokens, consecutive ones sharing `window_overlap`);
-  `make_example(item, rng)` turns one into a dict of arrays (rng: a per-example
-  generator, different every epoch, so masks and spans change between epochs and
-  resume exactly).
+  A split is a token stream (a memory-mapped array) for pre-training tasks, or a list of
+  records for the record tasks (`RecordExamples`). `source(split)` is a random-access
+  grain source of raw items (by default windows of `raw_length` tokens, consecutive ones
+  sharing `window_overlap`); `make_example(item, rng)` turns one into a dict of arrays
+  (rng: a per-example generator, different every epoch, so masks and spans change
+  between epochs and resume exactly).
   """
 
   def __init__(self, seq_len: int, raw_length: int, window_overlap: int = 0):
     self.seq_len, self.raw_length, self.window_overlap = seq_len, raw_length, window_overlap
 
-  def num_windows(self, tokens: np.ndarray) -> int:
-    return max(0, len(_Windows(tokens, self.raw_length, self.window_overlap)))
+  def num_examples(self, split) -> int:
+    return max(0, len(_Windows(split, self.raw_length, self.window_overlap)))
 
-  def source(self, tokens: np.ndarray):
-    return _Windows(tokens, self.raw_length, self.window_overlap)
+  def source(self, split):
+    return _Windows(split, self.raw_length, self.window_overlap)
 
   def make_example(self, item, rng: np.random.Generator) -> Example:
     raise NotImplementedError
 
+  def too_few(self, name: str, split, needed: int) -> str:
+    """The message when `split` holds fewer than `needed` examples."""
+    return (f'The {name} split has {len(split):,} tokens, too few for {needed} example(s) of '
+            f'data.seq_len={self.seq_len}; lower data.seq_len (or data.batch_size) or use a '
+            'larger corpus.')
 
-def _check_enough_tokens(split: str, tokens: np.ndarray, examples: Examples,
-                         min_windows: int) -> None:
-  if examples.num_windows(tokens) < min_windows:
-    raise ValueError(f'The {split} split has {len(tokens):,} tokens, too few for {min_windows} '
-                     f'example(s) of data.seq_len={examples.seq_len}; lower data.seq_len (or '
-                     'data.batch_size) or use a larger corpus.')
+  def token_count(self, split) -> int:
+    """Tokens the split feeds training (for the start-up log)."""
+    return len(split)
+
+
+class RecordExamples(Examples):
+  """Examples made from records (fine-tuning tasks): `rows(records)` tokenizes the
+  records and groups them into rows once (a row is one example: one record, or several
+  packed); `make_example(row, rng)` builds its arrays. Rows are memoised per split."""
+
+  def __init__(self, seq_len: int):
+    super().__init__(seq_len, raw_length=seq_len)
+    self._made: list[tuple[list, list]] = []  # (split, its rows): the split held, so ids stay unique
+
+  def rows(self, records: list[dict]) -> list:
+    raise NotImplementedError
+
+  def source(self, split):
+    for made, rows in self._made:
+      if made is split:
+        return rows
+    self._made.append((split, self.rows(split)))
+    return self._made[-1][1]
+
+  def num_examples(self, split) -> int:
+    return len(self.source(split))
+
+  def too_few(self, name: str, split, needed: int) -> str:
+    return (f'The {name} split has {len(split):,} records, which make {self.num_examples(split)} '
+            f'example(s) of data.seq_len={self.seq_len}; {needed} are needed: lower '
+            'data.batch_size or add records.')
+
+  def row_tokens(self, row) -> int:
+    """Real (non-padding) input tokens of a row."""
+    raise NotImplementedError
+
+  def token_count(self, split) -> int:
+    return sum(self.row_tokens(row) for row in self.source(split))
+
+
+def _check_enough(name: str, split, examples: Examples, needed: int) -> None:
+  if examples.num_examples(split) < needed:
+    raise ValueError(examples.too_few(name, split, needed))
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -173,7 +217,7 @@ def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs)
   elif jax.process_index() == 0:
     t = config.data.tokenizer
     key = token_cache.cache_key(train_id, t.type, t.vocab_size, t.byte_fallback,
-                                t.max_train_bytes)
+                                t.max_train_bytes, CONTROL_SYMBOLS)
     prefix = os.path.join(cache_dir, f'tokenizer-{key}')
     if not os.path.exists(prefix + '.model'):
       start = time.time()
@@ -197,9 +241,11 @@ def _tokenizer(config, workdir: str, cache_dir: str, train_id: list, train_docs)
 
 @dataclasses.dataclass
 class Corpus:
-  """A run's tokenizer and its token streams ('train', 'eval': memory-mapped arrays)."""
+  """A run's tokenizer and its splits ('train', 'eval'): memory-mapped token streams, or
+  lists of records (`records` True) for a fine-tuning task."""
   tokenizer: Tokenizer
-  tokens: dict[str, np.ndarray]
+  splits: dict[str, np.ndarray | list[dict]]
+  records: bool = False
 
 
 def local_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -211,9 +257,25 @@ def local_batch_size(config: ml_collections.ConfigDict) -> int:
   return batch_size // jax.process_count()
 
 
-def load_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
+def load_records(config: ml_collections.ConfigDict, workdir: str, kind: str) -> Corpus:
+  """The run's tokenizer and its record splits of `kind` (input_pipeline/records.py); a
+  tokenizer trained here learns from every string of the training records."""
+  local_batch_size(config)  # fail before any work
+  d = config.data
+  splits = records.record_splits(d.corpus, d.eval_corpus, d.eval_fraction, kind)
+  source_id = [records.corpus_fingerprint(d.corpus), kind, d.eval_fraction,
+               records.corpus_fingerprint(d.eval_corpus) if d.eval_corpus else '']
+  texts = lambda: ['\n'.join(records.record_texts(r)) for r in splits['train']]
+  tokenizer = _tokenizer(config, workdir, _cache_dir(config, workdir), source_id, texts)
+  return Corpus(tokenizer, splits, records=True)
+
+
+def load_corpus(config: ml_collections.ConfigDict, workdir: str,
+                record_kind: str | None = None) -> Corpus:
   """The run's tokenizer and tokenized splits; builds the caches once (a cache hit
-  reads no corpus file)."""
+  reads no corpus file). A record task (`record_kind`) gets its records instead."""
+  if record_kind:
+    return load_records(config, workdir, record_kind)
   local_batch_size(config)  # fail before any work
   d = config.data
   cache_dir = _cache_dir(config, workdir)
@@ -248,12 +310,13 @@ def build_data(config: ml_collections.ConfigDict, corpus: Corpus, examples: Exam
   """The train iterator and eval batches of a task's `examples` over a corpus."""
   d = config.data
   local_batch = local_batch_size(config)
-  tokens = corpus.tokens
-  _check_enough_tokens('train', tokens['train'], examples, d.batch_size)
-  _check_enough_tokens('eval', tokens['eval'], examples, 1)
+  splits = corpus.splits
+  _check_enough('train', splits['train'], examples, d.batch_size)
+  _check_enough('eval', splits['eval'], examples, 1)
   shard = (jax.process_index(), jax.process_count())
   return Data(
       tokenizer=corpus.tokenizer,
-      train_iter=train_iterator(examples, tokens['train'], local_batch, config.seed, *shard),
-      make_eval_iter=lambda: eval_batches(examples, tokens['eval'], local_batch, *shard),
-      train_tokens=len(tokens['train']))
+      train_iter=train_iterator(examples, splits['train'], local_batch, config.seed, *shard),
+      make_eval_iter=lambda: eval_batches(examples, splits['eval'], local_batch, *shard),
+      train_tokens=examples.token_count(splits['train']),
+      eval_records=corpus.splits['eval'] if corpus.records else None)

@@ -7,6 +7,7 @@ Every model this project trains (`train_tokenizer`) has the same table:
   0 pad, 1 eos (ends every document), 2 unk,
   3 [MASK], 4 [CLS], 5 [SEP]          (masked LM, next-sentence prediction)
   6..105 <extra_id_0>..<extra_id_99>  (T5 span-corruption sentinels)
+  106..109 <|system|> <|user|> <|assistant|> <|end|>  (chat roles, input_pipeline/chat.py)
 then ordinary pieces. The special pieces are sentencepiece control symbols, so no
 text ever encodes to them, even text containing the literal string "[MASK]".
 There is no bos and no dummy-prefix space, so decode(encode(text)) == text and the
@@ -37,17 +38,21 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 MASK_ID, CLS_ID, SEP_ID = 3, 4, 5
 NUM_SENTINELS = 100
 SENTINEL_IDS = tuple(range(6, 6 + NUM_SENTINELS))
-NUM_SPECIAL = 6 + NUM_SENTINELS
-CONTROL_SYMBOLS = ['[MASK]', '[CLS]', '[SEP]'] + [f'<extra_id_{i}>' for i in range(NUM_SENTINELS)]
+CHAT_MARKERS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
+NUM_SPECIAL = 6 + NUM_SENTINELS + len(CHAT_MARKERS)
+CONTROL_SYMBOLS = (['[MASK]', '[CLS]', '[SEP]'] + [f'<extra_id_{i}>' for i in range(NUM_SENTINELS)]
+                   + list(CHAT_MARKERS))
 
 SENTENCEPIECE_FILE = 'tokenizer.model'
 EXTRA_IDS_FILE = 'tokenizer_extra.json'
 HF_FILE = 'tokenizer.json'
 HF_CONFIG_FILES = ('tokenizer_config.json', 'special_tokens_map.json')
+CHAT_TEMPLATE_FILE = 'chat_template.jinja'  # a checkpoint's own chat template (newer layout)
 ORIGINALS_DIR = 'hf_tokenizer'
 # A Hugging Face checkpoint's tokenizer files (what import keeps and export writes back).
 _HF_TOKENIZER_FILES = ('spiece.model', 'tokenizer.model', HF_FILE, *HF_CONFIG_FILES,
-                       'added_tokens.json', 'vocab.txt', 'vocab.json', 'merges.txt')
+                       CHAT_TEMPLATE_FILE, 'added_tokens.json', 'vocab.txt', 'vocab.json',
+                       'merges.txt')
 
 
 def sentinel_id(i: int) -> int:
@@ -136,7 +141,8 @@ class Tokenizer:
   `bytes_per_token` (int32 [V]: UTF-8 bytes each id stands for, 0 for special ids; bits
   per byte), `word_starts` (bool [V]: the piece begins a word; whole-word masking),
   `fingerprint` (changes with the files; keys token caches), `adds_bos` (sequences start
-  with bos, as Llama's do) and `path` (the main file, for messages).
+  with bos, as Llama's do) and `path` (the main file, for messages); `load_tokenizer`
+  adds the checkpoint's `chat_template` where it ships one.
   """
   vocab_size: int
   special: SpecialIds
@@ -145,6 +151,7 @@ class Tokenizer:
   fingerprint: str
   adds_bos: bool = False
   path: str = ''
+  chat_template: str | None = None  # an imported checkpoint's own (Jinja), input_pipeline/chat.py
 
   def encode(self, text: str) -> list[int]:
     """Ids of `text`, no special tokens added."""
@@ -152,6 +159,18 @@ class Tokenizer:
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return [self.encode(text) for text in texts]
+
+  def encode_with_special(self, text: str) -> list[int]:
+    """Ids of `text` in which the special tokens' written forms (a chat template's
+    '<s>', '<|im_end|>'...) stand for their ids; `encode` reads them as plain text."""
+    if not self._special_pieces:
+      return self.encode(text)
+    pattern = '(' + '|'.join(re.escape(p) for p in sorted(self._special_pieces, key=len,
+                                                          reverse=True) if p) + ')'
+    ids = []
+    for k, part in enumerate(re.split(pattern, text)):
+      ids += [self._special_pieces[part]] if k % 2 else (self.encode(part) if part else [])
+    return ids
 
   def decode(self, ids) -> str:
     """The text of `ids`, without pad and special ids (or ids past the vocabulary)."""
@@ -200,6 +219,15 @@ class Tokenizer:
   @property
   def special_ids(self) -> tuple[int, ...]:
     return self.special.special
+
+  @functools.cached_property
+  def _special_pieces(self) -> dict[str, int]:
+    return {self.id_to_piece(i): i for i in self.special_ids if i < self.vocab_size}
+
+  def special_piece_id(self, piece: str) -> int | None:
+    """The id of a special token written `piece` (e.g. a chat marker), None if the
+    tokenizer has no such special token."""
+    return self._special_pieces.get(piece)
 
   @functools.cached_property
   def special_mask(self) -> np.ndarray:
@@ -306,13 +334,34 @@ def load_tokenizer(workdir: str) -> Tokenizer:
                             f'python main.py --mode=import --from=HF_DIR --workdir={workdir}.')
   if path.endswith(HF_FILE):
     from input_pipeline.hf_tokenizer import HFTokenizer  # needs the `tokenizers` package
-    return HFTokenizer(workdir)
-  extra_path = os.path.join(workdir, EXTRA_IDS_FILE)
-  extra_ids = 0
-  if os.path.exists(extra_path):
-    with open(extra_path) as f:
-      extra_ids = int(json.load(f)['extra_ids'])
-  return SentencePieceTokenizer(path, extra_ids)
+    tokenizer = HFTokenizer(workdir)
+  else:
+    extra_path = os.path.join(workdir, EXTRA_IDS_FILE)
+    extra_ids = 0
+    if os.path.exists(extra_path):
+      with open(extra_path) as f:
+        extra_ids = int(json.load(f)['extra_ids'])
+    tokenizer = SentencePieceTokenizer(path, extra_ids)
+  tokenizer.chat_template = _chat_template(workdir)
+  return tokenizer
+
+
+def _chat_template(workdir: str) -> str | None:
+  """An imported checkpoint's own chat template (Jinja), where it ships one: in
+  chat_template.jinja or tokenizer_config.json's "chat_template" (a string, or named
+  templates of which 'default' is the one), beside tokenizer.json or among the
+  originals of a sentencepiece tokenizer."""
+  for directory in (workdir, os.path.join(workdir, ORIGINALS_DIR)):
+    jinja = os.path.join(directory, CHAT_TEMPLATE_FILE)
+    if os.path.exists(jinja):
+      with open(jinja, encoding='utf-8') as f:
+        return f.read()
+    template = _read_json(os.path.join(directory, HF_CONFIG_FILES[0])).get('chat_template')
+    if isinstance(template, list):
+      template = {t.get('name'): t.get('template') for t in template}.get('default')
+    if template:
+      return template
+  return None
 
 
 def _read_json(path: str) -> dict:
@@ -400,7 +449,7 @@ def import_tokenizer(src_dir: str, workdir: str, kind: str | None = None) -> Tok
     raise ValueError(f'{workdir} already has a tokenizer ({existing}); import into a fresh '
                      '--workdir.')
   if kind == 'tokenizers':
-    for name in (HF_FILE, *HF_CONFIG_FILES):
+    for name in (HF_FILE, *HF_CONFIG_FILES, CHAT_TEMPLATE_FILE):
       if os.path.exists(path(name)):
         _copy_file(path(name), os.path.join(workdir, name))
     return load_tokenizer(workdir)
@@ -446,7 +495,8 @@ def export_tokenizer(workdir: str, out_dir: str) -> list[str]:
   if os.path.isdir(originals):  # an imported sentencepiece model: the checkpoint's files
     files = {name: read(os.path.join(originals, name)) for name in sorted(os.listdir(originals))}
   elif path is not None and path.endswith(HF_FILE):  # an imported tokenizer.json, as it came
-    files = {name: read(os.path.join(workdir, name)) for name in (HF_FILE, *HF_CONFIG_FILES)
+    files = {name: read(os.path.join(workdir, name))
+             for name in (HF_FILE, *HF_CONFIG_FILES, CHAT_TEMPLATE_FILE)
              if os.path.exists(os.path.join(workdir, name))}
   else:  # this project's sentencepiece model (load_tokenizer raises when there is none)
     from input_pipeline import hf_tokenizer

@@ -50,7 +50,11 @@ class ModelConfig:
   gated_mlp: bool = False  # activation(x W_gate) * (x W_up): silu -> SwiGLU, gelu_tanh -> GeGLU
   attention_scale: float = 0.0  # multiplies q.k; 0: 1/sqrt(head_dim) (T5 uses 1)
   num_token_types: int = 0  # segment (token-type) embeddings, e.g. 2 for BERT's A/B; 0: none
-  nsp_head: bool = False  # a binary next-sentence head (dense + tanh pooler) on the first token
+  nsp_head: bool = False  # BERT's pooler (dense + tanh) on the first token, and (without
+  #                         num_labels) a binary next-sentence classifier on it
+  num_labels: int = 0  # >0: a classifier over this many labels replaces the token logits
+  #                      (an encoder's on its first token, pooled; a decoder's on its last
+  #                      real token)
   mlm_transform: bool = False  # dense -> activation -> norm before the output projection (BERT)
   output_bias: bool = False  # a learned bias per vocabulary entry on the logits
   tie_embeddings: bool = True

@@ -82,12 +82,14 @@ class OutputHead(nn.Module):
   """Last hidden state -> vocabulary logits: the final norm (`hidden`), then an optional
   MLM transform (dense, activation, norm: BERT) and the projection, tied to the token
   embedding (scaled by d_model**-0.5 first in T5 v1.0) or separate, plus an optional
-  per-vocabulary bias."""
+  per-vocabulary bias. A classifier (cfg.num_labels) has the final norm only."""
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
     self.final_norm = Norm(cfg, name='final_norm') if cfg.final_norm else None
+    if cfg.num_labels:
+      return
     if cfg.mlm_transform:
       self.transform = dense(cfg, cfg.d_model, -1, ('embed', None), INIT_STD, 'transform')
       self.transform_norm = Norm(cfg, name='transform_norm')
@@ -120,6 +122,31 @@ class OutputHead(nn.Module):
 
   def __call__(self, embed: Embed, x_BTD: Array) -> Array:
     return self.logits(embed, self.hidden(x_BTD))
+
+
+def _dense_head(cfg: ModelConfig, features: int, name: str) -> nn.Dense:
+  """A dense layer with bias on one hidden state [B, D] (poolers and classifiers)."""
+  return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                  kernel_init=param_init(INIT_STD, ('embed', None)),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+
+
+def last_real_index(segment_ids_BT: Array) -> Array:
+  """[B]: the last position of each row that holds a real token (segment id > 0)."""
+  length = segment_ids_BT.shape[1]
+  return length - 1 - jnp.argmax((segment_ids_BT > 0)[:, ::-1], axis=1)
+
+
+class Classifier(nn.Module):
+  """One hidden state per example [B, D] -> label logits [B, num_labels]: dropout, then
+  a dense layer with bias (BERT's sequence classifier), named 'classifier' in the model."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, h_BD: Array) -> Array:
+    h_BD = nn.Dropout(self.cfg.dropout, deterministic=self.deterministic)(h_BD)
+    return _dense_head(self.cfg, self.cfg.num_labels, 'dense')(h_BD)
 
 
 class CacheSlots(nn.Module):
@@ -167,8 +194,9 @@ def causal_self_attention_inputs(cfg: ModelConfig, slots: CacheSlots | None,
 
 
 class DecoderOnly(nn.Module):
-  """GPT: causal self-attention over packed sequences; returns logits [B, T, V].
-  In decode mode it runs over a key/value cache (see CacheSlots)."""
+  """GPT: causal self-attention over packed sequences; returns logits [B, T, V], or with
+  cfg.num_labels label logits [B, num_labels] from each row's last real token (after the
+  final norm). In decode mode it runs over a key/value cache (see CacheSlots)."""
   cfg: ModelConfig
   deterministic: bool = True
 
@@ -184,12 +212,19 @@ class DecoderOnly(nn.Module):
         cfg, slots, bias, segment_ids_BT, positions_BT)
     x_BTD = Stack(cfg, cfg.num_layers, self.deterministic, name='decoder')(
         x_BTD, mask, positions_BT, bias_BNTS, cache_index=cache_index)
-    return OutputHead(cfg, name='head')(embed, x_BTD)
+    head = OutputHead(cfg, name='head')
+    if cfg.num_labels:
+      last_B = last_real_index(segment_ids_BT)
+      h_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+      return Classifier(cfg, self.deterministic, name='classifier')(head.hidden(h_BD))
+    return head(embed, x_BTD)
 
 
 class EncoderOnly(nn.Module):
   """BERT: bidirectional self-attention; returns (token logits [B, T, V], next-sentence
-  logits [B, 2] from the first token, or None without the NSP head)."""
+  logits [B, 2] from the first token, or None without the NSP head), or with
+  cfg.num_labels label logits [B, num_labels] from the first token ([CLS]), through the
+  pooler where the model has one (cfg.nsp_head)."""
   cfg: ModelConfig
   deterministic: bool = True
 
@@ -206,16 +241,17 @@ class EncoderOnly(nn.Module):
     x_BTD = Stack(cfg, cfg.num_layers, self.deterministic, name='encoder')(
         x_BTD, mask, positions_BT, bias_BNTS)
     head = OutputHead(cfg, name='head')
+    if cfg.num_labels:
+      h_BD = head.hidden(x_BTD[:, 0])
+      if cfg.nsp_head:
+        h_BD = jnp.tanh(_dense_head(cfg, cfg.d_model, 'pooler')(h_BD))
+      return Classifier(cfg, self.deterministic, name='classifier')(h_BD)
     h_BTD = head.hidden(x_BTD)
     logits_BTV = head.logits(embed, h_BTD)
     if not cfg.nsp_head:
       return logits_BTV, None
-    dense = lambda features, name: nn.Dense(
-        features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-        kernel_init=param_init(INIT_STD, ('embed', None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
-    pooled_BD = jnp.tanh(dense(cfg.d_model, 'pooler')(h_BTD[:, 0]))
-    return logits_BTV, dense(2, 'next_sentence')(pooled_BD)
+    pooled_BD = jnp.tanh(_dense_head(cfg, cfg.d_model, 'pooler')(h_BTD[:, 0]))
+    return logits_BTV, _dense_head(cfg, 2, 'next_sentence')(pooled_BD)
 
 
 class EncoderDecoder(nn.Module):

@@ -67,10 +67,21 @@ def _residual_trace(config: ml_collections.ConfigDict, task: Task, remat: str,
   """The residuals of the loss's VJP for one micro-batch, traced with shapes only."""
   task = dataclasses.replace(task, cfg=dataclasses.replace(
       task.cfg, remat=remat, scan_layers=scan_layers, dropout=0.0))
-  params = abstract_params(task)
   sequences = config.data.batch_size // config.train.grad_accum
+  try:
+    hash(task)
+  except TypeError:  # a task with an unhashable field: traced every time
+    return _trace_residuals.__wrapped__(task, sequences, config.data.seq_len)
+  return _trace_residuals(task, sequences, config.data.seq_len)
+
+
+@functools.lru_cache(maxsize=256)
+def _trace_residuals(task: Task, sequences: int, seq_len: int) -> activations.Residuals:
+  """One trace, kept: estimates of related configs (another remat policy, precision or
+  memory setting of the same model) share it; it depends on nothing but its arguments."""
+  params = abstract_params(task)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                       task.train_batch(sequences, config.data.seq_len))
+                       task.train_batch(sequences, seq_len))
   def residuals(params, batch):
     loss = lambda p: task.loss(p, batch, jax.random.key(0), train=False)[0]
     return jax.vjp(loss, params)[1]

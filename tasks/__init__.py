@@ -8,18 +8,37 @@ import ml_collections
 from models.config import DEFAULT_POSITION, ModelConfig
 from tasks.base import Task
 from tasks.causal_lm import CausalLM
+from tasks.classification import ClassifierDecoder, ClassifierEncoder
 from tasks.masked_lm import MaskedLM
+from tasks.seq2seq import Seq2SeqDecoder, Seq2SeqEncoderDecoder
+from tasks.sft import SFTDecoder, SFTEncoderDecoder
 from tasks.span_corruption import SpanCorruption
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, MaskedLM, SpanCorruption)}
+# (config.task, model.arch) -> the class that trains that family on that task.
+TASKS: dict[tuple[str, str], type[Task]] = {
+    (t.name, t.arch): t for t in (CausalLM, MaskedLM, SpanCorruption, SFTDecoder,
+                                  SFTEncoderDecoder, Seq2SeqDecoder, Seq2SeqEncoderDecoder,
+                                  ClassifierEncoder, ClassifierDecoder)}
+NAMES = tuple(dict.fromkeys(name for name, _ in TASKS))
 # config.task='auto' trains each family on its pre-training objective.
 DEFAULT_TASK = {'decoder': 'causal_lm', 'encoder': 'masked_lm',
                 'encoder_decoder': 'span_corruption'}
 
 
 def task_class(config: ml_collections.ConfigDict) -> type[Task]:
-  name = config.task
-  return TASKS[DEFAULT_TASK[config.model.arch] if name == 'auto' else name]
+  """The class for the run's task and family."""
+  return _lookup(config.task, config.model.arch)
+
+
+def _lookup(name: str, arch: str) -> type[Task]:
+  """TASKS[name, arch] ('auto': the family's pre-training objective); ValueError (one
+  line) when the task does not train that family."""
+  name = DEFAULT_TASK[arch] if name == 'auto' else name
+  if (name, arch) not in TASKS:
+    archs = [a for n, a in TASKS if n == name]
+    raise ValueError(f"task='{name}' needs model.arch={' or '.join(map(repr, archs))}, not "
+                     f"'{arch}'; change one of them (or set task='auto').")
+  return TASKS[name, arch]
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int, dtype) -> ModelConfig:
@@ -52,4 +71,9 @@ def from_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Task:
 def for_model(cfg: ModelConfig, name: str = 'auto', **settings) -> Task:
   """A task for a bare ModelConfig (tests, benchmarks): the family's pre-training
   objective unless `name` says otherwise; `settings` are the task's own fields."""
-  return TASKS[DEFAULT_TASK[cfg.arch] if name == 'auto' else name](cfg, **settings)
+  name = DEFAULT_TASK[cfg.arch] if name == 'auto' else name
+  # A task of another family still constructs, and refuses the model in one line.
+  same_name = [t for (n, _), t in TASKS.items() if n == name]
+  if not same_name:
+    raise ValueError(f"No task '{name}'; the tasks are {', '.join(NAMES)}.")
+  return TASKS.get((name, cfg.arch), same_name[0])(cfg, **settings)

@@ -37,6 +37,9 @@ class Task:
   arch: ClassVar[str] = ''  # the model.arch it trains
   streams: ClassVar[bool] = False  # completions can be printed token by token
   prompt_is_output: ClassVar[bool] = False  # a generated continuation extends the prompt
+  # A fine-tuning task's kind of record (input_pipeline/records.py); None: the task reads
+  # the token stream of documents.
+  record_kind: ClassVar[str | None] = None
 
   def __post_init__(self):
     if self.cfg.arch != self.arch:
@@ -58,6 +61,12 @@ class Task:
   def model_fields(cls, config: ml_collections.ConfigDict) -> dict:
     """ModelConfig fields this task sets from the run config (e.g. an extra head)."""
     return {}
+
+  @classmethod
+  def settle_config(cls, config: ml_collections.ConfigDict, splits: dict) -> None:
+    """Fills in, in place, the run-config fields this task reads from its data (e.g.
+    classification's label set) before the model is built; they are saved with the run,
+    so a restarted run or `--mode=eval` reads the same. Nothing by default."""
 
   # --- the model --------------------------------------------------------------
   def module(self, train: bool) -> nn.Module:
@@ -95,6 +104,18 @@ class Task:
     """Task-specific eval results (named eval_*) from the eval pass's metric means,
     beside the loss, bits per byte and token accuracy every task reports."""
     return {}
+
+  def generation_metrics(self, params, tokenizer: Tokenizer, records: list[dict],
+                         limit: int) -> dict[str, float]:
+    """Eval results that need decoding (named eval_*), from up to `limit` validation
+    records of a record task. None by default ({})."""
+    return {}
+
+  def predict(self, params, tokenizer: Tokenizer, records: list[dict],
+              batch_size: int) -> list[dict]:
+    """`--mode=predict`: one result per record."""
+    raise ValueError(f"--mode=predict needs a classification run; this run's task is "
+                     f"'{self.name}'.")
 
   def example_batch(self, batch_size: int, seq_len: int) -> Batch:
     """Zeros of every input's shape and dtype at `seq_len`, for init and tracing."""

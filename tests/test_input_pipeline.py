@@ -13,7 +13,7 @@ from tasks.causal_lm import CausalExamples
 from conftest import tiny_config, write_tiny_corpus
 
 EOS = tokenizer_lib.EOS_ID
-VOCAB = 512  # 106 special ids + 256 byte pieces + '\n' + the corpus's characters fit
+VOCAB = 512  # 110 special ids + 256 byte pieces + '\n' + the corpus's characters fit
 
 
 @pytest.fixture(scope='module')
@@ -68,18 +68,20 @@ def test_special_ids_are_fixed_and_never_produced_from_text(tokenizer):
   assert pieces[:6] == ['<pad>', '</s>', '<unk>', '[MASK]', '[CLS]', '[SEP]']
   assert (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID, tokenizer_lib.UNK_ID) == (0, 1, 2)
   assert (tokenizer_lib.MASK_ID, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID) == (3, 4, 5)
-  assert tokenizer_lib.SENTINEL_IDS == tuple(range(6, 106)) and tokenizer_lib.NUM_SPECIAL == 106
+  assert tokenizer_lib.SENTINEL_IDS == tuple(range(6, 106)) and tokenizer_lib.NUM_SPECIAL == 110
   assert pieces[tokenizer_lib.sentinel_id(0)] == '<extra_id_0>'
   assert pieces[tokenizer_lib.sentinel_id(99)] == '<extra_id_99>'
+  assert pieces[106:] == ['<|system|>', '<|user|>', '<|assistant|>', '<|end|>']
+  assert [tokenizer.special_piece_id(p) for p in pieces[106:]] == [106, 107, 108, 109]
   # The tokenizer reads the same table from its model file.
   assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.bos_id) == (0, 1, 2, None)
   assert (tokenizer.mask_id, tokenizer.cls_id, tokenizer.sep_id) == (3, 4, 5)
   assert tokenizer.sentinel_ids == tokenizer_lib.SENTINEL_IDS
   assert tokenizer.special == tokenizer_lib.TRAINED_SPECIAL_IDS and not tokenizer.adds_bos
-  assert tokenizer.special_ids == tuple(range(106))
-  assert (tokenizer.special_mask == (np.arange(VOCAB) < 106)).all()
+  assert tokenizer.special_ids == tuple(range(110))
+  assert (tokenizer.special_mask == (np.arange(VOCAB) < 110)).all()
   assert (tokenizer.bytes_per_token[:tokenizer_lib.NUM_SPECIAL] == 0).all()
-  text = 'a [MASK] b [CLS] [SEP] <extra_id_0> </s> <pad> <unk>'
+  text = 'a [MASK] b [CLS] [SEP] <extra_id_0> </s> <pad> <unk> <|user|> <|end|>'
   ids = tokenizer.encode(text)
   assert min(ids) >= tokenizer_lib.NUM_SPECIAL
   assert tokenizer.decode(ids) == text

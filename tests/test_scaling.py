@@ -47,10 +47,12 @@ def test_parameter_count_equals_the_initialised_model(changes):
 
 
 def _run_config(arch: str) -> ml_collections.ConfigDict:
+  """The tests below estimate variants of one model; estimates of the same model and
+  micro-batch share their traces (scaling/estimate.py keeps them)."""
   config = default.get_config()
   config.model.update(arch=arch, num_layers=2, num_heads=4, d_model=128, d_ff=512, max_len=64,
                       vocab_size=1024, position='learned')
-  config.data.update(seq_len=64, batch_size=4)
+  config.data.update(seq_len=64, batch_size=8)
   config.train.steps = 10
   return config
 
@@ -77,7 +79,6 @@ def test_forward_flops_per_token_agree_with_xla_cost_analysis(arch):
 def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step(arch, scan_layers,
                                                                           remat):
   config = _run_config(arch)
-  config.data.batch_size = 8
   config.model.update(scan_layers=scan_layers, remat=remat)
   result = estimate.estimate(config)
   compiled = estimate.compiled_memory(config)

@@ -15,7 +15,7 @@ def test_auto_follows_the_arch_and_each_task_trains_its_family():
   for arch, name in tasks.DEFAULT_TASK.items():
     config.model.arch = arch
     assert tasks.task_class(config).name == name
-    assert tasks.TASKS[name].arch == arch
+    assert tasks.TASKS[name, arch].arch == arch
     assert tasks.for_model(ModelConfig(arch=arch)).name == name
 
 

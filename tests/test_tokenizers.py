@@ -175,7 +175,7 @@ def test_project_tokenizer_exports_to_transformers(project_workdir, tmp_path):
   assert (hf.pad_token_id, hf.eos_token_id, hf.unk_token_id, hf.bos_token_id) == (0, 1, 2, None)
   assert (hf.mask_token_id, hf.cls_token_id, hf.sep_token_id) == (3, 4, 5)
   assert hf.convert_tokens_to_ids(['<extra_id_0>', '<extra_id_99>']) == [6, 105]
-  assert sorted(hf.all_special_ids) == list(range(106))
+  assert sorted(hf.all_special_ids) == list(range(110))  # chat markers 106..109 too
 
 
 # --- files and errors --------------------------------------------------------------

@@ -47,12 +47,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.dtype, DTYPES, 'dtype')
   _choice(config.param_dtype, ('float32', 'bfloat16'), 'param_dtype')
   _choice(d.tokenizer.type, TOKENIZER_TYPES, 'data.tokenizer.type')
-  _choice(config.task, ('auto',) + tuple(tasks.TASKS), 'task')
-  task = tasks.task_class(config)
-  if task.arch != m.arch:
-    raise ConfigError(f"task='{config.task}' needs model.arch='{task.arch}', not '{m.arch}'; "
-                      "change one of them (or set task='auto').")
-  for other in tasks.TASKS.values():  # every section, so a sweep's typo fails early too
+  _choice(config.task, ('auto',) + tasks.NAMES, 'task')
+  try:
+    task = tasks.task_class(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for other in dict.fromkeys(tasks.TASKS.values()):  # every section: a sweep's typo fails early
     problem = other.config_problem(config, selected=other is task)
     if problem:
       raise ConfigError(problem)
@@ -85,6 +85,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= m.dropout < 1:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1).')
   _check_loss_scale(config)
+  if t.eval_decode_examples < 0:
+    raise ConfigError(f'train.eval_decode_examples={t.eval_decode_examples} must be 0 (no '
+                      'decoding at eval) or more.')
+  if config.get('init_from'):  # DIR or DIR@STEP; the source itself is read only when used
+    from train import init_from  # imports this module
+    init_from.parse(config.init_from)
 
 
 def _check_loss_scale(config: ml_collections.ConfigDict) -> None:

@@ -15,7 +15,8 @@ from jax.experimental import multihost_utils
 import input_pipeline
 import tasks
 from models import kernels, normalize_metrics, padded_vocab_size
-from train import checkpointing, config_checks, flops, loss_scale, optimizer, sharding
+from train import checkpointing, config_checks, flops, init_from, loss_scale, optimizer
+from train import sharding
 from train import state as state_lib
 from train import steps as steps_lib
 from train.metrics import MetricsWriter, Throughput, log_line
@@ -142,7 +143,9 @@ class Run:
     os.makedirs(workdir, exist_ok=True)
     self.config, self.workdir = config, workdir
     seq_len = config.data.seq_len
-    corpus = input_pipeline.load_corpus(config, workdir)
+    task_class = tasks.task_class(config)
+    corpus = input_pipeline.load_corpus(config, workdir, task_class.record_kind)
+    task_class.settle_config(config, corpus.splits)
     vocab = _check_vocabulary(config, workdir, corpus.tokenizer)
     dtype = config_checks.compute_dtype(config, jax.default_backend())
     try:
@@ -151,6 +154,10 @@ class Run:
     except ValueError as e:  # e.g. an attention kernel this machine cannot run
       raise config_checks.ConfigError(str(e)) from None
     self.task = tasks.from_config(config, self.model_cfg)
+    # Eval decoding (record tasks) runs the model as --mode=sample does: the attention
+    # kernel chosen for the training shapes may not take one-token decode steps.
+    self.decode_task = tasks.from_config(
+        config, kernels.for_inference(tasks.model_config(config, vocab, dtype)))
     self.data = input_pipeline.build_data(config, corpus,
                                           self.task.examples(corpus.tokenizer, seq_len))
     self.resolved_config = _with_resolved_vocab(config, vocab)
@@ -177,6 +184,10 @@ class Run:
                'eval_accuracy': means['correct'], 'eval_tokens': totals['weight'],
                'eval_perplexity': math.exp(min(means['loss'], 50.0))}
     results.update(self.task.eval_metrics(means))
+    if self.data.eval_records:
+      results.update(self.decode_task.generation_metrics(params, self.data.tokenizer,
+                                                  self.data.eval_records,
+                                                  self.config.train.eval_decode_examples))
     return results
 
 
@@ -190,6 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from workdir's latest checkpoint) and returns the last logged
   metrics and the step reached."""
   # --- set-up: checks, data, model, optimizer --------------------------------
+  source = init_from.prepare(config, workdir)  # the source's model fields and tokenizer
   run = Run(config, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -208,6 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     state = state_lib.create_train_state(run.task, tx, run.mesh, seq_len, init_key,
                                          train_cfg.offload_optimizer, scaler)
+    if source is not None:  # its parameters; new heads keep their initialisation
+      state = init_from.start_state(source, state, tx, state_shardings, run.mesh)
   elif data_state is not None:  # None: an imported checkpoint, which starts the data afresh
     run.data.train_iter.set_state(data_state)
   start_step = int(state.step)

@@ -68,7 +68,8 @@ def log_line(step: int, total: int, metrics: dict[str, float], eta_s: float) -> 
   parts = [f'step {step}/{total}']
   for key, fmt in (('loss', '.4f'), ('eval_loss', '.4f'), ('eval_bits_per_byte', '.4f'),
                    ('lr', '.2e'), ('grad_norm', '.3f'), ('loss_scale', 'g'),
-                   ('skipped_steps', '.0f'), ('tokens_per_s', ',.0f'), ('mfu', '.1%')):
+                   ('skipped_steps', '.0f'), ('eval_chrf', '.1f'), ('eval_bleu', '.1f'),
+                   ('eval_macro_f1', '.3f'), ('tokens_per_s', ',.0f'), ('mfu', '.1%')):
     if key in metrics and math.isfinite(metrics[key]):
       parts.append(f'{key} {format(metrics[key], fmt)}')
   parts.append(f'eta {format_duration(eta_s)}')
