@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention = 'auto'
 
   # What the run trains (tasks/): 'auto' follows model.arch: causal_lm (decoder),
-  # masked_lm (encoder), span_corruption (encoder_decoder).
+  # masked_lm (encoder), span_corruption (encoder_decoder). Fine-tuning on records
+  # (data.corpus: a built-in task or JSONL files): 'sft' (decoder, encoder_decoder),
+  # 'seq2seq' (encoder_decoder, decoder), 'classification' (encoder, decoder).
   config.task = 'auto'
   masked_lm = config.masked_lm = ml_collections.ConfigDict()
   masked_lm.mask_rate = 0.15  # share of ordinary tokens chosen; of those 80% [MASK], 10% random, 10% kept

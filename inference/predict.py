@@ -27,20 +27,7 @@ def read_records(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise ValueError(f'--input={path} is not a file; give a .jsonl file of records '
                      '{"text": ...} (one JSON object per line).')
-  records = []
-  with open(path, encoding='utf-8-sig') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{number}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where} is not valid JSON ({e.msg}); fix or remove that line.') from None
-      unlabelled = isinstance(record, dict) and 'label' not in record
-      records_lib.check_record({**record, 'label': 'unlabelled'} if unlabelled else record,
-                               'classification', where)
-      records.append(record)
+  records = records_lib.read_records(path, 'classification', labelled=False)
   if not records:
     raise ValueError(f'--input={path} holds no record; write one JSON object per line.')
   return records

@@ -55,12 +55,17 @@ def _web_bible() -> list[str]:
   return ['\n'.join(verses) for verses in chapters.values()]
 
 
-def _files(spec: str) -> list[str]:
+def matching_files(spec: str) -> list[str]:
+  """The files of a path, directory (recursively) or glob, sorted."""
   if os.path.isdir(spec):
     paths = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names]
   else:
     paths = glob.glob(os.path.expanduser(spec), recursive=True)
-  paths = sorted(p for p in paths if os.path.isfile(p))
+  return sorted(p for p in paths if os.path.isfile(p))
+
+
+def _files(spec: str) -> list[str]:
+  paths = matching_files(spec)
   if not paths:
     raise ValueError(f"corpus '{spec}' matches no files; point data.corpus (or "
                      'data.eval_corpus) at .txt, .jsonl or .parquet files (a path, directory or '

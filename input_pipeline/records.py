@@ -17,11 +17,9 @@ Files follow corpora's conventions: they are only read; blank lines are skipped;
 not UTF-8 (and lone surrogates written as \\u escapes) read as U+FFFD with one warning per file;
 a line that is not JSON fails naming its file and line; no record at all fails in one line.
 """
-import glob
 import hashlib
 import importlib.metadata
 import json
-import os
 
 from input_pipeline import bible_tasks
 from input_pipeline import corpora
@@ -110,8 +108,9 @@ def _check_kind(kind: str) -> None:
     raise ValueError(f"unknown record kind '{kind}'; use one of {', '.join(KINDS)}.")
 
 
-def check_record(record, kind: str, where: str) -> None:
-  """Raises ValueError, one line naming `where`, if `record` is not a valid `kind` record."""
+def check_record(record, kind: str, where: str, labelled: bool = True) -> None:
+  """Raises ValueError, one line naming `where`, if `record` is not a valid `kind` record
+  (`labelled=False`: a classification record may lack its label, as predict's input)."""
   _check_kind(kind)
   if not isinstance(record, dict):
     raise ValueError(f'{where} is {_json_type(record)}, not a JSON object; {kind} records look '
@@ -122,7 +121,8 @@ def check_record(record, kind: str, where: str) -> None:
   for field in _REQUIRED[kind]:
     _check_text(record, field, where, kind)
   if kind == 'classification':
-    _check_label(record, where)
+    if labelled or 'label' in record:
+      _check_label(record, where)
     if 'text_pair' in record:
       _check_text(record, 'text_pair', where, kind)
 
@@ -142,11 +142,7 @@ def _built_in(name: str, kind: str) -> dict[str, list[dict]]:
 def _jsonl_files(spec: str) -> list[str]:
   """As corpora lists files: a directory or glob may hold other files (a README), but not only
   those; a file named directly must be .jsonl."""
-  if os.path.isdir(spec):
-    paths = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names]
-  else:
-    paths = glob.glob(os.path.expanduser(spec), recursive=True)
-  paths = sorted(p for p in paths if os.path.isfile(p))
+  paths = corpora.matching_files(spec)
   if not paths:
     raise ValueError(f"'{spec}' matches no files; point data.corpus (or data.eval_corpus) "
                      'at .jsonl files (a path, directory or glob) or use a built-in: '
@@ -171,7 +167,8 @@ def _replace_undecodable(value):
   return value, 0
 
 
-def _read_records(path: str, kind: str) -> list[dict]:
+def read_records(path: str, kind: str, labelled: bool = True) -> list[dict]:
+  """The records of one .jsonl file, each checked (`check_record`); blank lines skipped."""
   records, undecodable, bad_lines = [], 0, []
   # utf-8-sig: a byte-order mark some editors write is not part of the first record.
   with open(path, encoding='utf-8-sig', errors='surrogateescape') as f:
@@ -187,7 +184,7 @@ def _read_records(path: str, kind: str) -> list[dict]:
       if count:
         undecodable += count
         bad_lines.append(line_number)
-      check_record(record, kind, where)
+      check_record(record, kind, where, labelled)
       records.append(record)
   if undecodable:
     corpora._warn_undecodable(path, undecodable, bad_lines)
@@ -202,7 +199,7 @@ def load_records(spec: str, kind: str) -> list[dict]:
     built = _built_in(spec, kind)
     return built['train'] + built['eval']
   paths = _jsonl_files(spec)
-  records = [record for path in paths for record in _read_records(path, kind)]
+  records = [record for path in paths for record in read_records(path, kind)]
   if not records:
     raise ValueError(f"'{spec}' holds no record: its {len(paths)} .jsonl file(s) are blank; "
                      'point data.corpus (or data.eval_corpus) at .jsonl files with one JSON '

@@ -62,6 +62,22 @@ def abstract_params(task: Task):
   return nn.unbox(boxed)
 
 
+@functools.lru_cache(maxsize=256)
+def _shapes(task: Task):
+  return abstract_params(task)
+
+
+def _param_shapes(task: Task):
+  """abstract_params, kept for later estimates in this process (shared, not to be
+  changed); the shapes are the same under every remat policy and dropout rate."""
+  task = dataclasses.replace(task, cfg=dataclasses.replace(task.cfg, remat='none', dropout=0.0))
+  try:
+    hash(task)
+  except TypeError:  # a task with an unhashable field
+    return abstract_params(task)
+  return _shapes(task)
+
+
 def _residual_trace(config: ml_collections.ConfigDict, task: Task, remat: str,
                     scan_layers: bool) -> activations.Residuals:
   """The residuals of the loss's VJP for one micro-batch, traced with shapes only."""
@@ -79,7 +95,7 @@ def _residual_trace(config: ml_collections.ConfigDict, task: Task, remat: str,
 def _trace_residuals(task: Task, sequences: int, seq_len: int) -> activations.Residuals:
   """One trace, kept: estimates of related configs (another remat policy, precision or
   memory setting of the same model) share it; it depends on nothing but its arguments."""
-  params = abstract_params(task)
+  params = _param_shapes(task)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        task.train_batch(sequences, seq_len))
   def residuals(params, batch):
@@ -149,7 +165,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   task = run_task(config, platform)
   cfg = task.cfg
   counts = task.param_counts()
-  params = abstract_params(task)
+  params = _param_shapes(task)
   initialised = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
   n = sum(counts.values())
   if n != initialised:  # a new layer that the task's count does not know about yet

@@ -36,9 +36,15 @@ class _Run:
     return jax.tree.map(jnp.copy, self.initial)
 
 
-@functools.lru_cache(maxsize=None)
 def _run(dtype: str, grad_accum: int = 1, offload: bool = False,
          growth_interval: int = 2000) -> _Run:
+  """One compiled step per setting for the whole module (keyed by value, however the
+  arguments are spelt)."""
+  return _compiled_run(dtype, grad_accum, offload, growth_interval)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_run(dtype: str, grad_accum: int, offload: bool, growth_interval: int) -> _Run:
   config = default.get_config()
   config.dtype = dtype
   config.train.update(steps=20, warmup_steps=2, grad_accum=grad_accum, lr=1e-2,
@@ -53,8 +59,11 @@ def _run(dtype: str, grad_accum: int = 1, offload: bool = False,
                             jax.devices()[:1])
   scaler = loss_scale.from_config(config, cfg.dtype)
   _, shardings = state_lib.state_shardings(task, tx, mesh, SEQ_LEN, offload, scaler)
-  initial = state_lib.create_train_state(task, tx, mesh, SEQ_LEN, jax.random.key(0), offload,
-                                         scaler)
+  if grad_accum > 1:  # the same initial state as one batch per step (not compiled again)
+    initial = _run(dtype, 1, offload, growth_interval).initial
+  else:
+    initial = state_lib.create_train_state(task, tx, mesh, SEQ_LEN, jax.random.key(0), offload,
+                                           scaler)
   step = steps.jit_train_step(task, tx, schedule, grad_accum, jax.random.key(1), mesh,
                               shardings)
   return _Run(step, initial, schedule)
@@ -81,7 +90,10 @@ def _train(run: _Run, num_steps: int, cycle: int = 0):
 
 
 def _with_scale(state, scale: float):
-  return state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(scale)))
+  """The state with another loss scale, placed as the step returns it (so the step's
+  compiled program takes it as it is, not compiled again for another placement)."""
+  scale = jax.device_put(jnp.float32(scale), state.loss_scale.scale.sharding)
+  return state.replace(loss_scale=state.loss_scale.replace(scale=scale))
 
 
 def _host(tree):

@@ -32,12 +32,19 @@ def _jitted(grad_accum: int, offload_optimizer: bool):
   return task, tx, mesh, step
 
 
+@functools.lru_cache(maxsize=None)
+def _initial_state(offload_optimizer: bool):
+  """The initial train state, made (and its init compiled) once; every step count of
+  accumulation starts from it."""
+  task, tx, mesh, _ = _jitted(1, offload_optimizer)
+  return state_lib.create_train_state(task, tx, mesh, 16, jax.random.key(0), offload_optimizer)
+
+
 def _setup(grad_accum: int, offload_optimizer: bool = False):
-  """A fresh train state (the step donates it) and the shared jitted step."""
-  task, tx, mesh, step = _jitted(grad_accum, offload_optimizer)
-  state = state_lib.create_train_state(task, tx, mesh, 16, jax.random.key(0),
-                                       offload_optimizer)
-  return state, step
+  """A fresh train state (the step donates it: a copy, placed as the original) and the
+  shared jitted step."""
+  state = jax.tree.map(jnp.copy, _initial_state(offload_optimizer))
+  return state, _jitted(grad_accum, offload_optimizer)[3]
 
 
 def _random_batch(seed: int, batch_size: int = 8, seq_len: int = 16):
