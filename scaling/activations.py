@@ -40,7 +40,6 @@ scanned under each remat policy, and unrolled): within 10%.
 
 import dataclasses
 
-import jax
 import numpy as np
 from jax.extend import core as jax_core
 

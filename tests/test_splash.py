@@ -3,6 +3,7 @@ losses and gradients as XLA's attention for each family, with packed documents a
 grouped-query heads; calls it cannot take fall back to XLA. Its sharded form is
 checked in tests/test_sharding.py."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -38,10 +39,21 @@ def _packed(batch: dict) -> dict:
   return packed
 
 
-def _loss_and_grads(cfg: ModelConfig, params, batch):
+@functools.lru_cache(maxsize=None)
+def _params(cfg: ModelConfig):
+  """Initial parameters of `cfg`, made once: the same weights whichever attention runs
+  and whatever the batch's length and contents."""
+  task = tasks.for_model(dataclasses.replace(cfg, attention='xla'))
+  return nn.unbox(jax.jit(task.init)(jax.random.key(1), task.example_batch(2, SEQ_LEN)))
+
+
+def _loss_fn(cfg: ModelConfig, batch):
   task = tasks.for_model(cfg)
-  loss = lambda p: task.loss(p, batch, jax.random.key(0), train=False)[0]
-  return jax.jit(jax.value_and_grad(loss))(params)
+  return lambda p: task.loss(p, batch, jax.random.key(0), train=False)[0]
+
+
+def _loss_and_grads(cfg: ModelConfig, params, batch):
+  return jax.jit(jax.value_and_grad(_loss_fn(cfg, batch)))(params)
 
 
 @pytest.mark.parametrize('changes', [
@@ -53,38 +65,34 @@ def test_splash_gives_xla_losses_and_gradients(changes):
   cfg = dataclasses.replace(TINY, attention='xla', **changes)
   task = tasks.for_model(cfg)
   batch = _packed(task.example_batch(2, SEQ_LEN))
-  params = nn.unbox(jax.jit(task.init)(jax.random.key(1), batch))
+  params = _params(cfg)
   xla_loss, xla_grads = _loss_and_grads(cfg, params, batch)
   splash_cfg = dataclasses.replace(cfg, attention='splash')
-  splash_loss, splash_grads = _loss_and_grads(splash_cfg, params, batch)
+  # One trace of the splash program: the kernel is in it (so it really ran), and it runs.
+  traced = jax.jit(jax.value_and_grad(_loss_fn(splash_cfg, batch))).trace(params)
+  assert 'pallas_call' in str(traced.jaxpr)
+  splash_loss, splash_grads = traced.lower().compile()(params)
   np.testing.assert_allclose(splash_loss, xla_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                splash_grads, xla_grads)
-  # The kernel really ran.
-  jaxpr = jax.make_jaxpr(lambda p: tasks.for_model(splash_cfg).loss(
-      p, batch, jax.random.key(0), train=False))(params)
-  assert 'pallas_call' in str(jaxpr)
 
 
 @pytest.mark.parametrize('position,seq_len', [('relative', SEQ_LEN), ('rope', 96)])
 def test_splash_leaves_what_it_cannot_take_to_xla(position, seq_len):
   """A relative position bias, or a sequence of partial tiles: XLA runs instead."""
   cfg = dataclasses.replace(TINY, position=position, attention='splash')
-  task = tasks.for_model(cfg)
-  batch = task.example_batch(2, seq_len)
-  params = nn.unbox(jax.jit(task.init)(jax.random.key(1), batch))
-  jaxpr = jax.make_jaxpr(lambda p: task.loss(p, batch, jax.random.key(0), train=False))(
-      params)
-  assert 'pallas_call' not in str(jaxpr)
-  xla_loss, _ = _loss_and_grads(dataclasses.replace(cfg, attention='xla'), params, batch)
-  np.testing.assert_allclose(_loss_and_grads(cfg, params, batch)[0], xla_loss, rtol=1e-6)
+  batch = tasks.for_model(cfg).example_batch(2, seq_len)
+  params = _params(cfg)
+  traced = jax.jit(_loss_fn(cfg, batch)).trace(params)  # the loss, traced once
+  assert 'pallas_call' not in str(traced.jaxpr)
+  xla_loss = jax.jit(_loss_fn(dataclasses.replace(cfg, attention='xla'), batch))(params)
+  np.testing.assert_allclose(traced.lower().compile()(params), xla_loss, rtol=1e-6)
 
 
 def test_a_splash_model_decodes_like_an_xla_model():
   """Over the key/value cache the mask has no segment ids, so XLA attends."""
   cfg = dataclasses.replace(TINY, position='rope', attention='splash')
-  task = tasks.for_model(cfg)
-  params = nn.unbox(jax.jit(task.init)(jax.random.key(1), task.example_batch(2, SEQ_LEN)))
+  params = _params(cfg)
   prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
   tokens = generate.generate(tasks.for_model(cfg), params, prompts, 6)
   xla = tasks.for_model(dataclasses.replace(cfg, attention='xla'))
