@@ -13,6 +13,8 @@ from models import ModelConfig
 from models.layers import Block, attention_mask, relative_position_buckets
 import tasks
 
+from conftest import initial_params
+
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
 
@@ -21,8 +23,7 @@ TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, he
 def _task(arch: str, **changes):
   cfg = dataclasses.replace(TINY, arch=arch, **changes)
   task = tasks.for_model(cfg)
-  params = nn.unbox(jax.jit(task.init)(jax.random.key(0), task.example_batch(1, 16)))
-  return task, params, jax.jit(lambda p, b: task.logits(p, b))
+  return task, initial_params(cfg), jax.jit(lambda p, b: task.logits(p, b))
 
 
 def _positions(segment_ids):
@@ -163,11 +164,12 @@ def test_blocks_match_a_numpy_reference(cross_attention):
   block = Block(cfg, cross_attention=cross_attention)
   args = (jnp.asarray(x), self_mask, jnp.zeros((1, 6), jnp.int32), None,
           jnp.asarray(encoded) if cross_attention else None, cross_mask if cross_attention else None)
-  params = nn.unbox(block.init(jax.random.key(5), *args)['params'])
+  # Compiled, not run op by op (faster; the same block).
+  params = nn.unbox(jax.jit(lambda key: block.init(key, *args)['params'])(jax.random.key(5)))
   # Non-trivial norm scales, so a reference that ignored them would fail.
   params = jax.tree_util.tree_map_with_path(
       lambda path, v: v * 1.5 if path[-1].key == 'scale' else v, params)
-  out, _ = block.apply({'params': params}, *args)
+  out, _ = jax.jit(lambda p: block.apply({'params': p}, *args))(params)
   np_params = jax.tree.map(np.asarray, params)
   expected = _np_block(x[0], np_params, np.asarray(self_mask.dense_B1TS[0, 0]), cfg.norm_eps,
                        encoded[0] if cross_attention else None,

@@ -1,5 +1,6 @@
 """Generation: the key/value cache matches full forward passes; sampling filters hold."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,16 @@ ENCODER_DECODER = dict(arch='encoder_decoder', position='relative', activation='
 _params = decoding_params  # (task, params), one per config for the whole session
 
 
+@functools.lru_cache(maxsize=None)
+def _logits(task):
+  """task.logits, jitted once per task (every prompt's reference run shares it)."""
+  return jax.jit(task.logits)
+
+
 def _greedy_without_cache(task, params, prompt, steps, length=32):
   """Re-runs the whole (right-padded, so one compiled shape) sequence for every token;
   causality makes the padding invisible to the positions read."""
-  logits = jax.jit(task.logits)
+  logits = _logits(task)
   sequence = list(prompt)
   for _ in range(steps):
     ids = jnp.asarray([sequence + [0] * (length - len(sequence))], jnp.int32)
@@ -37,7 +44,7 @@ def _greedy_without_cache(task, params, prompt, steps, length=32):
 def _greedy_encoder_decoder_without_cache(task, params, prompt, steps, length=32):
   """The encoder reads the right-padded prompt; the decoder re-runs its whole sequence
   (starting from pad, as in training) for every token."""
-  logits = jax.jit(task.logits)
+  logits = _logits(task)
   real = (jnp.arange(length) < len(prompt)).astype(jnp.int32)[None]
   encoder = {'encoder_inputs': jnp.asarray([prompt + [0] * (length - len(prompt))], jnp.int32),
              'encoder_segment_ids': real, 'encoder_positions': jnp.arange(length)[None] * real}
@@ -134,7 +141,7 @@ def test_sampling_from_a_workdir_without_checkpoint_says_to_train(tmp_path):
 def test_int8_weights_take_a_quarter_of_the_memory_and_decode():
   from inference.quantize import quantize_int8, weight_bytes
   _, params = _params(TINY)
-  assert weight_bytes(quantize_int8(params)) < 0.35 * weight_bytes(params)
+  assert weight_bytes(jax.jit(quantize_int8)(params)) < 0.35 * weight_bytes(params)
   out = generate(tasks.for_model(TINY), params, PROMPTS, 6, eos_id=-1, quantize='int8')
   assert [len(row) for row in out] == [6, 6, 6]
 

@@ -24,9 +24,14 @@ VOCAB = 256  # > NUM_SPECIAL (106): ordinary ids are 106..255
 SEQ = 16
 
 
-@functools.lru_cache
 def _task_and_params(next_sentence: bool = True):
-  """A one-layer BERT (with the next-sentence head when `next_sentence`) and its params."""
+  """A one-layer BERT (with the next-sentence head when `next_sentence`) and its params,
+  made once per value (however the argument is spelt)."""
+  return _made_task_and_params(next_sentence)
+
+
+@functools.lru_cache
+def _made_task_and_params(next_sentence: bool):
   cfg = ModelConfig(arch='encoder', vocab_size=VOCAB, num_layers=1, num_heads=2,
                     num_kv_heads=2, head_dim=8, d_model=16, d_ff=32, max_len=32,
                     position='learned', num_token_types=2, nsp_head=next_sentence)

@@ -11,6 +11,8 @@ import pytest
 from models import ModelConfig, example_batch
 import tasks
 
+from conftest import initial_params
+
 TINY = ModelConfig(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
                    d_model=32, d_ff=64, max_len=32)
 VARIANTS = {
@@ -26,9 +28,8 @@ VARIANTS = {
 def _init(cfg):
   """Parameters and a jitted logits function, shared by the tests of one variant."""
   task = tasks.for_model(cfg)
-  params = nn.unbox(jax.jit(task.init)(jax.random.key(0), example_batch(1, 16)))
   logits = jax.jit(lambda p, b: task.logits(p, b))
-  return params, logits
+  return initial_params(cfg), logits
 
 
 def _batch(ids, segment_ids=None):
@@ -113,7 +114,7 @@ def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
   for key in ('inputs', 'targets', 'encoder_inputs', 'decoder_inputs'):
     if key in batch:
       batch[key] = jnp.asarray(rng.integers(6, 128, batch[key].shape), jnp.int32)
-  scanned_params = nn.unbox(jax.jit(task.init)(jax.random.key(0), batch))
+  scanned_params = initial_params(base)  # as task.init(key 0, batch) makes them
 
   def gradients(cfg, params):
     loss = lambda p: tasks.for_model(cfg).loss(p, batch, jax.random.key(1), train=False)[0]
