@@ -31,6 +31,16 @@ def pytest_collection_finish(session):
   gc.freeze()
 
 
+def pytest_unconfigure(config):
+  """After this, pytest collects garbage five times over (to report exceptions raised in
+  finalizers, still captured here): collected here until nothing is left and what
+  survives frozen, those five walk nothing instead of the whole session's objects."""
+  for _ in range(5):
+    if not gc.collect():
+      break
+  gc.freeze()
+
+
 _SUBJECTS = ['the cat', 'a dog', 'the old king', 'my sister', 'the river', 'a small bird']
 _VERBS = ['sees', 'follows', 'remembers', 'carries', 'finds', 'greets']
 _OBJECTS = ['the bread', 'a stone', 'the morning light', 'its shadow', 'the gate', 'water']

@@ -28,20 +28,21 @@ _params = decoding_params  # (task, params), one per config for the whole sessio
 def _log_probs_after_each_first_token(task, params, cfg, prompt):
   """([V] log-probs of the first new token, [V, V] of the second after each first token)."""
   vocab = cfg.vocab_size
-  logits = jax.jit(task.logits)
-  positions = lambda ids: jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  # One compiled program (the batch is built in NumPy), not many single operations.
+  log_probs = jax.jit(lambda p, b: jax.nn.log_softmax(task.logits(p, b).astype(jnp.float32)))
+  positions = lambda ids: np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
   if cfg.arch == 'decoder':
-    ids = jnp.asarray([prompt + [t, 0] for t in range(vocab)], jnp.int32)
-    batch = {'inputs': ids, 'segment_ids': jnp.ones_like(ids), 'positions': positions(ids)}
+    ids = np.asarray([prompt + [t, 0] for t in range(vocab)], np.int32)
+    batch = {'inputs': ids, 'segment_ids': np.ones_like(ids), 'positions': positions(ids)}
     offset = len(prompt) - 1
   else:
-    decoder = jnp.asarray([[0, t] for t in range(vocab)], jnp.int32)
-    encoder = jnp.asarray([prompt] * vocab, jnp.int32)
-    batch = {'encoder_inputs': encoder, 'encoder_segment_ids': jnp.ones_like(encoder),
+    decoder = np.asarray([[0, t] for t in range(vocab)], np.int32)
+    encoder = np.asarray([prompt] * vocab, np.int32)
+    batch = {'encoder_inputs': encoder, 'encoder_segment_ids': np.ones_like(encoder),
              'encoder_positions': positions(encoder), 'decoder_inputs': decoder,
-             'decoder_segment_ids': jnp.ones_like(decoder), 'decoder_positions': positions(decoder)}
+             'decoder_segment_ids': np.ones_like(decoder), 'decoder_positions': positions(decoder)}
     offset = 0
-  logp = jax.nn.log_softmax(logits(params, batch).astype(jnp.float32))
+  logp = np.asarray(log_probs(params, batch))
   return logp[0, offset], logp[:, offset + 1]  # every row shares the first step
 
 
@@ -57,7 +58,7 @@ def test_beam_search_is_greedy_at_width_one_and_exact_at_full_width(changes):
                      eos_id=-1)[0]
   first, second = _log_probs_after_each_first_token(task, params, cfg, prompt)
   total = first[:, None] + second
-  expected = list(np.unravel_index(int(jnp.argmax(total)), total.shape))
+  expected = list(np.unravel_index(int(np.argmax(total)), total.shape))
   assert best == [int(t) for t in expected]
 
 

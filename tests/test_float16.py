@@ -259,12 +259,17 @@ def test_float16_attention_matches_float32():
   B, T, N, G, K = 2, 8, 4, 2, 16
   q, k, v = (rng.standard_normal(s).astype(np.float32)
              for s in ((B, T, N, K), (B, T, G, K), (B, T, G, K)))
-  segments = jnp.asarray([[1] * 5 + [2] * 3, [1] * 8])
-  mask = layers.attention_mask(segments, segments, True)
+  segments = np.asarray([[1] * 5 + [2] * 3, [1] * 8])
   bias = rng.standard_normal((1, N, T, T)).astype(np.float32)
-  expected = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask.dense_B1TS, scale=0.25)
   half = lambda x: jnp.asarray(x, jnp.float16)
-  out = layers.dot_product_attention(half(q), half(k), half(v), mask, half(bias), 'xla', 0.25)
+
+  @jax.jit  # one program, not dozens of single operations each compiled
+  def attention(q, k, v, bias, segments):
+    mask = layers.attention_mask(segments, segments, True)
+    expected = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask.dense_B1TS, scale=0.25)
+    return expected, layers.dot_product_attention(half(q), half(k), half(v), mask, half(bias),
+                                                  'xla', 0.25)
+  expected, out = attention(q, k, v, bias, segments)
   assert out.dtype == jnp.float16
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=5e-3)
 
