@@ -11,6 +11,7 @@ A task is a frozen (hashable) dataclass, so jitted functions take it as a static
 argument.
 """
 import dataclasses
+import math
 from typing import Callable, ClassVar
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ from inference.beam import beam_search
 from inference.generate import Decoding, Request, generate
 from input_pipeline.pipeline import Examples
 from input_pipeline.tokenizer import Tokenizer
+from models import normalize_metrics
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -40,6 +42,9 @@ class Task:
   # A fine-tuning task's kind of record (input_pipeline/records.py); None: the task reads
   # the token stream of documents.
   record_kind: ClassVar[str | None] = None
+  # The loss compares the model with a frozen reference model (DPO): the train and eval
+  # steps call `with_reference` with the reference's parameters before the loss.
+  uses_reference: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.cfg.arch != self.arch:
@@ -99,6 +104,24 @@ class Task:
     per-example term's example count); the train step computes them once and passes
     them to every micro-batch's `loss` as keyword arguments. None by default ({})."""
     return {}
+
+  def with_reference(self, reference_params, batch: Batch) -> Batch:
+    """The batch plus what `loss` needs of the frozen reference model (per-row arrays,
+    so micro-batches split them with their rows), for a task that `uses_reference`.
+    Called outside the gradient, on the whole step's batch."""
+    return batch
+
+  def eval_results(self, totals: dict[str, float]) -> dict[str, float]:
+    """The eval pass's results (named eval_*) from its summed metrics (the eval step's
+    sums plus 'bytes', the UTF-8 bytes of the scored tokens): loss, bits per byte,
+    token accuracy and perplexity of a token-level loss, then `eval_metrics`."""
+    means = normalize_metrics(totals)
+    results = {'eval_loss': means['loss'],
+               'eval_bits_per_byte': totals['loss'] / max(totals['bytes'], 1.0) / math.log(2),
+               'eval_accuracy': means['correct'], 'eval_tokens': totals['weight'],
+               'eval_perplexity': math.exp(min(means['loss'], 50.0))}
+    results.update(self.eval_metrics(means))
+    return results
 
   def eval_metrics(self, means: dict[str, float]) -> dict[str, float]:
     """Task-specific eval results (named eval_*) from the eval pass's metric means,

@@ -36,6 +36,14 @@ pytestmark = pytest.mark.filterwarnings('ignore:coroutine .* was never awaited:R
 
 # --- helpers ------------------------------------------------------------------------
 
+@pytest.fixture(scope='module', autouse=True)
+def _only_new_objects_to_collect():
+  """What the session holds when this module starts stays (after one collection of its
+  garbage), so the collection after each test walks only what the tests made."""
+  gc.collect()
+  gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_abandoned_io():
   """A failed restore or save leaves Orbax coroutines that were never awaited; they are

@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 
 import input_pipeline
 import tasks
-from models import kernels, normalize_metrics, padded_vocab_size
+from models import kernels, padded_vocab_size
 from train import checkpointing, config_checks, flops, init_from, loss_scale, optimizer
 from train import sharding
 from train import state as state_lib
@@ -178,12 +178,7 @@ class Run:
                             self.bytes_per_token)
       for k, v in jax.device_get(sums).items():
         totals[k] = totals.get(k, 0.0) + float(v)
-    means = {k: float(v) for k, v in normalize_metrics(totals).items()}
-    results = {'eval_loss': means['loss'],
-               'eval_bits_per_byte': totals['loss'] / max(totals['bytes'], 1.0) / math.log(2),
-               'eval_accuracy': means['correct'], 'eval_tokens': totals['weight'],
-               'eval_perplexity': math.exp(min(means['loss'], 50.0))}
-    results.update(self.task.eval_metrics(means))
+    results = {k: float(v) for k, v in self.task.eval_results(totals).items()}
     if self.data.eval_records:
       results.update(self.decode_task.generation_metrics(params, self.data.tokenizer,
                                                   self.data.eval_records,
