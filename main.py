@@ -9,6 +9,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from evals import cli as eval_cli
 from inference import cli as sample_cli
 from inference import predict as predict_cli
 from interop import cli as interop_cli
@@ -16,6 +17,7 @@ from scaling import cli as scaling_cli
 from train import runtime
 
 flags.adopt_module_key_flags(sample_cli)  # `--help` lists every mode's flags
+flags.adopt_module_key_flags(eval_cli)
 flags.adopt_module_key_flags(predict_cli)
 flags.adopt_module_key_flags(scaling_cli)
 flags.adopt_module_key_flags(interop_cli)
@@ -24,7 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, checkpoints, metrics.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'estimate', 'plan', 'sweep',
-                                           'import', 'export', 'predict'], 'What to do.')
+                                           'import', 'export', 'predict', 'merge'],
+                            'What to do.')
 _JSON = flags.DEFINE_bool('json', False, 'Print exactly one JSON line on stdout (logs on stderr).')
 _SWEEP_RUN = flags.DEFINE_string('sweep_run', None, 'sweep: run only this member (a cluster job).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -67,12 +70,25 @@ def main(argv):
   elif mode == 'predict':
     predict_cli.predict(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
   elif mode == 'eval':
-    results = loop.evaluate(run_config.saved_config(_WORKDIR.value, sys.argv[1:]), _WORKDIR.value)
+    config = run_config.saved_config(_WORKDIR.value, sys.argv[1:])
+    if eval_cli.requested():  # zero/few-shot tasks; else validation loss and bits per byte
+      results = eval_cli.evaluate_tasks(config, _WORKDIR.value)
+    else:
+      results = loop.evaluate(config, _WORKDIR.value)
     print(json.dumps(results) if _JSON.value else results, flush=True)
   elif mode == 'import':
     interop_cli.import_from_flags(_WORKDIR.value, sys.argv[1:], _JSON.value)
   elif mode == 'export':
     interop_cli.export_from_flags(_WORKDIR.value, sys.argv[1:])
+  elif mode == 'merge':
+    if not flags.FLAGS.to:
+      raise app.UsageError('--to is required for --mode=merge: the new workdir to write.')
+    from inference.merge import merge_workdir
+    result = merge_workdir(run_config.saved_config(_WORKDIR.value, sys.argv[1:]),
+                           _WORKDIR.value, flags.FLAGS.to)
+    print(json.dumps(result) if _JSON.value else
+          f"Merged the adapters of {result['workdir']} into {result['out']} "
+          f"({result['params']:,} parameters).", flush=True)
 
 
 if __name__ == '__main__':

@@ -14,8 +14,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.param_dtype = 'float32'  # parameters (and optimizer state) are stored in this
   # Start from another run's parameters (train/init_from.py): a workdir (its latest
   # checkpoint), DIR@STEP, or an imported workdir; the run takes that model's fields and
-  # tokenizer. Used only while this workdir has no checkpoint. Empty: from scratch.
+  # tokenizer; config.json pins the step. Its parameters are read when the run starts (and
+  # again at every start of a LoRA or DPO run, which keep them frozen). Empty: from scratch.
   config.init_from = ''
+  # LoRA (models/lora.py, train/frozen.py): rank > 0 trains low-rank adapters on `targets`
+  # (comma-separated: q, k, v, o, mlp_in, mlp_out, head) of the init_from model, whose own
+  # parameters stay frozen, out of the optimizer and out of this run's checkpoints. New
+  # heads (a classifier) train in full. The adapters add (alpha / rank) x A B to a kernel.
+  lora = config.lora = ml_collections.ConfigDict()
+  lora.rank = 0
+  lora.alpha = 16.0
+  lora.dropout = 0.0
+  lora.targets = 'q,k,v,o,mlp_in,mlp_out'
 
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder'  # 'decoder' (GPT) | 'encoder' (BERT) | 'encoder_decoder' (T5)
@@ -57,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   # What the run trains (tasks/): 'auto' follows model.arch: causal_lm (decoder),
   # masked_lm (encoder), span_corruption (encoder_decoder). Fine-tuning on records
   # (data.corpus: a built-in task or JSONL files): 'sft' (decoder, encoder_decoder),
-  # 'seq2seq' (encoder_decoder, decoder), 'classification' (encoder, decoder).
+  # 'seq2seq' (encoder_decoder, decoder), 'classification' (encoder, decoder),
+  # 'dpo' (decoder, encoder_decoder; needs init_from, the reference model).
   config.task = 'auto'
   masked_lm = config.masked_lm = ml_collections.ConfigDict()
   masked_lm.mask_rate = 0.15  # share of ordinary tokens chosen; of those 80% [MASK], 10% random, 10% kept
@@ -79,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   classification.pooler = True
   seq2seq = config.seq2seq = ml_collections.ConfigDict()
   seq2seq.beam_size = 0  # eval decoding: 0 greedy, else beam search with this many beams
+  # task='dpo' on {"prompt", "chosen", "rejected"} records (tasks/dpo.py)
+  dpo = config.dpo = ml_collections.ConfigDict()
+  dpo.beta = 0.1  # how far the policy may move from the reference: the rewards' scale
 
   data = config.data = ml_collections.ConfigDict()
   data.corpus = 'web_bible'  # built-in name, or a path / glob of .txt, .jsonl, .parquet, or hf:NAME

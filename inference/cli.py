@@ -26,6 +26,8 @@ _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
                            "sample: compute dtype and weight storage (default: the run's).")
 _GREEDY = flags.DEFINE_bool('greedy', False, 'sample: always take the most likely token.')
+_MERGE_LORA = flags.DEFINE_bool('merge_lora', True, 'sample: fold a LoRA run\'s adapters into '
+                                'its weights (false: run them beside the frozen base).')
 
 
 def _prompts() -> list[str]:
@@ -55,7 +57,7 @@ def sample(config, workdir: str) -> None:
   prompts, request = _prompts(), _request()
   if _DTYPE.value:
     config.dtype = _DTYPE.value
-  task, params, tokenizer = load_run(config, workdir)
+  task, params, tokenizer = load_run(config, workdir, _MERGE_LORA.value)
   if _DTYPE.value in ('bfloat16', 'float16'):
     params = jax.tree.map(lambda x: x.astype(_DTYPE.value), params)
   stream = (task.streams and len(prompts) == 1 and sys.stdout.isatty() and not request.stop

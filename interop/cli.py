@@ -17,7 +17,7 @@ _FROM = flags.DEFINE_string('from', None, 'import: a Hugging Face checkpoint dir
                             '(config.json and safetensors or pytorch_model.bin), or hf:NAME '
                             'from the hub.')
 _TO = flags.DEFINE_string('to', None, 'export: a new or empty directory for config.json, '
-                          'model.safetensors and the tokenizer.')
+                          'model.safetensors and the tokenizer; merge: a new workdir.')
 
 HUB_PREFIX = 'hf:'
 # What import reads from a hub repository: configs, weights, tokenizer files.
@@ -78,41 +78,6 @@ def _check_fresh_workdir(workdir: str) -> None:
                          'there is overwritten).')
 
 
-def _save_train_state(config, cfg, params: dict, workdir: str) -> int:
-  """Saves a TrainState of `params` (fresh optimizer moments) as step 0, laid out as
-  training lays it out; returns the parameter count."""
-  import jax
-  from flax import traverse_util
-
-  import tasks
-  from train import checkpointing, config_checks, loss_scale, optimizer, sharding
-  from train import state as state_lib
-  task = tasks.from_config(config, cfg)
-  tx = optimizer.make_optimizer(config.train)
-  mesh = sharding.make_mesh(config.mesh)
-  # A float16 run's state carries its loss scale: save the state that run restores.
-  scaler = loss_scale.from_config(config, config_checks.compute_dtype(config,
-                                                                      jax.default_backend()))
-  abstract, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len,
-                                                  loss_scale=scaler)
-  expected = traverse_util.flatten_dict(abstract.params, sep='/')
-  got = traverse_util.flatten_dict(params, sep='/')
-  differ = sorted(set(expected) ^ set(got) | {k for k in set(expected) & set(got)
-                                               if expected[k].shape != got[k].shape})
-  if differ:  # the family's layout and the model disagree: a bug here, not the user's
-    raise InteropError(f'interop/families lays out parameters other than the model builds: '
-                       f"{', '.join(differ[:5])}.")
-  params = traverse_util.unflatten_dict({k: got[k] for k in expected}, sep='/')
-
-  with sharding.mesh_context(mesh):
-    state = jax.jit(lambda p: state_lib.state_at_step_zero(p, tx, scaler),
-                    in_shardings=(shardings.params,), out_shardings=shardings)(params)
-  manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
-  checkpointing.save(manager, 0, state, None)
-  checkpointing.finish(manager)
-  return state_lib.count_params(state.params)
-
-
 def import_checkpoint(source: str, workdir: str, argv: list[str] = ()) -> dict:
   """Imports `source` (a directory or hf:NAME) into a new workdir at step 0; returns
   what --json prints."""
@@ -139,7 +104,11 @@ def import_checkpoint(source: str, workdir: str, argv: list[str] = ()) -> dict:
                        f'only {cfg.vocab_size} embedding rows; is it the tokenizer of this model?')
   config.data.tokenizer.vocab_size = tokenizer.vocab_size
   config_checks.validate(config)
-  count = _save_train_state(config, cfg, params, workdir)
+  from train import state as state_lib
+  try:
+    count = state_lib.save_step_zero(config, cfg, params, workdir)
+  except ValueError as e:  # the family's layout and the model disagree: a bug here
+    raise InteropError(f'interop/families lays out {e}') from None
   with open(os.path.join(workdir, 'config.json'), 'w') as f:  # last: the workdir is complete
     f.write(config.to_json(indent=2))
   logging.info('Imported %s from %s into %s.', architecture, source, workdir)

@@ -21,6 +21,9 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
 }
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
+# Layers a LoRA adapter may attach to: the attention projections, the MLP's up (and gate)
+# and down projections, and an untied output projection.
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'mlp_in', 'mlp_out', 'head')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,10 @@ class ModelConfig:
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   decode: bool = False  # one token at a time over a key/value cache (inference only)
+  lora_rank: int = 0  # >0: low-rank adapters on lora_targets (Hu et al. 2021, models/lora.py)
+  lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+  lora_dropout: float = 0.0  # dropout on the adapters' input, in training
+  lora_targets: tuple[str, ...] = ()  # of LORA_TARGETS
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:

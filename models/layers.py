@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import lora
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -160,12 +161,17 @@ class Dense(nn.Module):
   """x times a kernel over x's last `num_input_axes` axes, plus an optional bias. The
   kernel's axes are `names` (input axes first) and the bias's the output axes, so each
   finds its mesh axis. (Flax's DenseGeneral initialises a flattened kernel, whose
-  names cannot be checked against a mesh for kernels of more than two axes.)"""
+  names cannot be checked against a mesh for kernels of more than two axes.)
+  `lora_target` names the layer among LORA_TARGETS: a LoRA adapter attaches there when
+  the config targets it (models/lora.py)."""
   cfg: ModelConfig
   features: tuple[int, ...]
   names: tuple[str, ...]
   stddev: float
   num_input_axes: int = 1
+  lora_target: str = ''
+  deterministic: bool = True  # the adapter's dropout
+  bias: bool = True  # cfg.use_bias adds one unless False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -175,17 +181,21 @@ class Dense(nn.Module):
     kernel = _weight(kernel, x, cfg.dtype)
     contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
     y = jax.lax.dot_general(x.astype(cfg.dtype), kernel, (contract, ((), ())))
-    if cfg.use_bias:
+    if self.lora_target and lora.adapted(self, self.lora_target):
+      y = y + lora.delta(self, x, n, self.names, self.features, self.deterministic)
+    if cfg.use_bias and self.bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[n:]),
                         self.features, cfg.param_dtype)
       y = y + bias.astype(cfg.dtype)
     return y
 
 
-def dense(cfg: ModelConfig, features, axis, names, stddev, name) -> Dense:
+def dense(cfg: ModelConfig, features, axis, names, stddev, name, lora_target: str = '',
+          deterministic: bool = True) -> Dense:
   """A Dense over the input axes `axis` (-1, or (-2, -1)) onto `features`."""
   features = (features,) if isinstance(features, int) else tuple(features)
-  return Dense(cfg, features, names, stddev, 1 if isinstance(axis, int) else len(axis), name=name)
+  return Dense(cfg, features, names, stddev, 1 if isinstance(axis, int) else len(axis),
+               lora_target, deterministic, name=name)
 
 
 @flax.struct.dataclass
@@ -261,6 +271,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
   use_rope: bool = False
   cross: bool = False
+  deterministic: bool = True  # LoRA adapters' dropout
 
   @nn.compact
   def __call__(self, x_BTD: Array, mask: AttentionMask, positions_BT: Array | None = None,
@@ -274,15 +285,16 @@ class Attention(nn.Module):
     cfg = self.cfg
     N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     std = INIT_STD
-    q_BTNK = dense(cfg, (N, K), -1, ('embed', 'heads', 'kv'), std, 'query')(x_BTD)
+    projection = functools.partial(dense, cfg, deterministic=self.deterministic)
+    q_BTNK = projection((N, K), -1, ('embed', 'heads', 'kv'), std, 'query', 'q')(x_BTD)
     cross_cache = self.cross and cfg.decode
     if cross_cache and kv_BSD is None:  # a later decoding step
       k_BSGK = self.get_variable('cache', 'cross_key')
       v_BSGK = self.get_variable('cache', 'cross_value')
     else:
       kv_BSD = kv_BSD if self.cross else x_BTD
-      k_BSGK = dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key')(kv_BSD)
-      v_BSGK = dense(cfg, (G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value')(kv_BSD)
+      k_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key', 'k')(kv_BSD)
+      v_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value', 'v')(kv_BSD)
       if cross_cache:
         self.put_variable('cache', 'cross_key', k_BSGK)
         self.put_variable('cache', 'cross_value', v_BSGK)
@@ -300,7 +312,7 @@ class Attention(nn.Module):
     out_BTNK = dot_product_attention(q_BTNK, k_BSGK, v_BSGK, mask, bias_BNTS, cfg.attention,
                                      attention_scale(cfg))
     out_std = std / math.sqrt(2 * cfg.num_layers)
-    return dense(cfg, D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out')(out_BTNK)
+    return projection(D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out', 'o')(out_BTNK)
 
 
 ACTIVATION_FNS = {
@@ -315,18 +327,21 @@ class Mlp(nn.Module):
   """Position-wise MLP: down(act(x up)), or gated down(act(x gate) * (x up)) as in
   SwiGLU (silu: PaLM, Llama) and GeGLU (gelu_tanh: T5 v1.1)."""
   cfg: ModelConfig
+  deterministic: bool = True  # LoRA adapters' dropout
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
     cfg = self.cfg
     act = ACTIVATION_FNS[cfg.activation]
-    up = functools.partial(dense, cfg, cfg.d_ff, -1, ('embed', 'mlp'), INIT_STD)
+    up = functools.partial(dense, cfg, cfg.d_ff, -1, ('embed', 'mlp'), INIT_STD,
+                           lora_target='mlp_in', deterministic=self.deterministic)
     if cfg.gated_mlp:
       h_BTF = act(up('gate')(x_BTD)) * up('up')(x_BTD)
     else:
       h_BTF = act(up('up')(x_BTD))
     out_std = INIT_STD / math.sqrt(2 * cfg.num_layers)
-    return dense(cfg, cfg.d_model, -1, ('mlp', 'embed'), out_std, 'down')(h_BTF)
+    return dense(cfg, cfg.d_model, -1, ('mlp', 'embed'), out_std, 'down', 'mlp_out',
+                 self.deterministic)(h_BTF)
 
 
 class Block(nn.Module):
@@ -355,12 +370,14 @@ class Block(nn.Module):
                cross_mask: AttentionMask | None = None, cache_index: Array | None = None):
     cfg = self.cfg
     x_BTD = nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed'))
-    self_attention = Attention(cfg, use_rope=cfg.position == 'rope', name='self_attention')
+    self_attention = Attention(cfg, use_rope=cfg.position == 'rope',
+                               deterministic=self.deterministic, name='self_attention')
     x_BTD = self._residual('self_attention', lambda h: self_attention(
         h, self_mask, positions_BT, bias_BNTS=self_bias_BNTS, cache_index=cache_index), x_BTD)
     if self.cross_attention:
-      cross_attention = Attention(cfg, cross=True, name='cross_attention')
+      cross_attention = Attention(cfg, cross=True, deterministic=self.deterministic,
+                                  name='cross_attention')
       x_BTD = self._residual('cross_attention',
                              lambda h: cross_attention(h, cross_mask, kv_BSD=encoded_BSD), x_BTD)
-    x_BTD = self._residual('mlp', Mlp(cfg, name='mlp'), x_BTD)
+    x_BTD = self._residual('mlp', Mlp(cfg, self.deterministic, name='mlp'), x_BTD)
     return nn.with_logical_constraint(x_BTD, ('batch', 'length', 'embed')), None

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from models.config import REMAT_POLICIES, ModelConfig
-from models.layers import (ACTIVATION_FNS, INIT_STD, Array, AttentionMask, Block, Embed, Norm,
-                           RelativePositionBias, attention_mask, dense, param_init,
+from models.layers import (ACTIVATION_FNS, INIT_STD, Array, AttentionMask, Block, Dense, Embed,
+                           Norm, RelativePositionBias, attention_mask, dense, param_init,
                            sinusoidal_positions)
 
 
@@ -84,6 +84,7 @@ class OutputHead(nn.Module):
   embedding (scaled by d_model**-0.5 first in T5 v1.0) or separate, plus an optional
   per-vocabulary bias. A classifier (cfg.num_labels) has the final norm only."""
   cfg: ModelConfig
+  deterministic: bool = True  # a LoRA adapter's dropout on an untied projection
 
   def setup(self):
     cfg = self.cfg
@@ -94,9 +95,9 @@ class OutputHead(nn.Module):
       self.transform = dense(cfg, cfg.d_model, -1, ('embed', None), INIT_STD, 'transform')
       self.transform_norm = Norm(cfg, name='transform_norm')
     if not cfg.tie_embeddings:
-      self.lm_head = nn.DenseGeneral(
-          cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          kernel_init=param_init(INIT_STD, ('embed', 'vocab')), name='lm_head')
+      self.lm_head = Dense(cfg, (cfg.vocab_size,), ('embed', 'vocab'), INIT_STD,
+                           lora_target='head', deterministic=self.deterministic,
+                           bias=False, name='lm_head')
     if cfg.output_bias:
       self.output_bias = self.param(
           'output_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
@@ -212,7 +213,7 @@ class DecoderOnly(nn.Module):
         cfg, slots, bias, segment_ids_BT, positions_BT)
     x_BTD = Stack(cfg, cfg.num_layers, self.deterministic, name='decoder')(
         x_BTD, mask, positions_BT, bias_BNTS, cache_index=cache_index)
-    head = OutputHead(cfg, name='head')
+    head = OutputHead(cfg, self.deterministic, name='head')
     if cfg.num_labels:
       last_B = last_real_index(segment_ids_BT)
       h_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
@@ -240,7 +241,7 @@ class EncoderOnly(nn.Module):
         positions_BT, positions_BT) if cfg.position == 'relative' else None)
     x_BTD = Stack(cfg, cfg.num_layers, self.deterministic, name='encoder')(
         x_BTD, mask, positions_BT, bias_BNTS)
-    head = OutputHead(cfg, name='head')
+    head = OutputHead(cfg, self.deterministic, name='head')
     if cfg.num_labels:
       h_BD = head.hidden(x_BTD[:, 0])
       if cfg.nsp_head:
@@ -269,7 +270,7 @@ class EncoderDecoder(nn.Module):
     self.encoder_norm = Norm(cfg, name='encoder_norm') if cfg.final_norm else None
     self.decoder = Stack(cfg, cfg.num_decoder_layers or cfg.num_layers, self.deterministic,
                          cross_attention=True, name='decoder')
-    self.head = OutputHead(cfg, name='head')
+    self.head = OutputHead(cfg, self.deterministic, name='head')
     relative = cfg.position == 'relative'
     self.encoder_bias = (RelativePositionBias(cfg, bidirectional=True, name='encoder_bias')
                          if relative else None)

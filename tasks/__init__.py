@@ -5,10 +5,12 @@ A new task is one module (a `Task` subclass, tasks/base.py) and one line here.
 import jax.numpy as jnp
 import ml_collections
 
+from models import lora as lora_lib
 from models.config import DEFAULT_POSITION, ModelConfig
 from tasks.base import Task
 from tasks.causal_lm import CausalLM
 from tasks.classification import ClassifierDecoder, ClassifierEncoder
+from tasks.dpo import DPODecoder, DPOEncoderDecoder
 from tasks.masked_lm import MaskedLM
 from tasks.seq2seq import Seq2SeqDecoder, Seq2SeqEncoderDecoder
 from tasks.sft import SFTDecoder, SFTEncoderDecoder
@@ -18,7 +20,8 @@ from tasks.span_corruption import SpanCorruption
 TASKS: dict[tuple[str, str], type[Task]] = {
     (t.name, t.arch): t for t in (CausalLM, MaskedLM, SpanCorruption, SFTDecoder,
                                   SFTEncoderDecoder, Seq2SeqDecoder, Seq2SeqEncoderDecoder,
-                                  ClassifierEncoder, ClassifierDecoder)}
+                                  ClassifierEncoder, ClassifierDecoder, DPODecoder,
+                                  DPOEncoderDecoder)}
 NAMES = tuple(dict.fromkeys(name for name, _ in TASKS))
 # config.task='auto' trains each family on its pre-training objective.
 DEFAULT_TASK = {'decoder': 'causal_lm', 'encoder': 'masked_lm',
@@ -60,7 +63,15 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, dtype) -> M
       tied_output_scale=m.tied_output_scale, use_bias=m.use_bias,
       dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
       attention=m.attention, dtype=dtype, param_dtype=jnp.dtype(config.param_dtype),
-      **task_class(config).model_fields(config))
+      **_lora_fields(config), **task_class(config).model_fields(config))
+
+
+def _lora_fields(config: ml_collections.ConfigDict) -> dict:
+  lora = config.get('lora')
+  if not lora or not lora.rank:
+    return {}
+  return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+              lora_targets=lora_lib.parse_targets(lora.targets))
 
 
 def from_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Task:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import tasks
-from models import config as model_config, padded_vocab_size
+from models import config as model_config, lora, padded_vocab_size
 from train import sharding
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
@@ -85,12 +85,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= m.dropout < 1:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1).')
   _check_loss_scale(config)
+  _check_lora(config)
   if t.eval_decode_examples < 0:
     raise ConfigError(f'train.eval_decode_examples={t.eval_decode_examples} must be 0 (no '
                       'decoding at eval) or more.')
   if config.get('init_from'):  # DIR or DIR@STEP; the source itself is read only when used
     from train import init_from  # imports this module
     init_from.parse(config.init_from)
+
+
+def _check_lora(config: ml_collections.ConfigDict) -> None:
+  """LoRA adapts a frozen base model: init_from, known targets, a sane scale."""
+  settings = config.lora
+  if settings.rank < 0:
+    raise ConfigError(f'lora.rank={settings.rank} must be 0 (off) or positive.')
+  if not settings.rank:
+    return
+  if not config.init_from:
+    raise ConfigError('lora.rank > 0 adapts a pre-trained model, whose weights stay frozen; set '
+                      '--config.init_from=DIR (a run or an imported workdir), or lora.rank=0 '
+                      'to train every parameter.')
+  targets = lora.parse_targets(config.lora.targets)
+  unknown = [t for t in targets if t not in model_config.LORA_TARGETS]
+  if unknown or not targets:
+    raise ConfigError(f"lora.targets='{settings.targets}' must name some of "
+                      f"{', '.join(model_config.LORA_TARGETS)} (comma-separated).")
+  if 'head' in targets and config.model.tie_embeddings:
+    raise ConfigError("lora.targets has 'head', but this model's output projection is its "
+                      'input embedding (model.tie_embeddings); drop head from lora.targets.')
+  if not 0 <= settings.dropout < 1:
+    raise ConfigError(f'lora.dropout={settings.dropout} must be in [0, 1).')
+  _positive(settings.alpha, 'lora.alpha')
 
 
 def _check_loss_scale(config: ml_collections.ConfigDict) -> None:

@@ -185,9 +185,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   """Before the run's corpus loads: the model fields (and tokenizer) of init_from.
 
   Without a checkpoint in `workdir`: checks the source, takes its weight-defining fields
-  into `config` (resolve_config) and copies its tokenizer into `workdir`. With one, the
-  source is not read at all: the fields come from workdir's own config.json (written
-  by the run's first start), so the resumed run builds the same model. `argv`: the
+  into `config` (resolve_config), pins config.init_from to DIR@STEP (the step found) and
+  copies its tokenizer into `workdir`. With one, the source is not read here: the fields
+  and the pinned init_from come from workdir's own config.json (written by the run's
+  first start), so the resumed run builds the same model (and a LoRA or DPO run reads
+  its frozen parameters from the same step). `argv`: the
   command line whose --config.* overrides win (default sys.argv[1:]). Returns the
   source when the run will start from it, else None."""
   if not config.init_from:
@@ -197,11 +199,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   if has_checkpoint(workdir) and os.path.exists(own):
     saved = run_config.saved_config(workdir, [])
     resolve_config(config, saved, own, explicit)
-    log = logging.info if saved.get('init_from') == config.init_from else logging.warning
-    log('init_from=%s is not read: %s has checkpoints of its own (started from init_from=%r), '
-        'and the run resumes from them.', config.init_from, workdir, saved.get('init_from'))
+    same = parse(saved.get('init_from') or '')[0] == parse(config.init_from)[0]
+    (logging.info if same else logging.warning)(
+        'init_from=%s: %s has checkpoints of its own (started from init_from=%r), and the run '
+        'resumes from them.', config.init_from, workdir, saved.get('init_from'))
+    if saved.get('init_from'):  # the step it started from, which LoRA and DPO read again
+      config.init_from = saved.init_from
     return None
   src = source(config.init_from)
+  config.init_from = f'{src.directory}@{src.step}'  # pinned: config.json saves the step
   where = os.path.join(src.directory, 'config.json')
   changed = resolve_config(config, run_config.saved_config(src.directory, []), where, explicit)
   logging.info('init_from: the model of %s%s', where,
@@ -328,7 +334,7 @@ def _log_plan(where: str, loaded: list[str], new: list[str], dropped: list[str])
                  'lacks: %s.', len(dropped), ', '.join(dropped))
 
 
-def _source_shapes(src: Source) -> dict[str, tuple]:
+def source_shapes(src: Source) -> dict[str, tuple]:
   """{path: shape} of the parameters saved at the source's step, read from the checkpoint's
   metadata (nothing is built from the source's config)."""
   step_dir = ocp.step.standard_name_format().find_step(
@@ -336,6 +342,32 @@ def _source_shapes(src: Source) -> dict[str, tuple]:
   metadata = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state')
   tree = getattr(metadata, 'tree', metadata)['params']
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep='/').items()}
+
+
+def pinned_source(config: ml_collections.ConfigDict) -> Source:
+  """The source of a run that reads it at every start (LoRA's frozen base, DPO's reference):
+  config.init_from as the run's config.json saved it, DIR@STEP (prepare pins the step)."""
+  directory, step = parse(config.init_from)
+  if step is None or not os.path.isdir(directory):
+    return source(config.init_from)  # checked, with its one-line errors
+  if step not in _steps(directory):
+    raise ConfigError(f'init_from={config.init_from}: this run reads its frozen parameters '
+                      f'from that checkpoint at every start, and {directory} no longer has step '
+                      f'{step}; restore it there (the run cannot go on without it).')
+  return Source(directory, step)
+
+
+def read_params(src: Source, abstract_params):
+  """The source's parameters at the paths of `abstract_params` (ShapeDtypeStructs with
+  shardings), read straight into those shardings and dtypes; nothing else is read."""
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(src.directory), 'checkpoints'),
+                                  options=ocp.CheckpointManagerOptions(
+                                      read_only=True, save_interval_steps=0, create=False))
+  try:
+    params, _ = checkpointing.restore_params(manager, abstract_params, src.step)
+  finally:
+    manager.close()
+  return params
 
 
 def start_state(src: Source, state, tx, state_shardings, mesh):
@@ -347,17 +379,10 @@ def start_state(src: Source, state, tx, state_shardings, mesh):
       jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                    state.params, state_shardings.params), sep='/')
   loaded, new, dropped = match({k: v.shape for k, v in run_abstract.items()},
-                               _source_shapes(src), str(src))
+                               source_shapes(src), str(src))
   _log_plan(str(src), loaded, new, dropped)
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(src.directory), 'checkpoints'),
-                                  options=ocp.CheckpointManagerOptions(
-                                      read_only=True, save_interval_steps=0, create=False))
-  try:
-    restored, _ = checkpointing.restore_params(
-        manager, traverse_util.unflatten_dict({k: run_abstract[k] for k in loaded}, sep='/'),
-        src.step)
-  finally:
-    manager.close()
+  restored = read_params(
+      src, traverse_util.unflatten_dict({k: run_abstract[k] for k in loaded}, sep='/'))
   params = _merged(traverse_util.flatten_dict(state.params, sep='/'),
                    traverse_util.flatten_dict(restored, sep='/'))
   with sharding.mesh_context(mesh):

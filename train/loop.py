@@ -16,6 +16,7 @@ import input_pipeline
 import tasks
 from models import kernels, padded_vocab_size
 from train import checkpointing, config_checks, flops, init_from, loss_scale, optimizer
+from train import frozen as frozen_lib
 from train import sharding
 from train import state as state_lib
 from train import steps as steps_lib
@@ -163,23 +164,38 @@ class Run:
     self.resolved_config = _with_resolved_vocab(config, vocab)
     self.abstract_params, self.param_shardings = state_lib.param_shardings(
         self.task, self.mesh, seq_len)
+    # LoRA trains a part of the parameters; the rest (and DPO's reference) stay frozen.
+    self.frozen_paths = frozen_lib.frozen_paths(config, self.abstract_params)
+    self.trainable = frozen_lib.trainable_part(self.frozen_paths)
+    self.frozen_shardings = frozen_lib.shardings_of(self.task, self.param_shardings,
+                                                    self.frozen_paths)
     self.bytes_per_token = jnp.asarray(
         np.pad(self.data.tokenizer.bytes_per_token, (0, vocab - self.data.tokenizer.vocab_size)),
         jnp.float32)
-    self.eval_step = steps_lib.jit_eval_step(self.task, self.mesh, self.param_shardings)
+    self.eval_step = steps_lib.jit_eval_step(self.task, self.mesh,
+                                             self.trainable(self.param_shardings),
+                                             self.frozen_shardings)
 
-  def evaluate(self, params) -> dict[str, float]:
-    """Loss, bits per byte and accuracy over at most train.eval_steps validation batches."""
+  def load_frozen(self) -> frozen_lib.Frozen | None:
+    """The frozen parameters the steps take beside the trained ones (None: there are none)."""
+    return frozen_lib.load(self.config, self.task, self.abstract_params, self.frozen_paths)
+
+  def evaluate(self, params, frozen: frozen_lib.Frozen | None = None) -> dict[str, float]:
+    """Loss, bits per byte and accuracy over at most train.eval_steps validation batches.
+    params: the trained part (a TrainState's); frozen: the rest (load_frozen)."""
+    extra = () if frozen is None else (frozen,)
     totals: dict[str, float] = {}
     for i, local_batch in enumerate(self.data.make_eval_iter()):
       if i >= self.config.train.eval_steps:
         break
       sums = self.eval_step(params, sharding.global_batch(local_batch, self.mesh),
-                            self.bytes_per_token)
+                            self.bytes_per_token, *extra)
       for k, v in jax.device_get(sums).items():
         totals[k] = totals.get(k, 0.0) + float(v)
     results = {k: float(v) for k, v in self.task.eval_results(totals).items()}
     if self.data.eval_records:
+      if frozen is not None:
+        params = frozen_lib.combine(frozen.params, params)
       results.update(self.decode_task.generation_metrics(params, self.data.tokenizer,
                                                   self.data.eval_records,
                                                   self.config.train.eval_decode_examples))
@@ -206,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = optimizer.make_optimizer(train_cfg)
   scaler = loss_scale.from_config(config, run.model_cfg.dtype)  # None unless float16
   abstract_state, state_shardings = state_lib.state_shardings(
-      run.task, tx, run.mesh, seq_len, train_cfg.offload_optimizer, scaler)
+      run.task, tx, run.mesh, seq_len, train_cfg.offload_optimizer, scaler, run.trainable)
 
   # --- state: restore or create ---------------------------------------------
   manager = checkpointing.make_manager(workdir, train_cfg.keep_checkpoints)
@@ -214,24 +230,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if state is None:
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     state = state_lib.create_train_state(run.task, tx, run.mesh, seq_len, init_key,
-                                         train_cfg.offload_optimizer, scaler)
-    if source is not None:  # its parameters; new heads keep their initialisation
+                                         train_cfg.offload_optimizer, scaler, run.trainable)
+    if source is not None and not run.frozen_paths:  # its parameters; new heads stay fresh
       state = init_from.start_state(source, state, tx, state_shardings, run.mesh)
   elif data_state is not None:  # None: an imported checkpoint, which starts the data afresh
     run.data.train_iter.set_state(data_state)
   start_step = int(state.step)
+  frozen = run.load_frozen()  # LoRA's base, DPO's reference: read afresh at every start
+  extra = () if frozen is None else (frozen,)
 
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   train_step = steps_lib.jit_train_step(run.task, tx, schedule, train_cfg.grad_accum,
-                                        dropout_key, run.mesh, state_shardings)
-  n_params = state_lib.count_params(state.params)
-  n_matmul = flops.matmul_param_count(state.params, run.model_cfg.tie_embeddings)
+                                        dropout_key, run.mesh, state_shardings,
+                                        run.frozen_shardings)
+  model_params = state.params if frozen is None else frozen_lib.combine(frozen.params,
+                                                                         state.params)
+  n_params = state_lib.count_params(model_params)
+  n_matmul = flops.matmul_param_count(model_params, run.model_cfg.tie_embeddings)
   tokens_per_step = config.data.batch_size * seq_len
-  flops_per_step = run.task.train_flops_per_step(state.params, config.data.batch_size, seq_len)
+  flops_per_step = run.task.train_flops_per_step(model_params, config.data.batch_size, seq_len)
   flops_per_token = flops_per_step / tokens_per_step
   peak = flops.peak_flops_per_device(run.model_cfg.dtype) * run.mesh.size
-  logging.info('Model: %s parameters (%s in matmuls), %.3g FLOPs/token, %s devices %s, '
-               'dtype %s; training steps %d..%d on %s tokens.', f'{n_params:,}', f'{n_matmul:,}',
+  del model_params
+  logging.info('Model: %s parameters (%s in matmuls, %s trained), %.3g FLOPs/token, %s devices '
+               '%s, dtype %s; training steps %d..%d on %s tokens.', f'{n_params:,}',
+               f'{n_matmul:,}', f'{state_lib.count_params(state.params):,}',
                flops_per_token, run.mesh.size, dict(run.mesh.shape),
                jnp.dtype(run.model_cfg.dtype).name, start_step, train_cfg.steps,
                f'{run.data.train_tokens:,}')
@@ -242,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last: dict[str, float] = {}
   def evaluate_timed():
     start = time.perf_counter()
-    results = run.evaluate(state.params)
+    results = run.evaluate(state.params, frozen)
     throughput.exclude(time.perf_counter() - start)
     return results
 
@@ -252,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while step < train_cfg.steps:
         batch = sharding.global_batch(next(run.data.train_iter), run.mesh)
         previous_metrics = metrics
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, *extra)
         # Stay at most one step ahead of the device: bounded memory for queued batches,
         # and a stop request is served within a step, not after a long queue.
         jax.block_until_ready(previous_metrics)
@@ -300,9 +323,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   """Evaluates the latest checkpoint in workdir (its parameters only)."""
   run = Run(config, workdir)
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
-  params, step = checkpointing.restore_params(manager, run.abstract_params)
+  params, step = checkpointing.restore_params(manager, run.trainable(run.abstract_params))
   manager.close()
   if params is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints; train first with '
                             f'python main.py --config=CFG --workdir={workdir}.')
-  return {'step': step, **run.evaluate(params)}
+  return {'step': step, **run.evaluate(params, run.load_frozen())}

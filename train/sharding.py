@@ -31,6 +31,7 @@ LOGICAL_AXIS_RULES = (
     ('max_len', None),
     ('relpos_buckets', None),
     ('token_types', None),
+    ('lora_rank', None),
 )
 
 

@@ -9,7 +9,7 @@ A float16 run's state is a ScaledTrainState: the TrainState and its loss scale
 TrainState, so its checkpoints are as they always were (Orbax would not restore a
 checkpoint without a field into a state that has one, even a None field).
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -44,19 +44,25 @@ def state_at_step_zero(params, tx: optax.GradientTransformation,
   return ScaledTrainState(state.step, state.params, state.opt_state, loss_scale)
 
 
+def _all(params):
+  return params
+
+
 def _init_boxed(task, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int,
-                loss_scale: LossScale | None = None):
-  return state_at_step_zero(task.init(rng, task.example_batch(1, seq_len)), tx, loss_scale)
+                loss_scale: LossScale | None = None, trainable: Callable = _all):
+  params = trainable(task.init(rng, task.example_batch(1, seq_len)))
+  return state_at_step_zero(params, tx, loss_scale)
 
 
 def state_shardings(task, tx, mesh: Mesh, seq_len: int, offload_optimizer: bool = False,
-                    loss_scale: LossScale | None = None):
+                    loss_scale: LossScale | None = None, trainable: Callable = _all):
   """(abstract unboxed state, NamedSharding tree) without allocating anything.
 
   offload_optimizer keeps the optimizer state (AdamW's moments: twice the parameters)
   in pinned host memory; the train step brings it in for the update only. loss_scale:
-  the fresh scaler of a float16 run (None otherwise)."""
-  boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, r, seq_len, loss_scale),
+  the fresh scaler of a float16 run (None otherwise). trainable: the model's parameters
+  -> the part the state trains (train/frozen.py; LoRA's adapters), by default all."""
+  boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, r, seq_len, loss_scale, trainable),
                          jax.random.key(0))
   shardings = sharding.logical_to_sharding(boxed, mesh)
   if offload_optimizer:
@@ -80,9 +86,11 @@ def _abstract(boxed, shardings):
 
 
 def create_train_state(task, tx, mesh: Mesh, seq_len: int, rng: jax.Array,
-                       offload_optimizer: bool = False, loss_scale: LossScale | None = None):
-  _, shardings = state_shardings(task, tx, mesh, seq_len, offload_optimizer, loss_scale)
-  init = jax.jit(lambda r: nn.unbox(_init_boxed(task, tx, r, seq_len, loss_scale)),
+                       offload_optimizer: bool = False, loss_scale: LossScale | None = None,
+                       trainable: Callable = _all):
+  _, shardings = state_shardings(task, tx, mesh, seq_len, offload_optimizer, loss_scale,
+                                 trainable)
+  init = jax.jit(lambda r: nn.unbox(_init_boxed(task, tx, r, seq_len, loss_scale, trainable)),
                  out_shardings=shardings)
   with sharding.mesh_context(mesh):
     return init(rng)
@@ -90,3 +98,34 @@ def create_train_state(task, tx, mesh: Mesh, seq_len: int, rng: jax.Array,
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def save_step_zero(config, cfg, params: dict, workdir: str) -> int:
+  """Saves a TrainState of `params` (the whole model's, fresh optimizer moments) as step 0
+  of `workdir`, laid out as training lays it out, so a run, sample or eval reads it as any
+  other (--mode=import and --mode=merge write workdirs so); returns the parameter count.
+  ValueError when `params` is not the tree the model of `config`/`cfg` builds."""
+  import tasks
+  from flax import traverse_util
+  from train import checkpointing, config_checks, loss_scale, optimizer
+  task = tasks.from_config(config, cfg)
+  tx = optimizer.make_optimizer(config.train)
+  mesh = sharding.make_mesh(config.mesh)
+  # A float16 run's state carries its loss scale: save the state that run restores.
+  scaler = loss_scale.from_config(config, config_checks.compute_dtype(config,
+                                                                      jax.default_backend()))
+  abstract, shardings = state_shardings(task, tx, mesh, config.data.seq_len, loss_scale=scaler)
+  expected = traverse_util.flatten_dict(abstract.params, sep='/')
+  got = traverse_util.flatten_dict(params, sep='/')
+  differ = sorted(set(expected) ^ set(got) | {k for k in set(expected) & set(got)
+                                               if expected[k].shape != got[k].shape})
+  if differ:
+    raise ValueError(f"parameters other than the model builds: {', '.join(differ[:5])}.")
+  params = traverse_util.unflatten_dict({k: got[k] for k in expected}, sep='/')
+  with sharding.mesh_context(mesh):
+    state = jax.jit(lambda p: state_at_step_zero(p, tx, scaler),
+                    in_shardings=(shardings.params,), out_shardings=shardings)(params)
+  manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
+  checkpointing.save(manager, 0, state, None)
+  checkpointing.finish(manager)
+  return count_params(state.params)

@@ -24,6 +24,8 @@ from jax.sharding import Mesh
 
 from models import normalize_metrics
 from train import loss_scale as loss_scale_lib, sharding
+from train import frozen as frozen_lib
+from train.frozen import Frozen
 from train.state import TrainState
 
 
@@ -42,23 +44,36 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def train_step(state: TrainState, batch, *, task, tx: optax.GradientTransformation,
-               schedule, grad_accum: int, dropout_key: jax.Array, offloaded_opt_state=None):
+def _with_frozen(task, frozen: Frozen | None, batch):
+  """(trainable params -> the model's params, batch with the reference's terms)."""
+  if frozen is None:
+    return (lambda p: p), batch
+  if task.uses_reference:
+    batch = jax.lax.stop_gradient(task.with_reference(frozen.reference, batch))
+  return (lambda p: frozen_lib.combine(frozen.params, p)), batch
+
+
+def train_step(state: TrainState, batch, frozen: Frozen | None = None, *, task,
+               tx: optax.GradientTransformation, schedule, grad_accum: int,
+               dropout_key: jax.Array, offloaded_opt_state=None):
   """One optimizer update. Returns (new_state, metrics) with per-token means.
 
+  frozen: parameters the step uses but does not train (train/frozen.py): LoRA's base,
+  joined to state.params (the adapters) for the loss, and DPO's reference model.
   offloaded_opt_state: (device, host) shardings of an optimizer state kept in host
   memory; it is brought to the devices for the update and sent back after it.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
+  model_params, batch = _with_frozen(task, frozen, batch)
   totals = task.normalizers(batch)  # the whole step's, before any split
   scaler = getattr(state, 'loss_scale', None)  # a ScaledTrainState's (float16)
   if scaler is None:
-    objective = lambda p, mb, key: task.loss(p, mb, key, True, **totals)
+    objective = lambda p, mb, key: task.loss(model_params(p), mb, key, True, **totals)
   else:  # the loss per token position of the whole step (every task marks them in
     positions = batch['weights'].size  # 'weights'), times the scale
 
     def objective(p, mb, key):
-      value, sums = task.loss(p, mb, key, True, **totals)
+      value, sums = task.loss(model_params(p), mb, key, True, **totals)
       return value * (scaler.scale / positions), sums
   grad_fn = jax.grad(objective, has_aux=True)
 
@@ -106,10 +121,11 @@ def train_step(state: TrainState, batch, *, task, tx: optax.GradientTransformati
   return (state if scaler is None else state.replace(loss_scale=scaler)), metrics
 
 
-def eval_step(params, batch, bytes_per_token, *, task):
+def eval_step(params, batch, bytes_per_token, frozen: Frozen | None = None, *, task):
   """Metric sums of one validation batch (no dropout), with the UTF-8 bytes its
-  scored tokens decode to, for bits per byte."""
-  _, sums = task.loss(params, batch, None, False)
+  scored tokens decode to, for bits per byte. params: the trainable part (state.params)."""
+  model_params, batch = _with_frozen(task, frozen, batch)
+  _, sums = task.loss(model_params(params), batch, None, False)
   sums['bytes'] = jnp.sum(bytes_per_token[batch['targets']] * batch['weights'])
   return sums
 
@@ -124,7 +140,9 @@ def _traced_with_rules(fn, mesh: Mesh):
 
 
 def jit_train_step(task, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
-                   state_shardings):
+                   state_shardings, frozen_shardings=None):
+  """step(state, batch) -> (state, metrics); step(state, batch, frozen) when the run has
+  frozen parameters (`frozen_shardings`, a Frozen of shardings)."""
   offloaded = None
   host_opt_state = state_shardings.opt_state
   if any(s.memory_kind == 'pinned_host' for s in jax.tree.leaves(host_opt_state)):
@@ -133,15 +151,19 @@ def jit_train_step(task, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
   step = functools.partial(train_step, task=task, tx=tx, schedule=schedule,
                            grad_accum=grad_accum, dropout_key=dropout_key,
                            offloaded_opt_state=offloaded)
-  return jax.jit(_traced_with_rules(step, mesh),
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+  in_shardings = (state_shardings, sharding.batch_sharding(mesh))
+  if frozen_shardings is not None:
+    in_shardings += (frozen_shardings,)
+  return jax.jit(_traced_with_rules(step, mesh), in_shardings=in_shardings,
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
 
 
-def jit_eval_step(task, mesh: Mesh, param_shardings):
+def jit_eval_step(task, mesh: Mesh, param_shardings, frozen_shardings=None):
+  """step(params, batch, bytes_per_token[, frozen]) -> metric sums."""
   step = functools.partial(eval_step, task=task)
-  return jax.jit(_traced_with_rules(step, mesh),
-                 in_shardings=(param_shardings, sharding.batch_sharding(mesh),
-                               sharding.replicated(mesh)),
+  in_shardings = (param_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+  if frozen_shardings is not None:
+    in_shardings += (frozen_shardings,)
+  return jax.jit(_traced_with_rules(step, mesh), in_shardings=in_shardings,
                  out_shardings=sharding.replicated(mesh))
