@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   lora.alpha = 16.0
   lora.dropout = 0.0
   lora.targets = 'q,k,v,o,mlp_in,mlp_out'
+  # Parameters trained in full beside the adapters (comma-separated parts of their paths,
+  # e.g. 'embedding' when the data has tokens the base never saw, such as chat markers).
+  lora.train_in_full = ''
 
   model = config.model = ml_collections.ConfigDict()
   model.arch = 'decoder'  # 'decoder' (GPT) | 'encoder' (BERT) | 'encoder_decoder' (T5)

@@ -10,9 +10,12 @@ corpus (`web_bible`, see corpora._web_bible):
   bible_instruct  sft             {"messages": [user, assistant]}: translate a verse into
                                   Japanese, name its book, name its genre, continue it from its
                                   first half, or quote it from its reference
+  bible_prefs     dpo             {"prompt", "chosen", "rejected"}: bible_instruct's prompt, its
+                                  answer chosen, and a plausible wrong answer to the same
+                                  instruction rejected (see _wrong_answer)
 
 Every record also carries "ref" ("Genesis 1:1"), "book", "chapter" and "verse"; bible_instruct
-records name their "instruction". English verses are cleaned exactly as web_bible's are.
+and bible_prefs records name their "instruction". English verses are cleaned exactly as web_bible's are.
 
 Held-out chapters. Every task holds out the same chapters: those that pre-training holds out of
 web_bible (corpora.split_documents at data.eval_fraction's default, 0.02: every 50th chapter), so
@@ -39,11 +42,14 @@ import numpy as np
 
 from input_pipeline import corpora
 
-BUILT_IN = {'bible_genre': 'classification', 'bible_en_ja': 'seq2seq', 'bible_instruct': 'sft'}
-BUILD_VERSION = 1  # bump whenever the records built from the same package change
+BUILT_IN = {'bible_genre': 'classification', 'bible_en_ja': 'seq2seq', 'bible_instruct': 'sft',
+            'bible_prefs': 'dpo'}
+BUILD_VERSION = 2  # bump whenever the records built from the same package change
 PRETRAINING_EVAL_FRACTION = 0.02  # configs/default.py's data.eval_fraction
 SPLITS = ('train', 'eval')
 _SEED = 14  # bible_instruct's draws of instruction and phrasing
+_PREFS_SEED = 15  # bible_prefs' draws of wrong answers
+_NEAR = 5  # a wrong verse for bible_prefs is drawn among this many on either side
 
 _FOOTNOTE = re.compile(r'\{[^}]*\}')
 _KOUGO_BOOK = re.compile(r'=(\d{3}) ')  # '=001 Genesis 創世記 - Genesis'
@@ -210,8 +216,68 @@ def _instruct_records(verses: tuple[Verse, ...], split: str) -> list[dict]:
   return records
 
 
+@functools.lru_cache(maxsize=None)
+def _books_by_genre() -> dict[str, tuple[str, ...]]:
+  books = {}
+  for v in _verses():
+    books.setdefault(v.genre, {})[v.book] = None
+  return {genre: tuple(names) for genre, names in books.items()}
+
+
+def _neighbour_answer(verses: tuple[Verse, ...], i: int, answer_of, chosen: str,
+                      rng: np.random.Generator) -> str:
+  """`answer_of` a verse drawn among verse i's neighbours in its split (within _NEAR places,
+  same book) whose answer is not empty and differs from `chosen`; failing that, of the
+  nearest such verse of the book, then of the split. The split's own verses only: an eval
+  pair never holds a training verse's text, nor a training pair an eval verse's."""
+  def fits(j: int, same_book: bool) -> bool:
+    return (0 <= j < len(verses) and j != i and answer_of(verses[j]) not in ('', chosen)
+            and (verses[j].book == verses[i].book or not same_book))
+  near = [j for j in range(i - _NEAR, i + _NEAR + 1) if fits(j, True)]
+  if near:
+    return answer_of(verses[near[rng.integers(len(near))]])
+  for same_book in (True, False):  # rare: the nearest verse that fits
+    for distance in range(1, len(verses)):
+      for j in (i - distance, i + distance):
+        if fits(j, same_book):
+          return answer_of(verses[j])
+  raise ValueError(f'Verse {i} of its split has no other verse to answer with.')
+
+
+def _wrong_answer(verses: tuple[Verse, ...], i: int, instruction: str, chosen: str,
+                  rng: np.random.Generator) -> str:
+  """A plausible wrong answer to the instruction about verse i: a neighbouring verse's second
+  half (continue), text (quote) or Japanese (translate); another book of the same genre where
+  the genre has several (book); another genre (genre)."""
+  v = verses[i]
+  if instruction == 'book':
+    books = [b for b in _books_by_genre()[v.genre] if b != v.book]
+    books = books or [b for bs in _books_by_genre().values() for b in bs if b != v.book]
+    return books[rng.integers(len(books))]
+  if instruction == 'genre':
+    genres = [g for g in _books_by_genre() if g != v.genre]
+    return genres[rng.integers(len(genres))]
+  answer_of = {'continue': lambda u: _halves(u.text)[1], 'quote': lambda u: u.text,
+               'translate': lambda u: u.japanese}[instruction]
+  return _neighbour_answer(verses, i, answer_of, chosen, rng)
+
+
+def _prefs_records(verses: tuple[Verse, ...], split: str) -> list[dict]:
+  """bible_instruct's records as preference pairs (the same verses, instructions and
+  phrasings); the wrong answers are drawn from each split's own fixed stream."""
+  rng = np.random.default_rng([_PREFS_SEED, SPLITS.index(split)])
+  records = []
+  for i, instruct in enumerate(_built('bible_instruct')[split]):
+    user, assistant = instruct['messages']
+    instruction = instruct['instruction']
+    rejected = _wrong_answer(verses, i, instruction, assistant['content'], rng)
+    records.append({'prompt': user['content'], 'chosen': assistant['content'],
+                    'rejected': rejected, 'instruction': instruction, **_reference(verses[i])})
+  return records
+
+
 _BUILDERS = {'bible_genre': _genre_records, 'bible_en_ja': _en_ja_records,
-             'bible_instruct': _instruct_records}
+             'bible_instruct': _instruct_records, 'bible_prefs': _prefs_records}
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,9 @@ of .jsonl files, one JSON object per line. Each kind's schema (extra keys are ke
                   with at least one assistant message, or {"prompt": ..., "response": ...}
   classification  {"text": ..., "label": string or integer} and optionally "text_pair"
   seq2seq         {"input": ..., "target": ...}
-  dpo             {"prompt": ..., "chosen": ..., "rejected": ...}
+  dpo             {"prompt": ..., "chosen": ..., "rejected": ...}, the prompt a string (a user's
+                  message) or the conversation so far as messages, ending with a user's;
+                  chosen and rejected are the preferred and the dispreferred answer, and differ
 
 Every text the schema names must be a non-blank string. A record that breaks its schema fails
 with one line naming the file and line, the problem and what to change, before any training.
@@ -27,7 +29,7 @@ from input_pipeline import corpora
 KINDS = ('sft', 'classification', 'seq2seq', 'dpo')
 _ROLES = ('system', 'user', 'assistant')
 _REQUIRED = {'classification': ('text',), 'seq2seq': ('input', 'target'),
-             'dpo': ('prompt', 'chosen', 'rejected')}  # sft: _check_sft
+             'dpo': ('chosen', 'rejected')}  # sft: _check_sft; dpo's prompt: _check_prompt
 _SCHEMAS = {
     'sft': '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": '
            '...}]} or {"prompt": ..., "response": ...}',
@@ -58,8 +60,8 @@ def _check_text(container: dict, field: str, where: str, kind: str, name: str = 
     raise ValueError(f'{where}: {name} is blank; give it text or remove the record.')
 
 
-def _check_message(message, index: int, where: str) -> None:
-  name = f'messages[{index}]'
+def _check_message(message, index: int, where: str, field: str = 'messages') -> None:
+  name = f'{field}[{index}]'
   if not isinstance(message, dict):
     raise ValueError(f'{where}: {name} is {_json_type(message)}, not an object; write each '
                      'message as {"role": ..., "content": ...}.')
@@ -68,7 +70,8 @@ def _check_message(message, index: int, where: str) -> None:
   if message['role'] not in _ROLES:
     raise ValueError(f"{where}: {name} has role {json.dumps(message['role'])}; use one of "
                      f"{', '.join(_ROLES)}.")
-  _check_text(message, 'content', where, 'sft', f"{name}'s 'content'")
+  kind = 'sft' if field == 'messages' else 'dpo'
+  _check_text(message, 'content', where, kind, f"{name}'s 'content'")
 
 
 def _check_sft(record: dict, where: str) -> None:
@@ -89,6 +92,34 @@ def _check_sft(record: dict, where: str) -> None:
   if not any(m['role'] == 'assistant' for m in messages):
     raise ValueError(f"{where}: 'messages' has no assistant message, so there is nothing to "
                      "learn; add one with \"role\": \"assistant\".")
+
+
+def _check_prompt(record: dict, where: str) -> None:
+  """A dpo prompt: a non-blank string, or messages that end with a user's."""
+  prompt = record.get('prompt')
+  if not isinstance(prompt, list):
+    if prompt is not None and not isinstance(prompt, str):
+      raise ValueError(f"{where}: 'prompt' is {_json_type(prompt)}; write it as a string or as "
+                       'messages [{"role": "user", "content": ...}].')
+    _check_text(record, 'prompt', where, 'dpo')
+    return
+  if not prompt:
+    raise ValueError(f"{where}: 'prompt' is an empty array; give it the conversation so far, "
+                     "ending with a user's message.")
+  for index, message in enumerate(prompt):
+    _check_message(message, index, where, 'prompt')
+  if prompt[-1]['role'] != 'user':
+    raise ValueError(f"{where}: 'prompt' ends with a {prompt[-1]['role']} message; end it with "
+                     "the user's message that chosen and rejected answer.")
+
+
+def _check_pair(record: dict, where: str) -> None:
+  _check_prompt(record, where)
+  for field in _REQUIRED['dpo']:
+    _check_text(record, field, where, 'dpo')
+  if record['chosen'] == record['rejected']:
+    raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text, so there is no "
+                     'preference to learn; fix or remove the record.')
 
 
 def _check_label(record: dict, where: str) -> None:
@@ -117,6 +148,9 @@ def check_record(record, kind: str, where: str, labelled: bool = True) -> None:
                      f'like {_SCHEMAS[kind]}.')
   if kind == 'sft':
     _check_sft(record, where)
+    return
+  if kind == 'dpo':
+    _check_pair(record, where)
     return
   for field in _REQUIRED[kind]:
     _check_text(record, field, where, kind)
@@ -231,8 +265,10 @@ def record_splits(corpus: str, eval_corpus: str, eval_fraction: float,
 
 def record_texts(record: dict) -> list[str]:
   """Every string of a (checked) record that a tokenizer should learn from."""
-  texts = [m['content'] for m in record.get('messages', ())]
-  texts += [record[field] for field in _TEXT_FIELDS if field in record]
+  prompt = record.get('prompt')
+  texts = [m['content'] for m in record.get('messages', prompt if isinstance(prompt, list) else ())]
+  texts += [record[field] for field in _TEXT_FIELDS
+            if field in record and isinstance(record[field], str)]
   if 'label' in record:
     texts.append(str(record['label']))
   return texts

@@ -3,9 +3,10 @@
 A task trains one model family on one kind of example. It builds the model from a
 `ModelConfig`, turns the token stream into examples, computes the loss as metric
 sums, counts its parameters and training FLOPs (for MFU and `--mode=estimate`) and,
-where it has one, offers a decode entry point. `train/`, `scaling/`, `inference/`
-and `main.py` call these methods and never ask which family or task it is;
-`tasks/__init__.py` maps `config.task` to a class.
+where it has one, offers a decode entry point; a language model's task also turns text
+into rows that score it (`scoring_rows`, `rolling_rows`, for evals/). `train/`, `scaling/`,
+`inference/`, `evals/` and `main.py` call these methods and never ask which family or task
+it is; `tasks/__init__.py` maps `config.task` to a class.
 
 A task is a frozen (hashable) dataclass, so jitted functions take it as a static
 argument.
@@ -16,6 +17,7 @@ from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from inference.beam import beam_search
@@ -139,6 +141,49 @@ class Task:
     """`--mode=predict`: one result per record."""
     raise ValueError(f"--mode=predict needs a classification run; this run's task is "
                      f"'{self.name}'.")
+
+  # --- scoring text (evals/) ----------------------------------------------------
+  def scoring_rows(self, tokenizer: Tokenizer, context: list[int],
+                   continuation: list[int]) -> list[dict]:
+    """Unpadded rows (numpy arrays) whose `loglikelihoods` add up to log p(continuation |
+    context): one for a decoder or an encoder-decoder, one per continuation token for an
+    encoder (pseudo-log-likelihood)."""
+    raise ValueError(self._cannot_score())
+
+  def context_room(self, tokenizer: Tokenizer, continuation_length: int, length: int) -> int:
+    """Context tokens that fit beside `continuation_length` scored tokens in a context of
+    `length` positions (generating n tokens takes the room of scoring n + 1)."""
+    raise ValueError(self._cannot_score())
+
+  def _cannot_score(self) -> str:
+    return (f"A '{self.name}' run cannot score text as a language model; evaluation tasks "
+            'need a causal_lm, masked_lm, span_corruption, sft or seq2seq run.')
+
+  def loglikelihoods(self, params, batch: Batch) -> Array:
+    """Σ weights · log p(target) over each row of a batch of `scoring_rows` [B], float32."""
+    log_p_BTV = jax.nn.log_softmax(self.logits(params, batch).astype(jnp.float32))
+    target_BT = jnp.take_along_axis(log_p_BTV, batch['targets'][..., None], axis=-1)[..., 0]
+    weights_BT = batch['weights']
+    return jnp.sum(jnp.where(weights_BT > 0, target_BT * weights_BT, 0.0), axis=1)
+
+  def rolling_rows(self, tokenizer: Tokenizer, text: list[int], length: int,
+                   overlap: int) -> list[dict]:
+    """Windows of `length` positions scoring every token of one document once."""
+    raise ValueError(f"Rolling log-likelihood (perplexity of texts) needs a decoder run; this "
+                     f"run's task '{self.name}' trains model.arch='{self.arch}'.")
+
+  def decoding_task(self, tokenizer: Tokenizer) -> 'Task':
+    """The task that decodes with `tokenizer` (its start token set where it has one)."""
+    return self
+
+  def generation_prompt(self, tokenizer: Tokenizer, context: list[int]) -> list[int]:
+    """The ids a generation task's context is decoded from."""
+    raise ValueError(f"Generation tasks need a decoder or encoder-decoder run; this run's task "
+                     f"'{self.name}' trains model.arch='{self.arch}'.")
+
+  def generated_text(self, tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text of the ids decoded after `prompt`."""
+    return tokenizer.decode(new)
 
   def example_batch(self, batch_size: int, seq_len: int) -> Batch:
     """Zeros of every input's shape and dtype at `seq_len`, for init and tracing."""

@@ -31,6 +31,36 @@ class CausalExamples(Examples):
     return {k: v[0] for k, v in pack_windows(item[None], eos_id=self.eos_id).items()}
 
 
+def rolling_windows(tokens_N: np.ndarray, length: int, overlap: int, *,
+                    eos_id: int) -> dict[str, np.ndarray]:
+  """[W, length] rows that score every token of a stream after its first exactly once:
+  windows of length + 1 tokens, consecutive ones sharing `overlap` (at least 1), packed as
+  training packs them (documents split at `eos_id`). A window after the first weighs 0 on
+  its first overlap - 1 targets (scored already; here they are context, so every scored
+  token sees at least `overlap` earlier tokens of the window). The last window is padded
+  (segment 0, weight 0). With overlap 1 the rows are those CausalExamples makes of a split
+  for the eval pass, so a split of 1 + k length tokens scores as `--mode=eval` does."""
+  if not 1 <= overlap <= length:
+    raise ValueError(f'The rolling overlap {overlap} must be in [1, {length}] (the window).')
+  stride, n = length + 1 - overlap, len(tokens_N)
+  starts = [0]
+  while starts[-1] + length < n - 1:
+    starts.append(starts[-1] + stride)
+  windows_WL1 = np.zeros((len(starts), length + 1), np.int32)
+  for w, start in enumerate(starts):
+    piece = tokens_N[start:start + length + 1]
+    windows_WL1[w, :len(piece)] = piece
+  rows = pack_windows(windows_WL1, eos_id=eos_id)
+  index_WL = np.asarray(starts)[:, None] + np.arange(length)[None]  # stream index of input
+  real_WL = index_WL < n
+  rows['segment_ids'] *= real_WL
+  rows['positions'] *= real_WL
+  first_scored_W = np.where(np.arange(len(starts)) == 0, 0, overlap - 1)
+  scored_WL = (index_WL + 1 < n) & (np.arange(length)[None] >= first_scored_W[:, None])
+  rows['weights'] = scored_WL.astype(np.float32)
+  return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class CausalLM(base.Task):
   """Next-token prediction with a decoder-only transformer."""
@@ -64,6 +94,40 @@ class CausalLM(base.Task):
     cfg = self.cfg
     return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
                                    cfg.num_heads * cfg.head_dim, batch_size, seq_len)
+
+  def _text_start(self, tokenizer: Tokenizer, context: list[int]) -> list[int]:
+    """Ids before a scored or continued text: bos where the tokenizer starts sequences with
+    one (Llama's), else eos before an empty context (its first token is then predicted as a
+    document's first, as after the previous document's eos in training)."""
+    if tokenizer.adds_bos:
+      return [tokenizer.bos_id]
+    return [] if context else [tokenizer.eos_id]
+
+  def scoring_rows(self, tokenizer: Tokenizer, context: list[int], continuation: list[int]):
+    """One packed row of context + continuation, weighing the continuation's targets."""
+    ids = self._text_start(tokenizer, context) + context + continuation
+    row = {k: v[0] for k, v in pack_windows(np.asarray([ids]), eos_id=tokenizer.eos_id).items()}
+    row['weights'][:len(ids) - 1 - len(continuation)] = 0.0
+    return [row]
+
+  def context_room(self, tokenizer: Tokenizer, continuation_length: int, length: int) -> int:
+    return length + 1 - continuation_length - int(tokenizer.adds_bos)
+
+  def rolling_rows(self, tokenizer: Tokenizer, text: list[int], length: int, overlap: int):
+    """`rolling_windows` over the document as the token stream holds one (ending in eos),
+    after an eos (bos for Llama's tokenizer) that predicts its first token."""
+    first = tokenizer.bos_id if tokenizer.adds_bos else tokenizer.eos_id
+    rows = rolling_windows(np.asarray([first, *text, tokenizer.eos_id]), length, overlap,
+                           eos_id=tokenizer.eos_id)
+    return [{k: v[w] for k, v in rows.items()} for w in range(len(rows['inputs']))]
+
+  def generation_prompt(self, tokenizer: Tokenizer, context: list[int]) -> list[int]:
+    return self._text_start(tokenizer, context) + context
+
+  def generated_text(self, tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
+    """Decoded after the prompt: alone, a '▁' tokenizer (Llama's) would drop its first
+    space as the text's dummy prefix."""
+    return tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)):]
 
   def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
     for i, prompt in enumerate(prompts):

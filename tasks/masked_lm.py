@@ -177,6 +177,28 @@ class MaskedLM(base.Task):
     """Each prompt with its [MASK]s replaced by the model's top prediction."""
     return fill_masks(self, params, tokenizer, prompts, self.cfg.max_len)
 
+  def scoring_rows(self, tokenizer: Tokenizer, context: list[int], continuation: list[int]):
+    """Pseudo-log-likelihood (Salazar et al. 2020): one row per continuation token, that
+    token [MASK]ed and predicted from the rest of the framed text, left as it is."""
+    if tokenizer.mask_id is None:
+      raise ValueError(f'The tokenizer {tokenizer.path} has no mask token, so a masked LM '
+                       'cannot score text; use a run whose tokenizer has one (BERT\'s).')
+    before, after = self.prompt_frame(tokenizer)
+    ids_T = np.asarray(before + context + continuation + after, np.int32)
+    start = len(before) + len(context)
+    rows = []
+    for t in range(start, start + len(continuation)):
+      inputs_T, weights_T = ids_T.copy(), np.zeros(len(ids_T), np.float32)
+      inputs_T[t], weights_T[t] = tokenizer.mask_id, 1.0
+      rows.append({'inputs': inputs_T, 'targets': ids_T, 'weights': weights_T,
+                   'segment_ids': np.ones_like(ids_T), 'token_type_ids': np.zeros_like(ids_T),
+                   'positions': np.arange(len(ids_T), dtype=np.int32)})
+    return rows
+
+  def context_room(self, tokenizer: Tokenizer, continuation_length: int, length: int) -> int:
+    before, after = self.prompt_frame(tokenizer)
+    return length - len(before) - len(after) - continuation_length
+
   def prompt_frame(self, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Ids around a fill-mask prompt, as training framed a segment ([CLS] A [SEP] with
     next-sentence pairs; nothing around plain windows)."""

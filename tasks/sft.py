@@ -39,17 +39,23 @@ class PackedExamples(RecordExamples):
     super().__init__(seq_len)
     self.to_sequence, self.kind = to_sequence, kind
 
+  def single_row(self, record: dict) -> tuple[list[tuple[np.ndarray, ...]], bool]:
+    """The row of `record` alone, and whether it lost its first tokens."""
+    ids, weights = self.to_sequence(record)
+    # Turns after the last answer carry no loss; a long one must not push the answers out.
+    end = 1 + max((i for i, w in enumerate(weights) if w), default=len(ids) - 1)
+    ids, weights = ids[:end], weights[:end]
+    cut = len(ids) - 1 > self.seq_len
+    if cut:  # keep the end: the answer, and as much context as fits
+      ids, weights = ids[-self.seq_len - 1:], weights[-self.seq_len - 1:]
+    return [(np.asarray(ids[:-1], np.int32), np.asarray(ids[1:], np.int32),
+             np.asarray(weights[1:], np.float32))], cut
+
   def rows(self, records: list[dict]) -> list[list[tuple[np.ndarray, ...]]]:
     rows, row, used, cut = [], [], 0, 0
     for record in records:
-      ids, weights = self.to_sequence(record)
-      # Turns after the last answer carry no loss; a long one must not push the answers out.
-      end = 1 + max((i for i, w in enumerate(weights) if w), default=len(ids) - 1)
-      ids, weights = ids[:end], weights[:end]
-      if len(ids) - 1 > self.seq_len:  # keep the end: the answer, and as much context as fits
-        ids, weights, cut = ids[-self.seq_len - 1:], weights[-self.seq_len - 1:], cut + 1
-      sequence = (np.asarray(ids[:-1], np.int32), np.asarray(ids[1:], np.int32),
-                  np.asarray(weights[1:], np.float32))
+      (sequence,), was_cut = self.single_row(record)
+      cut += was_cut
       if used + len(sequence[0]) > self.seq_len:
         rows.append(row)
         row, used = [], 0
@@ -84,13 +90,19 @@ class PairExamples(RecordExamples):
     super().__init__(seq_len)
     self.to_pair, self.pad_id, self.kind = to_pair, pad_id, kind
 
+  def single_row(self, record: dict) -> tuple[tuple[np.ndarray, np.ndarray], bool]:
+    """The row of `record`, and whether it lost tokens."""
+    source, target = self.to_pair(record)
+    return ((np.asarray(source[-self.seq_len:], np.int32),
+             np.asarray(target[:self.seq_len], np.int32)),
+            len(source) > self.seq_len or len(target) > self.seq_len)
+
   def rows(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
     rows, cut = [], 0
     for record in records:
-      source, target = self.to_pair(record)
-      cut += len(source) > self.seq_len or len(target) > self.seq_len
-      rows.append((np.asarray(source[-self.seq_len:], np.int32),
-                   np.asarray(target[:self.seq_len], np.int32)))
+      row, was_cut = self.single_row(record)
+      rows.append(row)
+      cut += was_cut
     _log_cut(self.kind, cut, len(records), self.seq_len, 'start of the input or the end of '
              'the target')
     return rows
@@ -186,6 +198,11 @@ class SFTEncoderDecoder(Chat, SpanCorruption):
 
   def decoding_task(self, tokenizer: Tokenizer):
     return dataclasses.replace(self, decoder_start_id=tokenizer.pad_id)
+
+  def scoring_pair(self, tokenizer: Tokenizer, context: list[int],
+                   continuation: list[int]) -> tuple[list[int], list[int], int]:
+    """Fine-tuned, it reads the context (and eos) and writes the continuation: no sentinel."""
+    return context + [tokenizer.eos_id], continuation, 0
 
   def train_batch(self, batch_size: int, seq_len: int):
     return self.example_batch(batch_size, seq_len)

@@ -142,6 +142,47 @@ class SpanCorruption(base.Task):
                                              cfg.num_heads * cfg.head_dim, batch_size, seq_len,
                                              self.scored_length(seq_len))
 
+  def scoring_pair(self, tokenizer: Tokenizer, context: list[int],
+                   continuation: list[int]) -> tuple[list[int], list[int], int]:
+    """(encoder ids, decoder targets, index of the first scored target): the continuation
+    is the span that the first sentinel, at the end of the context, stands for."""
+    sentinel = tokenizer.sentinel_ids[0]
+    return context + [sentinel, tokenizer.eos_id], [sentinel] + continuation, 1
+
+  def scoring_rows(self, tokenizer: Tokenizer, context: list[int], continuation: list[int]):
+    """One row: the encoder reads the framed context, the decoder is teacher-forced on the
+    targets (from the pad token, as T5 starts), weighing the continuation's."""
+    source, target, first = self.scoring_pair(tokenizer, context, continuation)
+    ids = lambda x: np.asarray(x, np.int32)
+    ones = lambda n: np.ones(n, np.int32)
+    weights = np.ones(len(target), np.float32)
+    weights[:first] = 0.0
+    return [{'encoder_inputs': ids(source), 'encoder_segment_ids': ones(len(source)),
+             'encoder_positions': ids(range(len(source))),
+             'decoder_inputs': ids(([tokenizer.pad_id] + target)[:len(target)]),
+             'decoder_segment_ids': ones(len(target)),
+             'decoder_positions': ids(range(len(target))), 'targets': ids(target),
+             'weights': weights}]
+
+  def context_room(self, tokenizer: Tokenizer, continuation_length: int, length: int) -> int:
+    source, target, _ = self.scoring_pair(tokenizer, [], [0] * continuation_length)
+    return length - len(source) if len(target) <= length else -1
+
+  def decoding_task(self, tokenizer: Tokenizer) -> 'SpanCorruption':
+    return dataclasses.replace(self, decoder_start_id=tokenizer.pad_id)
+
+  def generation_prompt(self, tokenizer: Tokenizer, context: list[int]) -> list[int]:
+    return self.scoring_pair(tokenizer, context, [])[0]
+
+  def generated_text(self, tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The span written for the first sentinel: the ids after a leading sentinel, up to the
+    next sentinel or eos (all of them where there is no sentinel)."""
+    sentinels = set(tokenizer.sentinel_ids)
+    new = new[1:] if new and new[0] in sentinels else new
+    end = next((i for i, t in enumerate(new) if t in sentinels or t == tokenizer.eos_id),
+               len(new))
+    return tokenizer.decode(new[:end])
+
   def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
     for i, prompt in enumerate(prompts):
       if not prompt:

@@ -209,3 +209,23 @@ def test_merge_writes_a_plain_workdir_that_computes_what_the_adapters_did(lora_r
                              loop.evaluate(config, workdir)['eval_loss'], rtol=1e-5)
   with pytest.raises(ConfigError, match='not an empty directory'):
     merge_workdir(config, workdir, out)
+
+
+def test_what_a_lora_run_freezes(lora_run, config):
+  """Everything the source has, except what lora.train_in_full names; a new head (the
+  source lacks it) and the adapters train."""
+  source = lora_run[0]
+  config.update(init_from=f'{source}@3', task='classification')
+  config.classification.labels = ['no', 'yes']
+  config.lora.update(rank=4, train_in_full='embedding')
+  task = tasks.from_config(config, tasks.model_config(config, 512, jnp.float32))
+  abstract = jax.eval_shape(task.init, jax.random.key(0), task.example_batch(1, 8))
+  paths = set(traverse_util.flatten_dict(nn.unbox(abstract)))
+  frozen = frozen_lib.frozen_paths(config, nn.unbox(abstract))
+  trained = paths - frozen
+  assert {p[0] for p in trained if not lora.is_adapter(p)} == {'classifier', 'token_embed'}
+  assert all('embedding' in p or p[0] == 'classifier' or lora.is_adapter(p) for p in trained)
+  assert frozen and not any(lora.is_adapter(p) for p in frozen)
+  config.lora.train_in_full = 'embeddings'
+  with pytest.raises(ConfigError, match="train_in_full names 'embeddings'"):
+    frozen_lib.frozen_paths(config, nn.unbox(abstract))

@@ -1,8 +1,9 @@
 """Parameters a run holds but does not train: LoRA's frozen base and DPO's reference model.
 
-A LoRA run (config.lora.rank > 0) trains its adapters (models/lora.py) and the parameters
-its init_from source lacks (a new classifier head); every parameter the source has stays
-as the source saved it. The TrainState holds the trainable part only, so the optimizer's
+A LoRA run (config.lora.rank > 0) trains its adapters (models/lora.py), the parameters
+its init_from source lacks (a new classifier head) and those config.lora.train_in_full
+names (e.g. 'embedding': tokens the source never saw, such as chat markers); every other
+parameter stays as the source saved it. The TrainState holds the trainable part only, so the optimizer's
 moments, the gradients and the checkpoints cover the adapters alone; the frozen part is
 read from the source at every start (config.json pins the source's step) and joins the
 trainable part inside each step (`combine`), so no copy of it is made.
@@ -60,8 +61,16 @@ def frozen_paths(config: ml_collections.ConfigDict, abstract_params) -> frozense
   if not config.lora.rank:
     return frozenset()
   in_source = init_from.source_shapes(init_from.pinned_source(config))
-  return frozenset(path for path in traverse_util.flatten_dict(abstract_params)
-                   if '/'.join(path) in in_source and not lora.is_adapter(path))
+  names = ['/'.join(path) for path in traverse_util.flatten_dict(abstract_params)]
+  in_full = lora.parse_targets(config.lora.train_in_full)  # parts of names, as 'embedding'
+  for part in in_full:
+    if not any(part in name for name in names):
+      raise ConfigError(f"lora.train_in_full names '{part}', which is part of no parameter's "
+                        f"name (they are like {names[0]}); name parts of the parameters to "
+                        'train in full, e.g. embedding.')
+  return frozenset(tuple(name.split('/')) for name in names
+                   if name in in_source and not lora.is_adapter(tuple(name.split('/')))
+                   and not any(part in name for part in in_full))
 
 
 def _subtree(tree, paths):
