@@ -76,6 +76,9 @@ def _agreement(outputs, reference) -> tuple[float, float]:
 def compare_weights(config, workdir: str) -> dict:
   from inference.quantize import dequantize, quantize_int8, weight_bytes
   from train import checkpointing, loop
+  if config.lora.rank:
+    raise app.UsageError(f'{workdir} is a LoRA run; merge it first (python main.py '
+                         '--mode=merge --workdir=DIR --to=OUT) and benchmark OUT.')
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
   results, reference, params, step = {}, None, None, None
   for name in WEIGHTS:

@@ -16,6 +16,9 @@ def main(argv):
   from inference.quantize import dequantize, quantize_int8, weight_bytes
   from train import checkpointing, loop, run_config
   config = run_config.saved_config(_WORKDIR.value, argv[1:])
+  if config.lora.rank:
+    raise app.UsageError(f'{_WORKDIR.value} is a LoRA run; merge it first (python main.py '
+                         '--mode=merge --workdir=DIR --to=OUT) and benchmark OUT.')
   run = loop.Run(config, _WORKDIR.value)
   manager = checkpointing.make_manager(_WORKDIR.value, config.train.keep_checkpoints)
   params, step = checkpointing.restore_params(manager, run.abstract_params)

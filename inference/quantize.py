@@ -11,7 +11,7 @@ quarter of their float32 memory.
 Decoding keeps the weights int8: the model's Dense and Embed layers (models/layers.py)
 read {'int8', 'scale'} and dequantize each matrix where it is used, so no float copy
 of the whole model is ever live; `for_decoding` dequantizes up front only the matrices
-of layers that read dense arrays only (flax's nn.Dense: an untied output head).
+of layers that read dense arrays only (flax's nn.Dense: poolers and classifiers).
 """
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,9 @@ from models.layers import is_int8
 # contracts heads and head_dim ([N, K, D], models/layers.py Attention). Others: axis 0.
 _INPUT_AXES = {'out': 2}
 # Modules of models/layers.py that read int8 weights themselves (Dense by the names
-# its callers give it, Embed): their matrices stay int8 while decoding.
-_READS_INT8 = ('query', 'key', 'value', 'out', 'up', 'gate', 'down', 'token_embed')
+# its callers give it, an untied output projection included; Embed): their matrices
+# stay int8 while decoding.
+_READS_INT8 = ('query', 'key', 'value', 'out', 'up', 'gate', 'down', 'lm_head', 'token_embed')
 
 
 def _names(path) -> list[str]:

@@ -19,7 +19,7 @@ from inference.load import load_run
 from inference.merge import merge_workdir
 from models import lora
 from models.config import LORA_TARGETS, ModelConfig
-from train import checkpointing, config_checks, frozen as frozen_lib, loop, optimizer
+from train import checkpointing, config_checks, frozen as frozen_lib, init_from, loop, optimizer
 from train import run_config, sharding, state as state_lib
 from train.config_checks import ConfigError
 
@@ -229,3 +229,40 @@ def test_what_a_lora_run_freezes(lora_run, config):
   config.lora.train_in_full = 'embeddings'
   with pytest.raises(ConfigError, match="train_in_full names 'embeddings'"):
     frozen_lib.frozen_paths(config, nn.unbox(abstract))
+
+
+def test_what_trains_in_full_starts_from_the_source(lora_run, config):
+  source, source_params, _ = lora_run
+  config.init_from = f'{source}@3'
+  config.lora.update(rank=4, train_in_full='embedding')
+  task = tasks.from_config(config, tasks.model_config(config, 512, jnp.float32))
+  mesh = sharding.make_mesh(config.mesh)
+  abstract, _ = state_lib.param_shardings(task, mesh, config.data.seq_len)
+  paths = frozen_lib.frozen_paths(config, abstract)
+  tx = optimizer.make_optimizer(config.train)
+  trainable = frozen_lib.trainable_part(paths)
+  state = state_lib.create_train_state(task, tx, mesh, config.data.seq_len, jax.random.key(3),
+                                       trainable=trainable)
+  _, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len,
+                                           trainable=trainable)
+  state = init_from.start_state(init_from.pinned_source(config), state, tx, shardings, mesh,
+                                paths)
+  params = traverse_util.flatten_dict(_numpy(state.params))
+  np.testing.assert_array_equal(params['token_embed', 'embedding'],
+                                source_params['token_embed']['embedding'])
+  assert all(not v.any() for p, v in params.items() if p[-1] == lora.ADAPTER_B)
+
+
+def test_a_lora_run_is_no_source_and_resumes_with_its_own_adapters(lora_run, config):
+  _, _, workdir = lora_run
+  with pytest.raises(ConfigError, match='is a LoRA run.*--mode=merge'):
+    init_from.source(workdir)
+  saved = run_config.saved_config(workdir, [])
+  config.init_from = 'elsewhere'
+  config.lora.update(rank=4, alpha=1.0, targets='q')
+  assert init_from.prepare(config, workdir, argv=[]) is None  # it resumes
+  assert config.init_from == saved.init_from
+  assert (config.lora.alpha, config.lora.targets) == (8.0, 'q,v,o,mlp_in,mlp_out')
+  config.lora.alpha = 1.0
+  with pytest.raises(ConfigError, match='lora.alpha=1.0 differs'):
+    init_from.prepare(config, workdir, argv=['--config.lora.alpha=1.0'])

@@ -355,5 +355,13 @@ def restore_params(manager: ocp.CheckpointManager, abstract_params, step: int | 
     restored = checkpointer.restore(step_dir / 'state', args=args)
   finally:
     checkpointer.close()
+  missing = [jax.tree_util.keystr(path) for path, leaf in
+             jax.tree_util.tree_leaves_with_path(restored['params'])
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:  # a partial restore leaves what the checkpoint lacks as placeholders
+    raise CheckpointRestoreError(
+        f"The checkpoint at step {step} in {manager.directory} has no parameter "
+        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; is it a run of this "
+        'model (a LoRA run\'s checkpoints hold its adapters only: read them with its config)?')
   logging.info('Restored the params of the checkpoint at step %d.', step)
   return restored['params'], step

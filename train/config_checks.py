@@ -100,6 +100,10 @@ def _check_lora(config: ml_collections.ConfigDict) -> None:
   if settings.rank < 0:
     raise ConfigError(f'lora.rank={settings.rank} must be 0 (off) or positive.')
   if not settings.rank:
+    if settings.train_in_full:
+      raise ConfigError(f"lora.train_in_full='{settings.train_in_full}' names what trains in "
+                        'full beside LoRA adapters, but lora.rank=0 trains everything; set '
+                        'lora.rank, or clear lora.train_in_full.')
     return
   if not config.init_from:
     raise ConfigError('lora.rank > 0 adapts a pre-trained model, whose weights stay frozen; set '

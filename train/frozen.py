@@ -64,13 +64,19 @@ def frozen_paths(config: ml_collections.ConfigDict, abstract_params) -> frozense
   names = ['/'.join(path) for path in traverse_util.flatten_dict(abstract_params)]
   in_full = lora.parse_targets(config.lora.train_in_full)  # parts of names, as 'embedding'
   for part in in_full:
-    if not any(part in name for name in names):
+    if not any(_names_part(name, part) for name in names):
       raise ConfigError(f"lora.train_in_full names '{part}', which is part of no parameter's "
                         f"name (they are like {names[0]}); name parts of the parameters to "
                         'train in full, e.g. embedding.')
   return frozenset(tuple(name.split('/')) for name in names
                    if name in in_source and not lora.is_adapter(tuple(name.split('/')))
-                   and not any(part in name for part in in_full))
+                   and not any(_names_part(name, part) for part in in_full))
+
+
+def _names_part(name: str, part: str) -> bool:
+  """Whether `part` ('embedding', 'token_embed', 'mlp/down') is whole components of the
+  parameter's name 'a/b/c'."""
+  return f'/{part.strip("/")}/' in f'/{name}/'
 
 
 def _subtree(tree, paths):
@@ -83,7 +89,11 @@ def shardings_of(task, param_shardings, paths: frozenset) -> Frozen | None:
   if not paths and not task.uses_reference:
     return None
   frozen = split(param_shardings, paths)[1]
-  reference = (frozen if paths else param_shardings) if task.uses_reference else None
+  reference = None
+  if task.uses_reference:  # LoRA's reference: the model without its adapters
+    reference = {p: s for p, s in traverse_util.flatten_dict(param_shardings).items()
+                 if not lora.is_adapter(p)}
+    reference = traverse_util.unflatten_dict(reference) if paths else param_shardings
   return Frozen(frozen, reference)
 
 
@@ -96,13 +106,20 @@ def load(config: ml_collections.ConfigDict, task, abstract_params,
     return None
   src = init_from.pinned_source(config)
   sharded = abstract_params
-  if paths:  # LoRA: the base, which is also the reference
+  in_source = init_from.source_shapes(src)
+  if paths:  # LoRA: the base
     params = init_from.read_params(src, _subtree(sharded, paths))
     logging.info('LoRA: %d parameter arrays of %s stay frozen; %s adapter parameters train.',
                  len(paths), src, f'{lora.count(abstract_params):,}')
-    return Frozen(params, params if task.uses_reference else None)
+    if not task.uses_reference:
+      return Frozen(params)
+    # The reference is the base as the source saved it: the frozen part, and the source's
+    # values of what trains in full beside the adapters (read once more, those only).
+    trained = [p for p in traverse_util.flatten_dict(sharded)
+               if p not in paths and not lora.is_adapter(p) and '/'.join(p) in in_source]
+    return Frozen(params, combine(params, init_from.read_params(src, _subtree(sharded, trained)))
+                  if trained else params)
   flat = traverse_util.flatten_dict(sharded, sep='/')
-  in_source = init_from.source_shapes(src)
   missing = sorted(set(flat) - set(in_source))
   if missing:
     raise ConfigError(

@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 from input_pipeline.tokenizer import (CHAT_TEMPLATE_FILE, EXTRA_IDS_FILE, HF_CONFIG_FILES,
                                       HF_FILE, ORIGINALS_DIR, SENTENCEPIECE_FILE,
                                       tokenizer_file)
+from models import lora
 from models.config import DEFAULT_POSITION
 from train import checkpointing, config_checks, run_config, sharding
 from train import state as state_lib
@@ -108,6 +109,10 @@ def source(spec: str) -> Source:
   if not steps:
     raise ConfigError(f"init_from='{spec}': {directory}/checkpoints holds no checkpoint; "
                       'train that run first (or import one there).')
+  if run_config.saved_config(directory, []).lora.rank:
+    raise ConfigError(f"init_from='{spec}': {directory} is a LoRA run, whose checkpoints hold "
+                      'its adapters only; merge them into a plain workdir first (python main.py '
+                      f'--mode=merge --workdir={directory} --to=DIR) and set init_from=DIR.')
   if step is None:
     step = steps[-1]
   elif step not in steps:
@@ -180,6 +185,25 @@ def resolve_config(config: ml_collections.ConfigDict, reference: ml_collections.
   return changed
 
 
+# lora.* fields that define what a LoRA run's checkpoints hold and mean.
+LORA_WEIGHT_FIELDS = ('rank', 'alpha', 'targets', 'train_in_full')
+
+
+def _keep_saved_lora(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,
+                     where: str, explicit: set[str]) -> None:
+  """A resumed run keeps the adapters it saved: their rank, scale, layers and what
+  trains in full come from its config.json; an explicit override that changes them fails."""
+  for field in LORA_WEIGHT_FIELDS:
+    value, current = saved.lora[field], config.lora[field]
+    if value == current:
+      continue
+    if f'lora.{field}' in explicit:
+      raise ConfigError(f'--config.lora.{field}={current!r} differs from lora.{field}={value!r} '
+                        f'in {where}, which this run\'s checkpoints were trained with; drop the '
+                        'override, or start a new --workdir.')
+    config.lora[field] = value
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str,
             argv: list[str] | None = None) -> Source | None:
   """Before the run's corpus loads: the model fields (and tokenizer) of init_from.
@@ -199,6 +223,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   if has_checkpoint(workdir) and os.path.exists(own):
     saved = run_config.saved_config(workdir, [])
     resolve_config(config, saved, own, explicit)
+    _keep_saved_lora(config, saved, own, explicit)
     same = parse(saved.get('init_from') or '')[0] == parse(config.init_from)[0]
     (logging.info if same else logging.warning)(
         'init_from=%s: %s has checkpoints of its own (started from init_from=%r), and the run '
@@ -207,7 +232,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
       config.init_from = saved.init_from
     return None
   src = source(config.init_from)
-  config.init_from = f'{src.directory}@{src.step}'  # pinned: config.json saves the step
+  # Pinned: config.json saves the step, and the absolute path (sample, eval and a LoRA run's
+  # restarts read it from anywhere).
+  config.init_from = f'{os.path.abspath(src.directory)}@{src.step}'
   where = os.path.join(src.directory, 'config.json')
   changed = resolve_config(config, run_config.saved_config(src.directory, []), where, explicit)
   logging.info('init_from: the model of %s%s', where,
@@ -275,7 +302,7 @@ def _without_layer_names(path: str) -> str:
 
 
 def match(run_shapes: dict[str, tuple], source_shapes: dict[str, tuple],
-          where: str) -> tuple[list[str], list[str], list[str]]:
+          where: str, required: bool = True) -> tuple[list[str], list[str], list[str]]:
   """(loaded, new, dropped) parameter paths ('a/b/kernel') of a run's model and a
   source's, by path. ConfigError (one line) when a shared path's shape differs, when
   the layers are laid out differently (scanned vs unrolled, or another unrolled depth:
@@ -301,7 +328,7 @@ def match(run_shapes: dict[str, tuple], source_shapes: dict[str, tuple],
             f'init_from: the layers of this run ({run_path}) and of {where} ({source_path}) '
             'differ in layout or depth; set model.scan_layers, model.num_layers and '
             'model.num_decoder_layers to the source\'s values.')
-  if not loaded:
+  if not loaded and required:
     raise ConfigError(f'init_from: no parameter of {where} is one of this run\'s model '
                       f"(the source has {', '.join(dropped[:3])}..., the run "
                       f"{', '.join(new[:3])}...); is it the same model.arch?")
@@ -370,19 +397,25 @@ def read_params(src: Source, abstract_params):
   return params
 
 
-def start_state(src: Source, state, tx, state_shardings, mesh):
+def start_state(src: Source, state, tx, state_shardings, mesh, frozen_paths=frozenset()):
   """The step-0 state of `state` (a fresh one: create_train_state) with src's parameters
   in place of its own where the source has them; optimizer moments (and a float16 run's
   loss scale) fresh, every array laid out by `state_shardings`. Only the parameters the
-  run keeps are read from disk, straight into the run's shardings and dtypes."""
+  run keeps are read from disk, straight into the run's shardings and dtypes.
+  frozen_paths: a LoRA run's frozen base (train/frozen.py), which its state lacks and
+  the run reads apart; its adapters are the new parameters, and may be all there is."""
   run_abstract = traverse_util.flatten_dict(
       jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                    state.params, state_shardings.params), sep='/')
-  loaded, new, dropped = match({k: v.shape for k, v in run_abstract.items()},
-                               source_shapes(src), str(src))
-  _log_plan(str(src), loaded, new, dropped)
+  frozen = {'/'.join(path) for path in frozen_paths}
+  shapes = {k: v for k, v in source_shapes(src).items() if k not in frozen}
+  loaded, new, dropped = match({k: v.shape for k, v in run_abstract.items()}, shapes,
+                               str(src), required=not frozen)
+  _log_plan(str(src), loaded, [k for k in new if not lora.is_adapter(tuple(k.split('/')))],
+            dropped)
   restored = read_params(
-      src, traverse_util.unflatten_dict({k: run_abstract[k] for k in loaded}, sep='/'))
+      src, traverse_util.unflatten_dict({k: run_abstract[k] for k in loaded}, sep='/')
+  ) if loaded else {}
   params = _merged(traverse_util.flatten_dict(state.params, sep='/'),
                    traverse_util.flatten_dict(restored, sep='/'))
   with sharding.mesh_context(mesh):

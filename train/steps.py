@@ -44,13 +44,16 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _with_frozen(task, frozen: Frozen | None, batch):
-  """(trainable params -> the model's params, batch with the reference's terms)."""
+def _with_frozen(task, frozen: Frozen | None):
+  """(trainable params -> the model's params, batch -> the batch with the reference
+  model's terms); each micro-batch gets its own, so the reference's forward pass is as
+  large as a micro-batch's."""
   if frozen is None:
-    return (lambda p: p), batch
+    return (lambda p: p), (lambda b: b)
+  with_reference = lambda b: b
   if task.uses_reference:
-    batch = jax.lax.stop_gradient(task.with_reference(frozen.reference, batch))
-  return (lambda p: frozen_lib.combine(frozen.params, p)), batch
+    with_reference = lambda b: jax.lax.stop_gradient(task.with_reference(frozen.reference, b))
+  return (lambda p: frozen_lib.combine(frozen.params, p)), with_reference
 
 
 def train_step(state: TrainState, batch, frozen: Frozen | None = None, *, task,
@@ -64,16 +67,17 @@ def train_step(state: TrainState, batch, frozen: Frozen | None = None, *, task,
   memory; it is brought to the devices for the update and sent back after it.
   """
   step_key = jax.random.fold_in(dropout_key, state.step)
-  model_params, batch = _with_frozen(task, frozen, batch)
+  model_params, with_reference = _with_frozen(task, frozen)
   totals = task.normalizers(batch)  # the whole step's, before any split
   scaler = getattr(state, 'loss_scale', None)  # a ScaledTrainState's (float16)
   if scaler is None:
-    objective = lambda p, mb, key: task.loss(model_params(p), mb, key, True, **totals)
+    objective = lambda p, mb, key: task.loss(model_params(p), with_reference(mb), key, True,
+                                             **totals)
   else:  # the loss per token position of the whole step (every task marks them in
     positions = batch['weights'].size  # 'weights'), times the scale
 
     def objective(p, mb, key):
-      value, sums = task.loss(model_params(p), mb, key, True, **totals)
+      value, sums = task.loss(model_params(p), with_reference(mb), key, True, **totals)
       return value * (scaler.scale / positions), sums
   grad_fn = jax.grad(objective, has_aux=True)
 
@@ -124,7 +128,8 @@ def train_step(state: TrainState, batch, frozen: Frozen | None = None, *, task,
 def eval_step(params, batch, bytes_per_token, frozen: Frozen | None = None, *, task):
   """Metric sums of one validation batch (no dropout), with the UTF-8 bytes its
   scored tokens decode to, for bits per byte. params: the trainable part (state.params)."""
-  model_params, batch = _with_frozen(task, frozen, batch)
+  model_params, with_reference = _with_frozen(task, frozen)
+  batch = with_reference(batch)
   _, sums = task.loss(model_params(params), batch, None, False)
   sums['bytes'] = jnp.sum(bytes_per_token[batch['targets']] * batch['weights'])
   return sums
