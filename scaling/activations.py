@@ -121,15 +121,17 @@ def _broadcast(var, out, producer: dict) -> bool:
       v.aval.size < var.aval.size for v in inputs if not _is_literal(v))
 
 
-def residuals(closed: jax_core.ClosedJaxpr, num_params: int) -> Residuals:
-  """Reads a ClosedJaxpr of (params, batch) whose outputs are a VJP closure's
-  residuals; its first `num_params` inputs are the parameters."""
+def residuals(closed: jax_core.ClosedJaxpr, num_params: int, num_frozen: int = 0) -> Residuals:
+  """Reads a ClosedJaxpr of (params, frozen params, batch) whose outputs are a VJP
+  closure's residuals: its first `num_params` inputs are the differentiated parameters,
+  the next `num_frozen` parameters it does not differentiate (LoRA's frozen base, whose
+  gradients the backward never sums), the rest the batch."""
   eqns, env = [], {}
   _inline(closed.jaxpr, eqns, env)
   saved = [env.get(v, v) for v in closed.jaxpr.outvars if not _is_literal(v)]
   saved = {v for v in saved if not _is_literal(v)}
   producer, read_from_memory, read_by_forward = {}, set(), set()
-  from_batch = set(closed.jaxpr.invars[num_params:])  # masks: computed once, shared
+  from_batch = set(closed.jaxpr.invars[num_params + num_frozen:])  # masks: computed once, shared
   from_params = set(closed.jaxpr.invars[:num_params])
   for name, inputs, outputs in eqns:
     arrays = [v for v in inputs if not _is_literal(v)]

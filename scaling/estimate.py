@@ -8,6 +8,12 @@ parameter dtype (4 + 4 + 8 = 16 bytes per float32 parameter), plus the activatio
 at the peak of the backward pass for the configured micro-batch (scaling/activations.py).
 `by_precision` repeats that for each compute dtype (float32, bfloat16, float16, with
 activations traced in it) beside the bytes of the weights served in each, int8 included.
+
+A LoRA run (lora.rank > 0) holds every weight (its frozen base and the adapters) but
+gradients and AdamW moments of its trained part only, and its backward pass keeps what
+the gradients of that part need; `fine_tuning` sets it beside full fine-tuning of the
+same model. Its trained part is decided as train/frozen.py decides it, without reading
+the init_from source: adapters, the task's `new_modules` and lora.train_in_full's names.
 """
 
 import dataclasses
@@ -17,13 +23,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 import tasks
-from models import kernels, padded_vocab_size
+from models import kernels, lora, padded_vocab_size
 from models.config import REMAT_POLICIES
 from scaling import activations
 from tasks.base import Task
-from train import config_checks, flops
+from train import config_checks, flops, frozen as frozen_lib
 
 PF_DAY = 1e15 * 86_400  # FLOPs in one PetaFLOP/s-day
 
@@ -78,31 +85,55 @@ def _param_shapes(task: Task):
   return _shapes(task)
 
 
+def train_in_full(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """lora.train_in_full's parts of parameter names (e.g. ('embedding',))."""
+  return lora.parse_targets(config.lora.train_in_full)
+
+
+def frozen_paths(task: Task, params, in_full: tuple[str, ...] = ()) -> frozenset:
+  """The parameters (paths) a LoRA run of `task` freezes, as train/frozen.py finds them
+  in its init_from source, but read from none: all but the adapters, the task's
+  `new_modules` and those whose name has a part in `in_full` (lora.train_in_full).
+  Empty without LoRA."""
+  if not task.cfg.lora_rank:
+    return frozenset()
+  return frozenset(path for path in traverse_util.flatten_dict(params)
+                   if not lora.is_adapter(path) and path[0] not in task.new_modules
+                   and not any(frozen_lib.names_part('/'.join(path), part)
+                               for part in in_full))
+
+
 def _residual_trace(config: ml_collections.ConfigDict, task: Task, remat: str,
                     scan_layers: bool) -> activations.Residuals:
   """The residuals of the loss's VJP for one micro-batch, traced with shapes only."""
   task = dataclasses.replace(task, cfg=dataclasses.replace(
       task.cfg, remat=remat, scan_layers=scan_layers, dropout=0.0))
   sequences = config.data.batch_size // config.train.grad_accum
+  in_full = train_in_full(config)
   try:
     hash(task)
   except TypeError:  # a task with an unhashable field: traced every time
-    return _trace_residuals.__wrapped__(task, sequences, config.data.seq_len)
-  return _trace_residuals(task, sequences, config.data.seq_len)
+    return _trace_residuals.__wrapped__(task, sequences, config.data.seq_len, in_full)
+  return _trace_residuals(task, sequences, config.data.seq_len, in_full)
 
 
 @functools.lru_cache(maxsize=256)
-def _trace_residuals(task: Task, sequences: int, seq_len: int) -> activations.Residuals:
+def _trace_residuals(task: Task, sequences: int, seq_len: int,
+                     in_full: tuple[str, ...]) -> activations.Residuals:
   """One trace, kept: estimates of related configs (another remat policy, precision or
-  memory setting of the same model) share it; it depends on nothing but its arguments."""
+  memory setting of the same model) share it; it depends on nothing but its arguments.
+  The VJP is taken with respect to the trained part only (LoRA: the frozen base is an
+  argument it does not differentiate, so nothing is kept for the base's gradients)."""
   params = _param_shapes(task)
+  trained, frozen = frozen_lib.split(params, frozen_paths(task, params, in_full))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        task.train_batch(sequences, seq_len))
-  def residuals(params, batch):
-    loss = lambda p: task.loss(p, batch, jax.random.key(0), train=False)[0]
-    return jax.vjp(loss, params)[1]
-  return activations.residuals(jax.make_jaxpr(residuals)(params, batch),
-                              len(jax.tree.leaves(params)))
+  def residuals(trained, frozen, batch):
+    loss = lambda p: task.loss(frozen_lib.combine(frozen, p), batch, jax.random.key(0),
+                               train=False)[0]
+    return jax.vjp(loss, trained)[1]
+  return activations.residuals(jax.make_jaxpr(residuals)(trained, frozen, batch),
+                               len(jax.tree.leaves(trained)), len(jax.tree.leaves(frozen)))
 
 
 def activation_bytes(config: ml_collections.ConfigDict, task: Task,
@@ -133,19 +164,27 @@ def _device_bytes(state: dict[str, int], activation: int, offload_optimizer: boo
   return sum(state.values()) + activation
 
 
+def train_state_bytes(config: ml_collections.ConfigDict, n: int, trained: int,
+                      param_bytes: int) -> dict[str, int]:
+  """Bytes of the weights of all `n` parameters, and of the gradients (with accumulation
+  over micro-batches, also their running sum) and AdamW's two moments of the `trained`."""
+  return {'weights': n * param_bytes,
+          'gradients': trained * param_bytes * (2 if config.train.grad_accum > 1 else 1),
+          'adam_moments': 2 * trained * param_bytes}
+
+
 def by_precision(config: ml_collections.ConfigDict, task: Task, remat: str, n: int,
-                 int8_bytes: int, run_activation: int) -> dict[str, dict]:
+                 trained: int, int8_bytes: int, run_activation: int) -> dict[str, dict]:
   """For each precision: the weights as served for inference and, for the training
   precisions, the master weights, gradients and AdamW moments (in the parameter dtype;
-  float16's are float32) and the activations traced in that compute dtype (remat
-  policy `remat`), with their total per device."""
+  float16's are float32; of the `trained` parameters for the last two) and the
+  activations traced in that compute dtype (remat policy `remat`), with their total per
+  device."""
   run_dtype = jnp.dtype(task.cfg.dtype).name
   rows = {}
   for name in TRAINING_PRECISIONS:
     param_bytes = 4 if name == 'float16' else jnp.dtype(config.param_dtype).itemsize
-    weights = n * param_bytes
-    state = {'weights': weights, 'gradients': weights * (2 if config.train.grad_accum > 1 else 1),
-             'adam_moments': 2 * weights}
+    state = train_state_bytes(config, n, trained, param_bytes)
     if name == run_dtype:
       activation = run_activation
     else:
@@ -171,6 +210,8 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   if n != initialised:  # a new layer that the task's count does not know about yet
     raise AssertionError(f'Counted {n:,} parameters but the model has {initialised:,}; update '
                          f'param_counts of the {task.name} task (tasks/).')
+  frozen = frozen_lib.split(params, frozen_paths(task, params, train_in_full(config)))[1]
+  trained = n - int(sum(np.prod(x.shape) for x in jax.tree.leaves(frozen)))
   seq_len, batch = config.data.seq_len, config.data.batch_size
   step_flops = task.train_flops_per_step(params, batch, seq_len)
   tokens_per_step = batch * seq_len
@@ -181,13 +222,10 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   # XLA:CPU schedules unrolled layers' rematerialisation into the forward pass, so it
   # keeps their activations whatever the policy (measured: equal compiled memory).
   remat = 'none' if platform == 'cpu' and not cfg.scan_layers else cfg.remat
-  weights = n * param_bytes
-  # Gradients, and with accumulation over micro-batches their running sum.
-  gradients = weights * (2 if config.train.grad_accum > 1 else 1)
-  state = {'weights': weights, 'gradients': gradients, 'adam_moments': 2 * weights}
+  state = train_state_bytes(config, n, trained, param_bytes)
   device_bytes = _device_bytes(state, activation[remat], config.train.offload_optimizer)
-  return {
-      'arch': cfg.arch, 'params': n, 'params_by_part': counts,
+  result = {
+      'arch': cfg.arch, 'params': n, 'params_by_part': counts, 'trained_params': trained,
       'matmul_params': flops.matmul_param_count(params, cfg.tie_embeddings),
       'flops_per_token': step_flops / tokens_per_step,
       'forward_flops_per_token': step_flops / tokens_per_step / 3,
@@ -195,13 +233,32 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       'train_tokens': tokens_per_step * config.train.steps,
       'train_flops': train_flops, 'pf_days': train_flops / PF_DAY,
       'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'float16': 2 * n, 'int8': int8_bytes},
-      'by_precision': by_precision(config, task, remat, n, int8_bytes, activation[remat]),
+      'by_precision': by_precision(config, task, remat, n, trained, int8_bytes,
+                                   activation[remat]),
       'train_state_bytes': state,
       'activation_bytes': activation,
       'memory_bytes': device_bytes,
       'host_bytes': state['adam_moments'] if config.train.offload_optimizer else 0,
       'remat': cfg.remat, 'effective_remat': remat, 'compute_dtype': jnp.dtype(cfg.dtype).name,
   }
+  if cfg.lora_rank:
+    result['fine_tuning'] = fine_tuning(config, task, remat, {
+        **state, 'activations': activation[remat], 'total': device_bytes})
+  return result
+
+
+def fine_tuning(config: ml_collections.ConfigDict, task: Task, remat: str,
+                lora_row: dict[str, int]) -> dict[str, dict[str, int]]:
+  """Memory per device of full fine-tuning (the same model without adapters, every
+  parameter trained) beside the LoRA run's own (`lora_row`)."""
+  full = dataclasses.replace(task, cfg=dataclasses.replace(task.cfg, lora_rank=0,
+                                                           lora_targets=()))
+  n = sum(full.param_counts().values())
+  state = train_state_bytes(config, n, n, jnp.dtype(task.cfg.param_dtype).itemsize)
+  activation = activation_bytes(config, full, (remat,))[remat]
+  return {'full': {**state, 'activations': activation,
+                   'total': _device_bytes(state, activation, config.train.offload_optimizer)},
+          'lora': lora_row}
 
 
 def compiled_memory(config: ml_collections.ConfigDict) -> dict | None:
@@ -217,15 +274,26 @@ def compiled_memory(config: ml_collections.ConfigDict) -> dict | None:
     mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                               jax.devices()[:1])
   tx = optimizer.make_optimizer(config.train)
-  abstract_state, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len,
-                                                        config.train.offload_optimizer)
+  seq_len = config.data.seq_len
+  # Parameters the step takes beside its state: LoRA's frozen base (the state trains the
+  # adapters and new heads) and a reference model (DPO).
+  paths, frozen_shardings, frozen = frozenset(), None, ()
+  if task.cfg.lora_rank or task.uses_reference:
+    abstract_params, param_shardings = state_lib.param_shardings(task, mesh, seq_len)
+    paths = frozen_paths(task, abstract_params, train_in_full(config))
+    frozen_shardings = frozen_lib.shardings_of(task, param_shardings, paths)
+    frozen = (frozen_lib.shardings_of(task, abstract_params, paths),)  # ShapeDtypeStructs
+  abstract_state, shardings = state_lib.state_shardings(
+      task, tx, mesh, seq_len, config.train.offload_optimizer,
+      trainable=frozen_lib.trainable_part(paths))
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
-      task.train_batch(config.data.batch_size, config.data.seq_len))
+      task.train_batch(config.data.batch_size, seq_len))
   step = steps_lib.jit_train_step(task, tx, optimizer.learning_rate_schedule(config.train),
-                                  config.train.grad_accum, jax.random.key(0), mesh, shardings)
-  analysis = step.lower(abstract_state, abstract_batch).compile().memory_analysis()
+                                  config.train.grad_accum, jax.random.key(0), mesh, shardings,
+                                  frozen_shardings)
+  analysis = step.lower(abstract_state, abstract_batch, *frozen).compile().memory_analysis()
   if analysis is None:
     return None
   total = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
@@ -264,6 +332,24 @@ def _precision_lines(result: dict) -> list[str]:
   return lines
 
 
+def _fine_tuning_lines(result: dict) -> list[str]:
+  """LoRA's memory per device beside full fine-tuning's, one row per part."""
+  columns = result['fine_tuning']
+  full_trained = result['params'] - result['params_by_part']['lora']
+  rows = [('trained parameters', f'{full_trained:,}', f"{result['trained_params']:,}"),
+          *((label, _bytes(columns['full'][key]), _bytes(columns['lora'][key]))
+            for label, key in (('weights', 'weights'), ('gradients', 'gradients'),
+                               ('AdamW moments', 'adam_moments'),
+                               ('activations', 'activations'), ('total', 'total')))]
+  return [f"Full fine-tuning vs LoRA, per device (weights: LoRA's frozen base and adapters; "
+          f"gradients and AdamW: the trained part; activations at "
+          f"remat={result['effective_remat']}):",
+          f"  {'':<20}{'full':>14}{'LoRA':>14}",
+          *(f'  {label:<20}{full:>14}{lora_value:>14}' for label, full, lora_value in rows),
+          "  FLOPs above count a LoRA step as full fine-tuning's (6 N per token, adapters "
+          "included); it skips the frozen weights' gradients, about half the backward's matmuls."]
+
+
 def report(result: dict) -> str:
   """Human-readable lines of an estimate (with the compiled analysis if present)."""
   lines = [f"{result['arch']}: {result['params']:,} parameters "
@@ -284,6 +370,8 @@ def report(result: dict) -> str:
            f"{_bytes(result['memory_bytes'])}"
            + (f" (+ {_bytes(result['host_bytes'])} of AdamW moments in host memory)"
               if result['host_bytes'] else '')]
+  if 'fine_tuning' in result:
+    lines.extend(_fine_tuning_lines(result))
   if result['effective_remat'] != result['remat']:
     lines.append(f"  XLA:CPU keeps unrolled layers' activations whatever the remat policy: counted "
                  f"with remat={result['effective_remat']}; set model.scan_layers=True for remat "

@@ -47,6 +47,10 @@ class Task:
   # The loss compares the model with a frozen reference model (DPO): the train and eval
   # steps call `with_reference` with the reference's parameters before the loss.
   uses_reference: ClassVar[bool] = False
+  # Top-level modules the task adds to its family's pre-trained model (a classifier head):
+  # absent from any init_from source, a LoRA run trains them in full (train/frozen.py), and
+  # --mode=estimate, which reads no source, counts them as trained from this.
+  new_modules: ClassVar[tuple[str, ...]] = ()
 
   def __post_init__(self):
     if self.cfg.arch != self.arch:
@@ -108,9 +112,9 @@ class Task:
     return {}
 
   def with_reference(self, reference_params, batch: Batch) -> Batch:
-    """The batch plus what `loss` needs of the frozen reference model (per-row arrays,
-    so micro-batches split them with their rows), for a task that `uses_reference`.
-    Called outside the gradient, on the whole step's batch."""
+    """The batch plus what `loss` needs of the frozen reference model, for a task that
+    `uses_reference`. The steps call it on each micro-batch (and eval batch), with no
+    gradient flowing into it."""
     return batch
 
   def eval_results(self, totals: dict[str, float]) -> dict[str, float]:
@@ -251,6 +255,24 @@ def block_params(cfg: ModelConfig, cross: bool = False) -> int:
   up_projections = 2 if cfg.gated_mlp else 1
   mlp = up_projections * D * F + F * D + bias * (up_projections * F + D)
   return 2 * norm_params(cfg) + attention + mlp + cross * (norm_params(cfg) + attention)
+
+
+def lora_part(cfg: ModelConfig, blocks: int, cross_blocks: int = 0) -> dict[str, int]:
+  """{'lora': LoRA's adapter parameters} ({} without LoRA): A [inputs, r] and B [r, outputs]
+  (models/lora.py) beside each targeted kernel of `blocks` transformer blocks, of the
+  cross-attention of `cross_blocks` of them, and of an untied output projection."""
+  r, targets = cfg.lora_rank, cfg.lora_targets
+  if not r:
+    return {}
+  D, N, G, K, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+  up_projections = 2 if cfg.gated_mlp else 1  # a gated MLP's gate is an 'mlp_in' too
+  inputs_and_outputs = {'q': D + N * K, 'k': D + G * K, 'v': D + G * K, 'o': N * K + D,
+                        'mlp_in': up_projections * (D + F), 'mlp_out': F + D}
+  attention = sum(inputs_and_outputs[t] for t in ('q', 'k', 'v', 'o') if t in targets)
+  mlp = sum(inputs_and_outputs[t] for t in ('mlp_in', 'mlp_out') if t in targets)
+  lm_head = 'head' in targets and not cfg.tie_embeddings and not cfg.num_labels
+  return {'lora': r * (blocks * (attention + mlp) + cross_blocks * attention
+                       + lm_head * (D + cfg.vocab_size))}
 
 
 def decoder_layers(cfg: ModelConfig) -> int:

@@ -88,7 +88,8 @@ class CausalLM(base.Task):
   def param_counts(self) -> dict[str, int]:
     cfg = self.cfg
     return {'embedding': cfg.vocab_size * cfg.d_model + base.input_params(cfg),
-            'decoder': cfg.num_layers * base.block_params(cfg), 'head': base.head_params(cfg)}
+            'decoder': cfg.num_layers * base.block_params(cfg), 'head': base.head_params(cfg),
+            **base.lora_part(cfg, cfg.num_layers)}
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg

@@ -177,6 +177,7 @@ class Classification(base.Task):
 
   name = 'classification'
   record_kind = 'classification'
+  new_modules = ('classifier',)  # no pre-trained model has this head
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, cfg) -> 'Classification':
@@ -318,7 +319,8 @@ class Classification(base.Task):
       head += D * D + D  # the pooler
     stack = 'encoder' if self.arch == 'encoder' else 'decoder'
     return {'embedding': cfg.vocab_size * D + base.input_params(cfg),
-            stack: cfg.num_layers * base.block_params(cfg), 'head': head}
+            stack: cfg.num_layers * base.block_params(cfg), 'head': head,
+            **base.lora_part(cfg, cfg.num_layers)}
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     """The stack's matmuls and attention over every token; the pooler and classifier

@@ -165,7 +165,8 @@ class MaskedLM(base.Task):
     if cfg.nsp_head:  # pooler dense, next-sentence classifier
       head += D * D + D + 2 * D + 2
     return {'embedding': cfg.vocab_size * D + base.input_params(cfg),
-            'encoder': cfg.num_layers * base.block_params(cfg), 'head': head}
+            'encoder': cfg.num_layers * base.block_params(cfg), 'head': head,
+            **base.lora_part(cfg, cfg.num_layers)}
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg

@@ -133,7 +133,9 @@ class SpanCorruption(base.Task):
             'encoder': (cfg.num_layers * base.block_params(cfg)
                         + cfg.final_norm * base.norm_params(cfg)),
             'decoder': base.decoder_layers(cfg) * base.block_params(cfg, cross=True),
-            'head': base.head_params(cfg)}
+            'head': base.head_params(cfg),
+            **base.lora_part(cfg, cfg.num_layers + base.decoder_layers(cfg),
+                             cross_blocks=base.decoder_layers(cfg))}
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg

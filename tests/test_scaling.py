@@ -16,7 +16,9 @@ import pytest
 
 from configs import default
 from models import ModelConfig
+from models.config import LORA_TARGETS
 from scaling import estimate, planner, sweep
+from train import frozen as frozen_lib
 import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,9 +40,22 @@ SMALL = ModelConfig(vocab_size=1024, num_layers=2, num_heads=4, num_kv_heads=4, 
          num_decoder_layers=3, relative_buckets=16, attention_scale=1.0),
     dict(arch='encoder_decoder', position='relative', activation='gelu_tanh', gated_mlp=True,
          tie_embeddings=False, final_norm=False, num_decoder_layers=1),
+    # LoRA adapters: every target, scanned and unrolled, cross-attention, gated MLP, a
+    # classifier (no output projection to adapt)
+    dict(lora_rank=4, lora_targets=LORA_TARGETS, tie_embeddings=False, activation='silu',
+         gated_mlp=True, num_kv_heads=2),
+    dict(arch='encoder', position='learned', nsp_head=True, num_token_types=2, scan_layers=False,
+         lora_rank=8, lora_targets=('q', 'v', 'mlp_out')),
+    dict(arch='encoder_decoder', position='relative', gated_mlp=True, tie_embeddings=False,
+         num_decoder_layers=3, num_kv_heads=2, lora_rank=4, lora_targets=LORA_TARGETS),
+    dict(arch='encoder_decoder', position='relative', scan_layers=False, lora_rank=2,
+         lora_targets=('k', 'o', 'mlp_in')),
+    dict(task='classification', num_labels=3, lora_rank=4, lora_targets=LORA_TARGETS),
 ])
 def test_parameter_count_equals_the_initialised_model(changes):
-  task = tasks.for_model(dataclasses.replace(SMALL, **changes))
+  changes = dict(changes)
+  name = changes.pop('task', 'auto')
+  task = tasks.for_model(dataclasses.replace(SMALL, **changes), name)
   counted = sum(task.param_counts().values())
   initialised = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(estimate.abstract_params(task)))
   assert counted == initialised
@@ -87,6 +102,51 @@ def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step(arch, 
   assert state['weights'] == 4 * result['params'] and state['adam_moments'] == 8 * result['params']
   activations = result['activation_bytes']
   assert activations['full'] < activations['dots_saveable'] < activations['none']
+
+
+def _lora_config(arch: str, targets: str) -> ml_collections.ConfigDict:
+  """A LoRA run of four scanned layers (compiled once, like two), untied output head."""
+  config = _run_config(arch)
+  config.model.update(num_layers=4, tie_embeddings=False)
+  config.lora.update(rank=8, targets=targets)
+  config.init_from = 'runs/never_read'  # the estimate reads no source
+  return config
+
+
+@pytest.mark.parametrize('arch,targets', [('decoder', 'q,v,head'),
+                                          ('encoder_decoder', 'q,k,v,o,mlp_in,mlp_out')])
+def test_lora_memory_estimate_is_within_ten_percent_of_the_compiled_train_step(arch, targets):
+  """The compiled step holds the adapters' state and takes the frozen base as an argument."""
+  config = _lora_config(arch, targets)
+  result = estimate.estimate(config)
+  compiled = estimate.compiled_memory(config)
+  assert abs(result['memory_bytes'] / compiled['total_bytes'] - 1) < 0.10, (result, compiled)
+
+
+def test_lora_gradients_and_adamw_moments_are_the_adapters_only():
+  config = _lora_config('decoder', 'q,v,head')  # the traces of the test above
+  result = estimate.estimate(config)
+  n, adapters = result['params'], result['params_by_part']['lora']
+  assert result['trained_params'] == adapters
+  assert result['train_state_bytes'] == {'weights': 4 * n, 'gradients': 4 * adapters,
+                                         'adam_moments': 8 * adapters}
+  full, lora = result['fine_tuning']['full'], result['fine_tuning']['lora']
+  base = n - adapters
+  assert (full['weights'], full['gradients'], full['adam_moments']) == (4 * base, 4 * base,
+                                                                       8 * base)
+  assert lora['total'] == result['memory_bytes'] < full['total']
+  assert 'Full fine-tuning vs LoRA' in estimate.report(result)
+  # A task's new head (and lora.train_in_full's parameters) train beside the adapters.
+  cfg = dataclasses.replace(SMALL, num_labels=3, lora_rank=4, lora_targets=('q', 'v'))
+  task = tasks.for_model(cfg, 'classification')
+  params = estimate.abstract_params(task)
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  def trained(in_full):
+    return size(params) - size(frozen_lib.split(
+        params, estimate.frozen_paths(task, params, in_full))[1])
+  classifier = cfg.d_model * 3 + 3
+  assert trained(()) == task.param_counts()['lora'] + classifier
+  assert trained(('embedding',)) == trained(()) + cfg.vocab_size * cfg.d_model
 
 
 @pytest.mark.parametrize('name', ['gpt_tiny', 'bench_cpu'])

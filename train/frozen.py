@@ -64,16 +64,16 @@ def frozen_paths(config: ml_collections.ConfigDict, abstract_params) -> frozense
   names = ['/'.join(path) for path in traverse_util.flatten_dict(abstract_params)]
   in_full = lora.parse_targets(config.lora.train_in_full)  # parts of names, as 'embedding'
   for part in in_full:
-    if not any(_names_part(name, part) for name in names):
+    if not any(names_part(name, part) for name in names):
       raise ConfigError(f"lora.train_in_full names '{part}', which is part of no parameter's "
                         f"name (they are like {names[0]}); name parts of the parameters to "
                         'train in full, e.g. embedding.')
   return frozenset(tuple(name.split('/')) for name in names
                    if name in in_source and not lora.is_adapter(tuple(name.split('/')))
-                   and not any(_names_part(name, part) for part in in_full))
+                   and not any(names_part(name, part) for part in in_full))
 
 
-def _names_part(name: str, part: str) -> bool:
+def names_part(name: str, part: str) -> bool:
   """Whether `part` ('embedding', 'token_embed', 'mlp/down') is whole components of the
   parameter's name 'a/b/c'."""
   return f'/{part.strip("/")}/' in f'/{name}/'
