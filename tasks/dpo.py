@@ -15,8 +15,9 @@ an encoder-decoder reads the prompt and writes the answer); the model reads them
 sequences. The train and eval steps add the reference's log-probabilities
 ('reference_logps' [B, 2]) with `with_reference` before the loss. Metric sums are per pair
 ('weight' counts real pairs, so the step's means are per pair): loss, reward_accuracy (the
-share of pairs whose chosen reward is the higher), chosen_reward, rejected_reward, margin; and
-per answer token, the policy's log-probability of the chosen and the rejected answers
+share of pairs whose chosen reward is the higher), chosen_reward, rejected_reward, margin,
+chosen_likelier (the share of pairs whose chosen answer the policy finds the more likely);
+and per answer token, the policy's log-probability of the chosen and the rejected answers
 (chosen_token_logp, rejected_token_logp), which show whether the preferred answers become
 more likely (DPO may lower both and still widen the margin).
 
@@ -58,7 +59,9 @@ def preference_sums(policy_B2: Array, reference_B2: Array, pairs_B: Array,
   sums = {'loss': total(-jax.nn.log_sigmoid(margin_B)),
           'reward_accuracy': total((margin_B > 0).astype(jnp.float32)),
           'chosen_reward': total(rewards_B2[:, 0]), 'rejected_reward': total(rewards_B2[:, 1]),
-          'margin': total(margin_B), 'weight': jnp.sum(pairs_B)}
+          'margin': total(margin_B),
+          'chosen_likelier': total((policy_B2[:, 0] > policy_B2[:, 1]).astype(jnp.float32)),
+          'weight': jnp.sum(pairs_B)}
   return sums['loss'], sums
 
 
@@ -150,7 +153,7 @@ class Preference:
     log-probability of chosen and rejected answers (bits per byte would mean nothing)."""
     means = normalize_metrics(totals)
     names = ('loss', 'reward_accuracy', 'chosen_reward', 'rejected_reward', 'margin',
-             'chosen_token_logp', 'rejected_token_logp')
+             'chosen_likelier', 'chosen_token_logp', 'rejected_token_logp')
     return {f'eval_{k}': float(means[k]) for k in names} | {'eval_pairs': totals['weight']}
 
   def train_batch(self, batch_size: int, seq_len: int):

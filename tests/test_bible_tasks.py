@@ -84,7 +84,7 @@ def test_held_out_chapters_are_pretrainings_eval_documents_for_every_task(built,
 def test_no_eval_verse_text_occurs_in_any_train_record(built):
   english = [r['text'] for r in built['bible_genre']['eval']]
   japanese = [r['target'] for r in built['bible_en_ja']['eval']]
-  for name in ('bible_instruct', 'bible_en_ja'):
+  for name in ('bible_instruct', 'bible_en_ja', 'bible_prefs'):
     strings = '\n'.join(s for r in built[name]['train'] for s in records.record_texts(r))
     assert _occurring(english + japanese, strings) == [], name
   # The search finds what is there: every eval verse occurs in the eval records' strings.
@@ -157,3 +157,38 @@ def test_instructions_are_answered_from_their_verse_in_three_phrasings_each(buil
     phrasings[instruction].add(phrasing)
   assert {name: len(p) for name, p in phrasings.items()} == {
       'translate': 3, 'book': 3, 'genre': 3, 'continue': 3, 'quote': 3}
+
+
+def test_preference_pairs_reject_a_wrong_answer_of_the_same_kind_from_their_own_split(built):
+  prefs, instruct = built['bible_prefs'], built['bible_instruct']
+  assert {split: len(pairs) for split, pairs in prefs.items()} == {'train': 30390, 'eval': 700}
+  genre_of = {r['book']: r['label'] for split in built['bible_genre'].values() for r in split}
+  books_of = collections.defaultdict(set)
+  for book, genre in genre_of.items():
+    books_of[genre].add(book)
+  for split, pairs in prefs.items():
+    # Each split's own verses, by book: the wrong answers come from these alone.
+    answers = collections.defaultdict(lambda: collections.defaultdict(set))
+    for r in built['bible_genre'][split]:
+      answers['quote'][r['book']].add(r['text'])
+      answers['continue'][r['book']].add(bible_tasks._halves(r['text'])[1])
+    for r in built['bible_en_ja'][split]:
+      answers['translate'][r['book']].add(r['target'])
+    for pair, asked in zip(pairs, instruct[split], strict=True):
+      user, assistant = asked['messages']
+      assert (pair['prompt'], pair['chosen']) == (user['content'], assistant['content'])
+      assert (pair['ref'], pair['instruction']) == (asked['ref'], asked['instruction'])
+      book, instruction, rejected = pair['book'], pair['instruction'], pair['rejected']
+      assert rejected != pair['chosen'], pair
+      if instruction == 'book':  # another book, of the same genre where it has several
+        genre = genre_of[book]
+        assert rejected in genre_of and rejected != book, pair
+        assert genre_of[rejected] == genre or books_of[genre] == {book}, pair
+      elif instruction == 'genre':
+        assert rejected in _GENRES and rejected != genre_of[book], pair
+      else:  # another verse's text, Japanese or second half, of the same book and split
+        assert rejected in answers[instruction][book], pair
+  kinds = collections.Counter((split, p['instruction']) for split in prefs for p in prefs[split])
+  print(f'bible_prefs: {dict(kinds)}')
+  assert set(kinds) == {(split, kind) for split in prefs
+                        for kind in ('translate', 'book', 'genre', 'continue', 'quote')}

@@ -26,6 +26,10 @@ def _records(kind: str, n: int, seed: int) -> list[dict]:
   for subject, verb, obj in _sentences(n, seed):
     if kind == 'sft':
       rows.append({'prompt': f'What does {subject} do?', 'response': f'{subject} {verb} {obj}.'})
+    elif kind == 'dpo':  # the true sentence over one with the next verb
+      wrong = _VERBS[(_VERBS.index(verb) + 1) % len(_VERBS)]
+      rows.append({'prompt': f'What does {subject} do?', 'chosen': f'{subject} {verb} {obj}.',
+                   'rejected': f'{subject} {wrong} {obj}.'})
     elif kind == 'seq2seq':
       rows.append({'input': f'{subject} {verb} {obj}', 'target': f'{obj} {verb} {subject}'})
     else:
@@ -38,7 +42,7 @@ def _write(path, rows):
   return str(path)
 
 
-def _command(task, arch, train, evaluate, workdir, cache):
+def _command(task, arch, train, evaluate, workdir, cache, **changes):
   overrides = {
       'task': task, 'model.arch': arch, 'data.corpus': train, 'data.eval_corpus': evaluate,
       'data.cache_dir': cache, 'data.seq_len': 32, 'data.batch_size': 4,
@@ -50,6 +54,7 @@ def _command(task, arch, train, evaluate, workdir, cache):
   }
   if arch == 'encoder':
     overrides['model.num_token_types'] = 2
+  overrides.update(changes)
   return ([sys.executable, 'main.py', '--config=configs/default.py', f'--workdir={workdir}']
           + [f'--config.{k}={v}' for k, v in overrides.items()])
 
@@ -58,15 +63,22 @@ def _command(task, arch, train, evaluate, workdir, cache):
 @pytest.mark.parametrize('task, arch', [
     ('sft', 'decoder'), ('sft', 'encoder_decoder'), ('seq2seq', 'decoder'),
     ('seq2seq', 'encoder_decoder'), ('classification', 'encoder'),
-    ('classification', 'decoder')])
+    ('classification', 'decoder'), ('dpo', 'decoder'), ('dpo', 'encoder_decoder')])
 def test_a_fine_tuning_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, task, arch):
   train = _write(tmp_path / 'train.jsonl', _records(task, 200, 0))
   evaluate = _write(tmp_path / 'eval.jsonl', _records(task, 12, 1))
   cache = str(tmp_path / 'cache')
+  changes = {}
+  if task == 'dpo':  # its start and reference: a short sft run of the same model
+    source = str(tmp_path / 'sft')
+    _run_until(_command('sft', arch, _write(tmp_path / 'sft.jsonl', _records('sft', 200, 0)),
+                        _write(tmp_path / 'sft_eval.jsonl', _records('sft', 12, 1)), source,
+                        cache, **{'train.steps': 3}))
+    changes['init_from'] = source
   straight = str(tmp_path / 'straight')
-  _run_until(_command(task, arch, train, evaluate, straight, cache))
+  _run_until(_command(task, arch, train, evaluate, straight, cache, **changes))
   killed = str(tmp_path / 'killed')
-  command = _command(task, arch, train, evaluate, killed, cache)
+  command = _command(task, arch, train, evaluate, killed, cache, **changes)
   _, was_killed = _run_until(command, lambda line: f'step 8/{STEPS} |' in line)
   assert was_killed
   lines, _ = _run_until(command)
@@ -83,3 +95,5 @@ def test_a_fine_tuning_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, tas
     assert 'eval_chrf' in last(straight) and 'eval_bleu' in last(straight)
   if task == 'classification':
     assert 'eval_macro_f1' in last(straight)
+  if task == 'dpo':
+    assert last(straight)['eval_reward_accuracy'] == last(killed)['eval_reward_accuracy']

@@ -47,6 +47,19 @@ def _fails_on_one_line(call, *parts: str) -> str:
     ('classification', {'text': '  ', 'label': 1}, "'text' is blank"),
     ('seq2seq', {'input': 'a', 'target': None}, "'target' is null, not a string"),
     ('dpo', {'prompt': 'a', 'chosen': 'b'}, "'rejected' is missing"),
+    ('dpo', {'chosen': 'b', 'rejected': 'c'}, "'prompt' is missing; dpo records look like"),
+    ('dpo', {'prompt': 3, 'chosen': 'b', 'rejected': 'c'},
+     "'prompt' is a number; write it as a string or as messages"),
+    ('dpo', {'prompt': [], 'chosen': 'b', 'rejected': 'c'}, "'prompt' is an empty array"),
+    ('dpo', {'prompt': [{'role': 'bot', 'content': 'a'}], 'chosen': 'b', 'rejected': 'c'},
+     'prompt[0] has role "bot"'),
+    ('dpo', {'prompt': [{'role': 'user'}], 'chosen': 'b', 'rejected': 'c'},
+     "prompt[0]'s 'content' is missing; dpo records look like"),
+    ('dpo', {'prompt': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}],
+             'chosen': 'b', 'rejected': 'c'}, "'prompt' ends with a assistant message"),
+    ('dpo', {'prompt': 'a', 'chosen': 'b', 'rejected': ' '}, "'rejected' is blank"),
+    ('dpo', {'prompt': 'a', 'chosen': 'b', 'rejected': 'b'},
+     "'chosen' and 'rejected' are the same text"),
     ('sft', {'text': 'a'}, "has neither 'messages' nor 'prompt' and 'response'"),
     ('sft', {'prompt': 'a'}, "'response' is missing"),
     ('sft', {'messages': 'hi'}, "'messages' is a string, not an array; write it as ["),
@@ -74,6 +87,9 @@ def test_valid_records_load_with_extra_keys_blank_lines_and_a_byte_order_mark(tm
     assert records.load_records(str(path), kind) == [{**good, 'ref': 'Genesis 1:1'}, good]
   path = _write(tmp_path / 'pairs.jsonl', {'prompt': 'a', 'response': 'b'})
   assert records.load_records(path, 'sft') == [{'prompt': 'a', 'response': 'b'}]
+  conversation = {**_GOOD['dpo'], 'prompt': _GOOD['sft']['messages'][:2]}
+  path = _write(tmp_path / 'conversation.jsonl', conversation)
+  assert records.load_records(path, 'dpo') == [conversation]
   path = _write(tmp_path / 'ints.jsonl', {'text': 'a', 'label': 0})
   assert records.load_records(path, 'classification') == [{'text': 'a', 'label': 0}]
 
@@ -112,7 +128,8 @@ def test_a_built_in_of_another_kind_fails_naming_the_one_that_fits():
                      "built-in 'bible_genre' holds classification records, not sft",
                      "for sft use 'bible_instruct'")
   _fails_on_one_line(lambda: records.record_splits('bible_en_ja', '', 0.1, 'dpo'),
-                     'no built-in holds dpo records')
+                     "built-in 'bible_en_ja' holds seq2seq records, not dpo",
+                     "for dpo use 'bible_prefs'")
   _fails_on_one_line(lambda: records.record_splits('bible_genre', 'bible_en_ja', 0.1,
                                                    'classification'),
                      "built-in 'bible_en_ja' holds seq2seq records")
@@ -160,6 +177,8 @@ def test_record_texts_are_every_string_to_learn_from():
   assert records.record_texts({'text': 't', 'text_pair': 'u', 'label': 3}) == ['t', 'u', '3']
   assert records.record_texts(_GOOD['seq2seq']) == ['light', '光']
   assert records.record_texts(_GOOD['dpo']) == ['Say hi.', 'Hi.', 'No.']
+  conversation = {**_GOOD['dpo'], 'prompt': _GOOD['sft']['messages'][:2]}
+  assert records.record_texts(conversation) == ['Be brief.', 'Hi?', 'Hi.', 'No.']
   assert records.record_texts({'text': 'v', 'label': 'Law', 'ref': 'Genesis 1:1'}) == ['v', 'Law']
 
 
@@ -167,7 +186,7 @@ def test_corpus_fingerprint_names_the_source(tmp_path, monkeypatch):
   path = _write(tmp_path / 'a.jsonl', _GOOD['dpo'])
   assert records.corpus_fingerprint(path) == corpora.corpus_fingerprint(path)
   fingerprints = {name: records.corpus_fingerprint(name) for name in bible_tasks.BUILT_IN}
-  assert len(set(fingerprints.values())) == 3
+  assert len(set(fingerprints.values())) == len(bible_tasks.BUILT_IN)
   assert records.corpus_fingerprint('bible_genre') == fingerprints['bible_genre']
   monkeypatch.setattr(bible_tasks, 'BUILD_VERSION', bible_tasks.BUILD_VERSION + 1)
   assert records.corpus_fingerprint('bible_genre') != fingerprints['bible_genre']
