@@ -60,16 +60,21 @@ def _command(task, arch, train, evaluate, workdir, cache, **changes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('task, arch', [
-    ('sft', 'decoder'), ('sft', 'encoder_decoder'), ('seq2seq', 'decoder'),
-    ('seq2seq', 'encoder_decoder'), ('classification', 'encoder'),
-    ('classification', 'decoder'), ('dpo', 'decoder'), ('dpo', 'encoder_decoder')])
-def test_a_fine_tuning_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, task, arch):
+@pytest.mark.parametrize('task, arch, lora', [
+    ('sft', 'decoder', False), ('sft', 'encoder_decoder', False), ('seq2seq', 'decoder', False),
+    ('seq2seq', 'encoder_decoder', False), ('classification', 'encoder', False),
+    ('classification', 'decoder', False), ('dpo', 'decoder', False),
+    ('dpo', 'encoder_decoder', False), ('sft', 'decoder', True), ('dpo', 'decoder', True)])
+def test_a_fine_tuning_run_killed_with_sigkill_resumes_bit_for_bit(tmp_path, task, arch, lora):
+  """lora: adapters (with dropout) on a frozen base, which each start reads again."""
   train = _write(tmp_path / 'train.jsonl', _records(task, 200, 0))
   evaluate = _write(tmp_path / 'eval.jsonl', _records(task, 12, 1))
   cache = str(tmp_path / 'cache')
   changes = {}
-  if task == 'dpo':  # its start and reference: a short sft run of the same model
+  if lora:
+    changes.update({'lora.rank': 4, 'lora.dropout': 0.1, 'lora.train_in_full': 'embedding',
+                    'train.lr': 3e-3})
+  if task == 'dpo' or lora:  # the start (and reference): a short sft run of the same model
     source = str(tmp_path / 'sft')
     _run_until(_command('sft', arch, _write(tmp_path / 'sft.jsonl', _records('sft', 200, 0)),
                         _write(tmp_path / 'sft_eval.jsonl', _records('sft', 12, 1)), source,

@@ -69,7 +69,8 @@ def log_line(step: int, total: int, metrics: dict[str, float], eta_s: float) -> 
   for key, fmt in (('loss', '.4f'), ('eval_loss', '.4f'), ('eval_bits_per_byte', '.4f'),
                    ('lr', '.2e'), ('grad_norm', '.3f'), ('loss_scale', 'g'),
                    ('skipped_steps', '.0f'), ('eval_chrf', '.1f'), ('eval_bleu', '.1f'),
-                   ('eval_macro_f1', '.3f'), ('tokens_per_s', ',.0f'), ('mfu', '.1%')):
+                   ('eval_macro_f1', '.3f'), ('eval_reward_accuracy', '.3f'),
+                   ('eval_margin', '.3f'), ('tokens_per_s', ',.0f'), ('mfu', '.1%')):
     if key in metrics and math.isfinite(metrics[key]):
       parts.append(f'{key} {format(metrics[key], fmt)}')
   parts.append(f'eta {format_duration(eta_s)}')
