@@ -96,6 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   # task='dpo' on {"prompt", "chosen", "rejected"} records (tasks/dpo.py)
   dpo = config.dpo = ml_collections.ConfigDict()
   dpo.beta = 0.1  # how far the policy may move from the reference: the rewards' scale
+  dpo.disable_dropout = True  # the policy's log-probs without dropout (model's, LoRA's)
+  dpo.sft_weight = 0.0  # > 0: adds this x the chosen answer's NLL per token to the loss (RPO)
 
   data = config.data = ml_collections.ConfigDict()
   data.corpus = 'web_bible'  # built-in name, or a path / glob of .txt, .jsonl, .parquet, or hf:NAME

@@ -7,7 +7,9 @@ sft run is both the starting point and the frozen reference, so it comes first:
       --config.init_from=runs/sft_tiny
 
 eval_reward_accuracy is the share of held-out pairs whose chosen answer gains more over the
-reference than the rejected one; eval_chosen_token_logp whether it became more likely.
+reference than the rejected one; eval_chosen_token_logp whether it became more likely
+(--config.dpo.sft_weight=1.0 adds the chosen answers' NLL to the loss, which keeps them
+nearly as likely as under the reference; README, "Preference tuning").
 """
 from configs import sft_tiny
 

@@ -3,19 +3,21 @@ its flags. Without --tasks, --mode=eval reports validation loss and bits per byt
 from absl import flags
 
 _TASKS = flags.DEFINE_list('tasks', [], 'eval: evaluation tasks, comma-separated: built-in '
-                           'names (bible_cloze, bible_book, bible_genre, bible_en_ja), JSONL files '
-                           'of examples, or .txt files (README, "Evaluation"). Without it: '
-                           'validation loss and bits per byte.')
+                           'names (bible_cloze, bible_book, bible_genre, bible_en_ja), '
+                           'validation_split (the run\'s validation tokens, one rolling stream), '
+                           'JSONL files of examples, or .txt files (README, "Evaluation"). '
+                           'Without it: validation loss and bits per byte.')
 _NUM_SHOTS = flags.DEFINE_integer('num_shots', 0, 'eval: demonstrations before each example.')
 _LIMIT = flags.DEFINE_integer('limit', 0, 'eval: score the first N examples of each task (0: '
                               'all).')
 _BATCH_SIZE = flags.DEFINE_integer('eval_batch_size', 32, 'eval: rows (choices, masked tokens, '
                                    'windows) or prompts per compiled call.')
 _FEWSHOT_SEED = flags.DEFINE_integer('fewshot_seed', 1234, 'eval: seed of the demonstrations '
-                                     "each example is shown (the same for every model).")
-_MAX_LENGTH = flags.DEFINE_integer('max_length', 0, "eval: context length in tokens (0: the "
-                                   "model's model.max_len; a run trained on a shorter "
-                                   'data.seq_len never trained the positions past it).')
+                                     "each example is shown (the same for every model; 0 or "
+                                     'more).')
+_MAX_LENGTH = flags.DEFINE_integer('max_length', 0, 'eval: context length in tokens (0: the '
+                                   'length the run trained, min(data.seq_len, model.max_len); '
+                                   'at most model.max_len).')
 _OVERLAP = flags.DEFINE_integer('rolling_overlap', 0, 'eval: tokens consecutive windows of a '
                                 'rolling task share (0: half the context; 1: disjoint windows, '
                                 "as the validation pass's).")

@@ -4,7 +4,8 @@ A mean over examples (acc, exact_match) has the standard error of the mean, samp
 standard deviation / sqrt(n), as lm-evaluation-harness reports. A ratio of sums over
 documents (bits per byte: nats over bytes) has the delta method's. chrF is a corpus
 statistic, not a mean: its standard error is half the width of sacrebleu's 95% bootstrap
-interval divided by 1.96.
+interval divided by 1.96. Two models scored on the same examples compare by the paired
+standard error of their per-example differences.
 """
 import math
 
@@ -19,6 +20,32 @@ def mean_and_stderr(values) -> tuple[float, float]:
   if len(values) < 2:
     return float(np.mean(values)) if len(values) else float('nan'), float('nan')
   return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def paired_difference(before, after) -> tuple[float, float]:
+  """Mean of after - before over the same examples, in order, and its standard error: the
+  paired one, which counts how the two scores of an example go together (the same prompt
+  is easy or hard for both models); sqrt(se_before^2 + se_after^2) ignores that."""
+  before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+  if before.shape != after.shape:
+    raise ValueError(f'Paired scores need the same examples: {len(before)} before, '
+                     f'{len(after)} after.')
+  return mean_and_stderr(after - before)
+
+
+def within_noise(difference: float, stderr: float, z: float = 2.0) -> bool | None:
+  """Whether |difference| is at most z standard errors; None where the standard error is
+  undefined (NaN: fewer than two examples), which says nothing either way."""
+  if math.isnan(stderr) or math.isnan(difference):
+    return None
+  return abs(difference) <= z * stderr
+
+
+def majority_baseline(golds) -> tuple[float, int]:
+  """(accuracy, choice index) of always answering the most frequent gold position: what a
+  model that learnt the label distribution, and nothing of the examples, scores."""
+  counts = np.bincount(np.asarray(golds, np.int64))
+  return float(counts.max() / counts.sum()), int(counts.argmax())
 
 
 def ratio_and_stderr(numerators, denominators) -> tuple[float, float]:

@@ -8,8 +8,11 @@ memory shows at once), and pads each array to a bucket of its length: a power of
 of a few shapes, so a task compiles a few times, not once per example; padding is
 segment 0 and weight 0, so it changes no score.
 
-Generation decodes `batch_size` prompts at a time, left-padded to a bucket of their length
-(greedy), or by beam search (inference/beam.py, one compilation per batch's shape).
+Generation decodes `batch_size` prompts at a time, left-padded to a bucket of their length,
+greedily or by beam search (inference/beam.py). Beam search pads each batch to its longest
+prompt, so a filler row of pad ids as long as the bucket (one more row, dropped) sets its
+width: it too compiles once per bucket, not once per batch. Decoding stops at the task's
+first stop id; the text ends at the first of any (`Task.generation_stop_ids`).
 """
 import functools
 
@@ -74,19 +77,30 @@ def _right_aligned(prompts: list[list[int]], width: int, pad_id: int):
   return ids, real
 
 
+def _until_stop(row, stop_ids) -> list[int]:
+  """The ids of `row` up to its first stop id (kept), or all of them."""
+  ends = np.flatnonzero(np.isin(row, stop_ids))
+  return (row[:ends[0] + 1] if len(ends) else row).tolist()
+
+
 def generate(lm: Task, params, tokenizer: Tokenizer, prompts: list[list[int]],
              max_new_tokens: int, beam_size: int, batch_size: int,
-             progress: Progress | None = None) -> list[list[int]]:
+             stop_ids: tuple[int, ...], progress: Progress | None = None) -> list[list[int]]:
   """New ids after each prompt (greedy, or beam search with `beam_size` beams), ending at
-  the tokenizer's eos (kept) or after max_new_tokens."""
+  the first of `stop_ids` (kept; decoding stops at stop_ids[0]) or after max_new_tokens."""
   decoder = lm.decoding_task(tokenizer)
-  eos = tokenizer.eos_id
+  stop_ids = tuple(int(i) for i in stop_ids)
+  cap = lm.cfg.max_len - max_new_tokens  # the longest prompt a decoder can continue
   outputs = []
   if beam_size:
     request = Request(max_new_tokens=max_new_tokens, beam_size=beam_size)
     for start in range(0, len(prompts), batch_size):
       chunk = prompts[start:start + batch_size]
-      outputs += continuations(decoder, params, chunk, request, eos)
+      width = bucket(max(len(p) for p in chunk), cap)
+      filled = (chunk + [chunk[0]] * (batch_size - len(chunk))  # dropped below
+                + [[tokenizer.pad_id] * width])
+      new = continuations(decoder, params, filled, request, stop_ids[0])
+      outputs += [_until_stop(np.asarray(row, np.int64), stop_ids) for row in new[:len(chunk)]]
       if progress:
         progress.update(len(chunk))
     return outputs
@@ -95,14 +109,12 @@ def generate(lm: Task, params, tokenizer: Tokenizer, prompts: list[list[int]],
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     filled = chunk + [chunk[0]] * (batch_size - len(chunk))  # dropped below
-    width = bucket(max(len(p) for p in chunk), lm.cfg.max_len - max_new_tokens)
+    width = bucket(max(len(p) for p in chunk), cap)
     ids, real = _right_aligned(filled, width, tokenizer.pad_id)
     new_BN = np.asarray(generate_lib.decode_tokens(
         params, ids, real, jax.random.key(0), task=decoder, max_new_tokens=max_new_tokens,
-        sampling=Sampling(temperature=0.0), eos_id=eos))
-    for row in new_BN[:len(chunk)]:
-      ends = np.flatnonzero(row == eos)
-      outputs.append(row[:ends[0] + 1].tolist() if len(ends) else row.tolist())
+        sampling=Sampling(temperature=0.0), eos_id=stop_ids[0]))
+    outputs += [_until_stop(row, stop_ids) for row in new_BN[:len(chunk)]]
     if progress:
       progress.update(len(chunk))
   return outputs

@@ -12,7 +12,8 @@ corpus (`web_bible`, see corpora._web_bible):
                                   first half, or quote it from its reference
   bible_prefs     dpo             {"prompt", "chosen", "rejected"}: bible_instruct's prompt, its
                                   answer chosen, and a plausible wrong answer to the same
-                                  instruction rejected (see _wrong_answer)
+                                  instruction rejected, never one that is also right (see
+                                  _wrong_answer)
 
 Every record also carries "ref" ("Genesis 1:1"), "book", "chapter" and "verse"; bible_instruct
 and bible_prefs records name their "instruction". English verses are cleaned exactly as web_bible's are.
@@ -44,7 +45,7 @@ from input_pipeline import corpora
 
 BUILT_IN = {'bible_genre': 'classification', 'bible_en_ja': 'seq2seq', 'bible_instruct': 'sft',
             'bible_prefs': 'dpo'}
-BUILD_VERSION = 2  # bump whenever the records built from the same package change
+BUILD_VERSION = 3  # bump whenever the records built from the same package change
 PRETRAINING_EVAL_FRACTION = 0.02  # configs/default.py's data.eval_fraction
 SPLITS = ('train', 'eval')
 _SEED = 14  # bible_instruct's draws of instruction and phrasing
@@ -224,14 +225,28 @@ def _books_by_genre() -> dict[str, tuple[str, ...]]:
   return {genre: tuple(names) for genre, names in books.items()}
 
 
-def _neighbour_answer(verses: tuple[Verse, ...], i: int, answer_of, chosen: str,
+@functools.lru_cache(maxsize=None)
+def _where_text_occurs() -> dict[str, tuple[set[str], set[str]]]:
+  """English verse text -> (the books, the genres) that hold a verse of that text, over
+  the whole Bible (e.g. a law both Leviticus and Numbers state)."""
+  where = {}
+  for v in _verses():
+    books, genres = where.setdefault(v.text, (set(), set()))
+    books.add(v.book)
+    genres.add(v.genre)
+  return where
+
+
+def _neighbour_answer(verses: tuple[Verse, ...], i: int, answer_of, right,
                       rng: np.random.Generator) -> str:
   """`answer_of` a verse drawn among verse i's neighbours in its split (within _NEAR places,
-  same book) whose answer is not empty and differs from `chosen`; failing that, of the
-  nearest such verse of the book, then of the split. The split's own verses only: an eval
-  pair never holds a training verse's text, nor a training pair an eval verse's."""
+  same book) whose answer is not empty and not `right` (a right answer to the question);
+  failing that, of the nearest such verse of the book, then of the split. The split's own
+  verses only: an eval pair never holds a training verse's text, nor a training pair an
+  eval verse's."""
   def fits(j: int, same_book: bool) -> bool:
-    return (0 <= j < len(verses) and j != i and answer_of(verses[j]) not in ('', chosen)
+    return (0 <= j < len(verses) and j != i and answer_of(verses[j])
+            and not right(answer_of(verses[j]))
             and (verses[j].book == verses[i].book or not same_book))
   near = [j for j in range(i - _NEAR, i + _NEAR + 1) if fits(j, True)]
   if near:
@@ -248,18 +263,26 @@ def _wrong_answer(verses: tuple[Verse, ...], i: int, instruction: str, chosen: s
                   rng: np.random.Generator) -> str:
   """A plausible wrong answer to the instruction about verse i: a neighbouring verse's second
   half (continue), text (quote) or Japanese (translate); another book of the same genre where
-  the genre has several (book); another genre (genre)."""
+  the genre has several (book); another genre (genre). Never an answer that is also right:
+  a book or genre holding a verse of the same text, a second half that continues the first
+  half into some verse's text."""
   v = verses[i]
+  books_with_text, genres_with_text = _where_text_occurs()[v.text]
   if instruction == 'book':
-    books = [b for b in _books_by_genre()[v.genre] if b != v.book]
-    books = books or [b for bs in _books_by_genre().values() for b in bs if b != v.book]
+    books = [b for b in _books_by_genre()[v.genre] if b not in books_with_text]
+    books = books or [b for bs in _books_by_genre().values() for b in bs
+                      if b not in books_with_text]
     return books[rng.integers(len(books))]
   if instruction == 'genre':
-    genres = [g for g in _books_by_genre() if g != v.genre]
+    genres = [g for g in _books_by_genre() if g not in genres_with_text]
     return genres[rng.integers(len(genres))]
-  answer_of = {'continue': lambda u: _halves(u.text)[1], 'quote': lambda u: u.text,
-               'translate': lambda u: u.japanese}[instruction]
-  return _neighbour_answer(verses, i, answer_of, chosen, rng)
+  head = _halves(v.text)[0]
+  answer_of, right = {
+      'continue': (lambda u: _halves(u.text)[1],
+                   lambda tail: tail == chosen or f'{head} {tail}' in _where_text_occurs()),
+      'quote': (lambda u: u.text, lambda text: text == chosen),
+      'translate': (lambda u: u.japanese, lambda text: text == chosen)}[instruction]
+  return _neighbour_answer(verses, i, answer_of, right, rng)
 
 
 def _prefs_records(verses: tuple[Verse, ...], split: str) -> list[dict]:

@@ -14,6 +14,10 @@ gradients and AdamW moments of its trained part only, and its backward pass keep
 the gradients of that part need; `fine_tuning` sets it beside full fine-tuning of the
 same model. Its trained part is decided as train/frozen.py decides it, without reading
 the init_from source: adapters, the task's `new_modules` and lora.train_in_full's names.
+
+A task that `uses_reference` (DPO) also holds its reference model's weights: a whole copy
+without LoRA; with LoRA the frozen base is the reference (the same arrays), and only what
+trains in full and the source has (lora.train_in_full's parameters) is held twice.
 """
 
 import dataclasses
@@ -97,10 +101,27 @@ def frozen_paths(task: Task, params, in_full: tuple[str, ...] = ()) -> frozenset
   Empty without LoRA."""
   if not task.cfg.lora_rank:
     return frozenset()
-  return frozenset(path for path in traverse_util.flatten_dict(params)
+  paths = traverse_util.flatten_dict(params)
+  frozen_lib.check_train_in_full(in_full, ['/'.join(path) for path in paths])
+  return frozenset(path for path in paths
                    if not lora.is_adapter(path) and path[0] not in task.new_modules
                    and not any(frozen_lib.names_part('/'.join(path), part)
                                for part in in_full))
+
+
+def reference_params(task: Task, params, frozen: frozenset) -> int | None:
+  """Parameters of the reference model the run holds beside its own (None: the task has
+  none), as train/frozen.py's load() reads them: without LoRA a whole copy; with LoRA
+  (`frozen`: the base's paths) the base itself, plus a second copy of what trains in full
+  and the source has (not the adapters, nor the task's new modules)."""
+  if not task.uses_reference:
+    return None
+  flat = traverse_util.flatten_dict(params)
+  if not task.cfg.lora_rank:
+    return int(sum(np.prod(x.shape) for x in flat.values()))
+  return int(sum(np.prod(x.shape) for path, x in flat.items()
+                 if path not in frozen and not lora.is_adapter(path)
+                 and path[0] not in task.new_modules))
 
 
 def _residual_trace(config: ml_collections.ConfigDict, task: Task, remat: str,
@@ -157,34 +178,41 @@ TRAINING_PRECISIONS = ('float32', 'bfloat16', 'float16')
 
 
 def _device_bytes(state: dict[str, int], activation: int, offload_optimizer: bool) -> int:
-  """Training memory per device: the train state and the activations at their peak."""
+  """Training memory per device: the train state (and a reference model's weights) and
+  the activations at their peak."""
   if offload_optimizer:  # the moments visit the devices for the update only, after the
     # activations are freed
-    return state['weights'] + state['gradients'] + max(activation, state['adam_moments'])
+    return (sum(state.values()) - state['adam_moments']
+            + max(activation, state['adam_moments']))
   return sum(state.values()) + activation
 
 
 def train_state_bytes(config: ml_collections.ConfigDict, n: int, trained: int,
-                      param_bytes: int) -> dict[str, int]:
+                      param_bytes: int, reference: int | None = None) -> dict[str, int]:
   """Bytes of the weights of all `n` parameters, and of the gradients (with accumulation
-  over micro-batches, also their running sum) and AdamW's two moments of the `trained`."""
-  return {'weights': n * param_bytes,
-          'gradients': trained * param_bytes * (2 if config.train.grad_accum > 1 else 1),
-          'adam_moments': 2 * trained * param_bytes}
+  over micro-batches, also their running sum) and AdamW's two moments of the `trained`;
+  with a reference model, the weights of its `reference` parameters held beside them."""
+  state = {'weights': n * param_bytes,
+           'gradients': trained * param_bytes * (2 if config.train.grad_accum > 1 else 1),
+           'adam_moments': 2 * trained * param_bytes}
+  if reference is not None:
+    state['reference_weights'] = reference * param_bytes
+  return state
 
 
 def by_precision(config: ml_collections.ConfigDict, task: Task, remat: str, n: int,
-                 trained: int, int8_bytes: int, run_activation: int) -> dict[str, dict]:
+                 trained: int, int8_bytes: int, run_activation: int,
+                 reference: int | None = None) -> dict[str, dict]:
   """For each precision: the weights as served for inference and, for the training
   precisions, the master weights, gradients and AdamW moments (in the parameter dtype;
-  float16's are float32; of the `trained` parameters for the last two) and the
-  activations traced in that compute dtype (remat policy `remat`), with their total per
-  device."""
+  float16's are float32; of the `trained` parameters for the last two), a reference
+  model's weights (`reference` parameters, in the parameter dtype) and the activations
+  traced in that compute dtype (remat policy `remat`), with their total per device."""
   run_dtype = jnp.dtype(task.cfg.dtype).name
   rows = {}
   for name in TRAINING_PRECISIONS:
     param_bytes = 4 if name == 'float16' else jnp.dtype(config.param_dtype).itemsize
-    state = train_state_bytes(config, n, trained, param_bytes)
+    state = train_state_bytes(config, n, trained, param_bytes, reference)
     if name == run_dtype:
       activation = run_activation
     else:
@@ -210,8 +238,10 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   if n != initialised:  # a new layer that the task's count does not know about yet
     raise AssertionError(f'Counted {n:,} parameters but the model has {initialised:,}; update '
                          f'param_counts of the {task.name} task (tasks/).')
-  frozen = frozen_lib.split(params, frozen_paths(task, params, train_in_full(config)))[1]
+  paths = frozen_paths(task, params, train_in_full(config))
+  frozen = frozen_lib.split(params, paths)[1]
   trained = n - int(sum(np.prod(x.shape) for x in jax.tree.leaves(frozen)))
+  reference = reference_params(task, params, paths)
   seq_len, batch = config.data.seq_len, config.data.batch_size
   step_flops = task.train_flops_per_step(params, batch, seq_len)
   tokens_per_step = batch * seq_len
@@ -222,7 +252,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   # XLA:CPU schedules unrolled layers' rematerialisation into the forward pass, so it
   # keeps their activations whatever the policy (measured: equal compiled memory).
   remat = 'none' if platform == 'cpu' and not cfg.scan_layers else cfg.remat
-  state = train_state_bytes(config, n, trained, param_bytes)
+  state = train_state_bytes(config, n, trained, param_bytes, reference)
   device_bytes = _device_bytes(state, activation[remat], config.train.offload_optimizer)
   result = {
       'arch': cfg.arch, 'params': n, 'params_by_part': counts, 'trained_params': trained,
@@ -234,7 +264,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       'train_flops': train_flops, 'pf_days': train_flops / PF_DAY,
       'weight_bytes': {'float32': 4 * n, 'bfloat16': 2 * n, 'float16': 2 * n, 'int8': int8_bytes},
       'by_precision': by_precision(config, task, remat, n, trained, int8_bytes,
-                                   activation[remat]),
+                                   activation[remat], reference),
       'train_state_bytes': state,
       'activation_bytes': activation,
       'memory_bytes': device_bytes,
@@ -254,7 +284,8 @@ def fine_tuning(config: ml_collections.ConfigDict, task: Task, remat: str,
   full = dataclasses.replace(task, cfg=dataclasses.replace(task.cfg, lora_rank=0,
                                                            lora_targets=()))
   n = sum(full.param_counts().values())
-  state = train_state_bytes(config, n, n, jnp.dtype(task.cfg.param_dtype).itemsize)
+  state = train_state_bytes(config, n, n, jnp.dtype(task.cfg.param_dtype).itemsize,
+                            n if full.uses_reference else None)
   activation = activation_bytes(config, full, (remat,))[remat]
   return {'full': {**state, 'activations': activation,
                    'total': _device_bytes(state, activation, config.train.offload_optimizer)},
@@ -296,12 +327,21 @@ def compiled_memory(config: ml_collections.ConfigDict) -> dict | None:
   analysis = step.lower(abstract_state, abstract_batch, *frozen).compile().memory_analysis()
   if analysis is None:
     return None
+  # LoRA's reference (DPO) is its frozen base: Frozen.reference and Frozen.params hold the
+  # same arrays at run time, which XLA, seeing two arguments, counts twice.
+  shared = 0
+  if task.uses_reference and paths:
+    flat = traverse_util.flatten_dict(abstract_params)
+    shards = traverse_util.flatten_dict(param_shardings)
+    shared = sum(int(np.prod(shards[p].shard_shape(flat[p].shape))) * flat[p].dtype.itemsize
+                 for p in paths)
   total = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-           + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+           + analysis.output_size_in_bytes - analysis.alias_size_in_bytes - shared)
   return {'mesh': dict(mesh.shape), 'argument_bytes': int(analysis.argument_size_in_bytes),
           'temp_bytes': int(analysis.temp_size_in_bytes),
           'output_bytes': int(analysis.output_size_in_bytes),
-          'alias_bytes': int(analysis.alias_size_in_bytes), 'total_bytes': int(total)}
+          'alias_bytes': int(analysis.alias_size_in_bytes), 'shared_bytes': shared,
+          'total_bytes': int(total)}
 
 
 def _size(n: float) -> str:
@@ -324,10 +364,12 @@ def _precision_lines(result: dict) -> list[str]:
     if 'training' not in row:
       lines.append(f"  {name:<9} served weights {_bytes(row['served_weights'])}; inference only")
       continue
+    reference = (f"reference {_bytes(row['reference_weights'])} + "
+                 if 'reference_weights' in row else '')
     lines.append(f"  {name:<9} served weights {_bytes(row['served_weights'])}; training "
                  f"{_bytes(row['training'])} = weights {_bytes(row['weights'])} + gradients "
                  f"{_bytes(row['gradients'])} + AdamW {_bytes(row['adam_moments'])} + "
-                 f"activations {_bytes(row['activations'])}"
+                 f"{reference}activations {_bytes(row['activations'])}"
                  + (' (+ dynamic loss scaling)' if name == 'float16' else ''))
   return lines
 
@@ -336,11 +378,12 @@ def _fine_tuning_lines(result: dict) -> list[str]:
   """LoRA's memory per device beside full fine-tuning's, one row per part."""
   columns = result['fine_tuning']
   full_trained = result['params'] - result['params_by_part']['lora']
+  parts = (('weights', 'weights'), ('gradients', 'gradients'), ('AdamW moments', 'adam_moments'),
+           ('reference weights', 'reference_weights'), ('activations', 'activations'),
+           ('total', 'total'))
   rows = [('trained parameters', f'{full_trained:,}', f"{result['trained_params']:,}"),
           *((label, _bytes(columns['full'][key]), _bytes(columns['lora'][key]))
-            for label, key in (('weights', 'weights'), ('gradients', 'gradients'),
-                               ('AdamW moments', 'adam_moments'),
-                               ('activations', 'activations'), ('total', 'total')))]
+            for label, key in parts if key in columns['lora'])]
   return [f"Full fine-tuning vs LoRA, per device (weights: LoRA's frozen base and adapters; "
           f"gradients and AdamW: the trained part; activations at "
           f"remat={result['effective_remat']}):",

@@ -26,6 +26,7 @@ from input_pipeline.pipeline import Examples
 from input_pipeline.tokenizer import Tokenizer
 from models import normalize_metrics
 from models.config import ModelConfig
+from train import flops
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -164,17 +165,29 @@ class Task:
             'need a causal_lm, masked_lm, span_corruption, sft or seq2seq run.')
 
   def loglikelihoods(self, params, batch: Batch) -> Array:
-    """Σ weights · log p(target) over each row of a batch of `scoring_rows` [B], float32."""
-    log_p_BTV = jax.nn.log_softmax(self.logits(params, batch).astype(jnp.float32))
-    target_BT = jnp.take_along_axis(log_p_BTV, batch['targets'][..., None], axis=-1)[..., 0]
+    """Σ weights · log p(target) over each row of a batch of `scoring_rows` [B], float32:
+    the target's logit minus the log-sum-exp of its row, so no float32 [B, T, V] copy of
+    the logits (a log_softmax) is made beside them."""
+    logits_BTV = self.logits(params, batch)
+    target_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None],
+                                    axis=-1)[..., 0].astype(jnp.float32)
+    log_p_BT = target_BT - jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
     weights_BT = batch['weights']
-    return jnp.sum(jnp.where(weights_BT > 0, target_BT * weights_BT, 0.0), axis=1)
+    return jnp.sum(jnp.where(weights_BT > 0, log_p_BT * weights_BT, 0.0), axis=1)
 
   def rolling_rows(self, tokenizer: Tokenizer, text: list[int], length: int,
                    overlap: int) -> list[dict]:
     """Windows of `length` positions scoring every token of one document once."""
-    raise ValueError(f"Rolling log-likelihood (perplexity of texts) needs a decoder run; this "
-                     f"run's task '{self.name}' trains model.arch='{self.arch}'.")
+    raise ValueError(self._cannot_roll())
+
+  def stream_rows(self, tokenizer: Tokenizer, tokens, length: int, overlap: int) -> list[dict]:
+    """Windows of `length` positions scoring every token of a token stream after its first
+    once, packed as training packs the stream (documents split at eos)."""
+    raise ValueError(self._cannot_roll())
+
+  def _cannot_roll(self) -> str:
+    return (f"Rolling log-likelihood (perplexity of texts) needs a decoder run; this run's "
+            f"task '{self.name}' trains model.arch='{self.arch}'.")
 
   def decoding_task(self, tokenizer: Tokenizer) -> 'Task':
     """The task that decodes with `tokenizer` (its start token set where it has one)."""
@@ -186,8 +199,14 @@ class Task:
                      f"'{self.name}' trains model.arch='{self.arch}'.")
 
   def generated_text(self, tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
-    """The text of the ids decoded after `prompt`."""
+    """The text of the ids decoded after `prompt` (without the stop id that ended them)."""
     return tokenizer.decode(new)
+
+  def generation_stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Ids that end generated text: the first is the one training put after every target
+    (decoding stops at it, and an encoder-decoder's scored continuation ends with it), any
+    of them ends the text. The tokenizer's eos by default."""
+    return (tokenizer.eos_id,)
 
   def example_batch(self, batch_size: int, seq_len: int) -> Batch:
     """Zeros of every input's shape and dtype at `seq_len`, for init and tracing."""
@@ -214,6 +233,15 @@ class Task:
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     """Training FLOPs of one step (train/flops.py has the formulas)."""
     raise NotImplementedError
+
+  def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
+                              frozen_matmul_params: int) -> float:
+    """train_flops_per_step when `frozen_matmul_params` of the parameters in matmuls (as
+    train/flops.py counts them) are frozen (LoRA's base): a frozen kernel gets no weight
+    gradient, so about 4 of its 6 training FLOPs per token remain."""
+    step = self.train_flops_per_step(params, batch_size, seq_len)
+    matmul = flops.matmul_param_count(params, self.cfg.tie_embeddings)
+    return step * (1 - frozen_matmul_params / max(matmul, 1) / 3)
 
   # --- decoding ---------------------------------------------------------------
   def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:

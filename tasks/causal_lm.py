@@ -118,8 +118,12 @@ class CausalLM(base.Task):
     """`rolling_windows` over the document as the token stream holds one (ending in eos),
     after an eos (bos for Llama's tokenizer) that predicts its first token."""
     first = tokenizer.bos_id if tokenizer.adds_bos else tokenizer.eos_id
-    rows = rolling_windows(np.asarray([first, *text, tokenizer.eos_id]), length, overlap,
-                           eos_id=tokenizer.eos_id)
+    return self.stream_rows(tokenizer, [first, *text, tokenizer.eos_id], length, overlap)
+
+  def stream_rows(self, tokenizer: Tokenizer, tokens, length: int, overlap: int):
+    """`rolling_windows` over a token stream as it is (a split's: documents ending in eos,
+    its first token unscored, as the eval pass reads it)."""
+    rows = rolling_windows(np.asarray(tokens), length, overlap, eos_id=tokenizer.eos_id)
     return [{k: v[w] for k, v in rows.items()} for w in range(len(rows['inputs']))]
 
   def generation_prompt(self, tokenizer: Tokenizer, context: list[int]) -> list[int]:

@@ -175,15 +175,27 @@ class Classification(base.Task):
   label_counts: tuple = ()  # training records per label (the majority baseline)
   seq_len: int = 0  # data.seq_len: predict cuts texts as training did (0: cfg.max_len)
 
+  # The init_from model has BERT's pooler: it was pre-trained with next-sentence prediction
+  # (masked_lm.next_sentence), or imported with it. Read by --mode=estimate, which reads no
+  # source (a run asks the source itself, train/frozen.py).
+  source_pooler: bool = True
+
   name = 'classification'
   record_kind = 'classification'
-  new_modules = ('classifier',)  # no pre-trained model has this head
+
+  @property
+  def new_modules(self) -> tuple[str, ...]:
+    """No pre-trained model has the classifier; an encoder's pooler is new where its source
+    has none (a LoRA run trains it in full)."""
+    return ('classifier',) + (('pooler',) if self.cfg.nsp_head and not self.source_pooler
+                              else ())
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, cfg) -> 'Classification':
     c = config.classification
     return cls(cfg, config.train.z_loss, labels=tuple(c.labels),
-               label_counts=tuple(c.label_counts), seq_len=config.data.seq_len)
+               label_counts=tuple(c.label_counts), seq_len=config.data.seq_len,
+               source_pooler=config.masked_lm.next_sentence)
 
   @classmethod
   def config_problem(cls, config: ml_collections.ConfigDict, selected: bool) -> str | None:

@@ -9,6 +9,7 @@ cross from one to the next; a conversation longer than data.seq_len loses its fi
 tokens (the start of its context), and the run logs how many did.
 """
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -124,9 +125,17 @@ class PairExamples(RecordExamples):
     return len(row[0]) + len(row[1])
 
 
+@functools.lru_cache(maxsize=4)
+def _template(tokenizer: Tokenizer) -> ChatTemplate:
+  """The tokenizer's chat template, made once (evals/ asks for its stop id per row)."""
+  return ChatTemplate(tokenizer)
+
+
 class Chat:
   """What both families' sft tasks share: the records' conversations, and answering
-  (`--mode=sample` answers each prompt as a user's message)."""
+  (`--mode=sample` answers each prompt as a user's message). Evaluation tasks (evals/)
+  are raw text in both families, as for a pre-trained model, never the chat template; a
+  tuned model's generation stops where its training answers stop (`generation_stop_ids`)."""
   streams = False  # the answer is printed whole
 
   def conversation(self, record: dict) -> list[dict]:
@@ -140,6 +149,11 @@ class Chat:
 
   def stop_id(self, template: ChatTemplate) -> int:
     return template.stop_id
+
+  def generation_stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """What closes a training answer (`stop_id`: <|end|>, or eos), then eos: a tuned
+    model continuing raw text may end either way."""
+    return tuple(dict.fromkeys((self.stop_id(_template(tokenizer)), tokenizer.eos_id)))
 
   def answer(self, params, tokenizer: Tokenizer, conversations: list[list[dict]],
              request: Request, keep_last: int | None = None) -> list[str]:
@@ -201,8 +215,11 @@ class SFTEncoderDecoder(Chat, SpanCorruption):
 
   def scoring_pair(self, tokenizer: Tokenizer, context: list[int],
                    continuation: list[int]) -> tuple[list[int], list[int], int]:
-    """Fine-tuned, it reads the context (and eos) and writes the continuation: no sentinel."""
-    return context + [tokenizer.eos_id], continuation, 0
+    """Fine-tuned, it reads the context (and eos) and writes the continuation and what
+    closes its training targets (<|end|>, or eos: `generation_stop_ids`), all scored, as
+    T5's rank classification scores a target and its eos: no sentinel."""
+    closing = self.generation_stop_ids(tokenizer)[0]
+    return context + [tokenizer.eos_id], continuation + [closing], 0
 
   def train_batch(self, batch_size: int, seq_len: int):
     return self.example_batch(batch_size, seq_len)

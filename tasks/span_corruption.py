@@ -147,9 +147,13 @@ class SpanCorruption(base.Task):
   def scoring_pair(self, tokenizer: Tokenizer, context: list[int],
                    continuation: list[int]) -> tuple[list[int], list[int], int]:
     """(encoder ids, decoder targets, index of the first scored target): the continuation
-    is the span that the first sentinel, at the end of the context, stands for."""
+    is the span that the first sentinel, at the end of the context, stands for, and the
+    eos that closes a last span's target in training (input_pipeline/spans.py), scored
+    with it as T5's rank classification scores a target and its eos (without it a choice
+    that is a token prefix of another would always win)."""
     sentinel = tokenizer.sentinel_ids[0]
-    return context + [sentinel, tokenizer.eos_id], [sentinel] + continuation, 1
+    closing = self.generation_stop_ids(tokenizer)[0]
+    return context + [sentinel, tokenizer.eos_id], [sentinel] + continuation + [closing], 1
 
   def scoring_rows(self, tokenizer: Tokenizer, context: list[int], continuation: list[int]):
     """One row: the encoder reads the framed context, the decoder is teacher-forced on the

@@ -192,3 +192,28 @@ def test_preference_pairs_reject_a_wrong_answer_of_the_same_kind_from_their_own_
   print(f'bible_prefs: {dict(kinds)}')
   assert set(kinds) == {(split, kind) for split in prefs
                         for kind in ('translate', 'book', 'genre', 'continue', 'quote')}
+
+
+def _right_answers_missed(prefs: dict) -> list[dict]:
+  """The pairs whose rejected answer is also right for its prompt: a book or genre holding a
+  verse of the prompt's text, a second half that continues the prompt's first half into
+  some verse's text, the verse itself (quote) or its Japanese (translate)."""
+  where = collections.defaultdict(set)  # verse text -> its books and genres, whole Bible
+  for v in bible_tasks._verses():
+    where[v.text] |= {('book', v.book), ('genre', v.genre)}
+  texts = set(where)
+  by_ref = {f'{v.book} {v.chapter}:{v.verse}': v for v in bible_tasks._verses()}
+  missed = []
+  for pair in (p for split in prefs.values() for p in split):
+    v, kind, rejected = by_ref[pair['ref']], pair['instruction'], pair['rejected']
+    right = {'book': ('book', rejected) in where[v.text],
+             'genre': ('genre', rejected) in where[v.text],
+             'continue': f'{bible_tasks._halves(v.text)[0]} {rejected}' in texts,
+             'quote': rejected == v.text, 'translate': rejected == v.japanese}[kind]
+    if right:
+      missed.append(pair)
+  return missed
+
+
+def test_no_rejected_answer_is_also_right_for_its_prompt(built):
+  assert _right_answers_missed(built['bible_prefs']) == []

@@ -1,12 +1,14 @@
 """The evaluation harness (evals/): batched log-likelihoods equal hand sums of
-log-softmax over plain forward passes (decoder, encoder-decoder) and a loop of masked
-passes (encoder pseudo-log-likelihood); acc_norm divides by bytes; few-shot prompts are
-deterministic and never show the scored example; a memorised toy task scores 100%;
-rolling bits per byte of the validation split equals --mode=eval's; bad input fails in
-one line."""
+log-softmax over plain forward passes (decoder, encoder-decoder with the token that closes
+its targets) and a loop of masked passes (encoder pseudo-log-likelihood); a choice scores
+the tokens it has after its context (a dummy-prefix tokenizer, Llama's); acc_norm divides
+by the choice's bytes; few-shot prompts are deterministic and never show the scored
+example; a memorised toy task scores 100%; rolling bits per byte of the validation split
+(`--tasks=validation_split --rolling_overlap=1`) equals --mode=eval's; results never
+overwrite a file the harness did not write; bad input fails in one line."""
+import dataclasses
 import functools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from input_pipeline import bible_tasks
 from input_pipeline.tokenizer import SentencePieceTokenizer, train_tokenizer
 from models import ModelConfig
 from tasks.causal_lm import rolling_windows
+from tasks.span_corruption import SpanCorruption
 from train import checkpointing, loop, optimizer, run_config
 from train import state as state_lib
 
@@ -41,8 +44,9 @@ def tokenizer(tmp_path_factory):
 
 
 def _cfg(arch: str, **changes) -> ModelConfig:
-  return ModelConfig(arch=arch, vocab_size=512, num_layers=1, num_heads=2, num_kv_heads=2,
-                     head_dim=16, d_model=32, d_ff=64, max_len=64, **changes)
+  return ModelConfig(**{**dict(arch=arch, vocab_size=512, num_layers=1, num_heads=2,
+                                num_kv_heads=2, head_dim=16, d_model=32, d_ff=64, max_len=64),
+                        **changes})
 
 
 # Pairs of (context, continuation) ids: ordinary ids of the tokenizer, lengths across two
@@ -91,24 +95,108 @@ def test_decoder_loglikelihoods_equal_a_hand_sum_of_log_softmax(tokenizer):
   assert len(set(np.round(got, 3))) == len(PAIRS)  # the pairs score differently
 
 
+@pytest.fixture(scope='module')
+def llama_tokenizer(tmp_path_factory):
+  """Llama 2's layout (tests/hf_fixtures.py): a dummy-prefix '▁' and bos in front."""
+  pytest.importorskip('transformers')
+  import hf_fixtures
+  from input_pipeline.tokenizer import import_tokenizer
+  root = tmp_path_factory.mktemp('llama_tokenizer')
+  return import_tokenizer(hf_fixtures.llama_tokenizer_dir(root / 'hf', vocab_size=400),
+                          str(root / 'run'))
+
+
+def test_a_choice_scores_the_tokens_it_has_after_its_context_with_a_dummy_prefix(
+    llama_tokenizer):
+  """Encoded alone, ' 1 Kings' is ['▁', '▁', '1', ...] under Llama's tokenizer; after
+  'Book:' it is ['▁', '1', ...]. A choice scores the tokens that encoding context + choice
+  adds after the context's (after bos), and a context's trailing space moves onto the
+  choice (as lm-evaluation-harness does)."""
+  tok = llama_tokenizer
+  assert tok.adds_bos and [tok.id_to_piece(i) for i in tok.encode(' 1 Kings')[:2]] == ['▁'] * 2
+  task, params = decoding_params(_cfg('decoder', vocab_size=tok.vocab_size))
+  examples = [{'context': 'Verse: In the beginning.\nBook:', 'choices': [' 1 Kings', ' Genesis'],
+               'gold': 1},
+              {'context': 'And God said: ', 'choices': ['Let there be light.', 'Amen.'],
+               'gold': 0}]
+  _, records = harness.multiple_choice(task, params, tok, from_examples('books', examples),
+                                       harness.Settings(batch_size=4))
+  for example, record in zip(examples, records):
+    context = example['context'].rstrip()
+    for choice, value in zip(example['choices'], record['loglikelihoods']):
+      ids = [tok.bos_id] + tok.encode(example['context'] + choice)
+      first = 1 + len(tok.encode(context))
+      assert ids[:first] == [tok.bos_id] + tok.encode(context)  # the prefix property holds
+      log_p = _log_softmax(task, params, {'inputs': ids[:-1], 'segment_ids': [1] * CONTEXT,
+                                          'positions': list(range(CONTEXT))})
+      want = sum(log_p[t - 1, ids[t]] for t in range(first, len(ids)))
+      np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pair_splits_where_encodings_agree_when_a_token_spans_the_boundary(tokenizer):
+  """Trailing whitespace moves onto the continuation; where the whole text's ids do not
+  start with the context's, the split falls where they part (the whole text's ids)."""
+  context, continuation, parted = harness.continuation_pair(tokenizer, 'Q: a dog ', 'follows')
+  assert (context, parted) == (tokenizer.encode('Q: a dog'), False)
+  assert continuation == tokenizer.encode('Q: a dog follows')[len(context):]
+
+  class Merging:  # 'ab' is one token, 'a' and 'b' others
+    def encode(self, text):
+      return [{'ab': 0, 'a': 1, 'b': 2}[p] for p in text.replace('ab', ' ab ').split()]
+
+  assert harness.continuation_pair(Merging(), 'b a', 'b b') == ([2], [0, 2], True)
+
+
 @pytest.mark.parametrize('name', ['span_corruption', 'sft'])
 def test_encoder_decoder_loglikelihoods_equal_a_hand_sum_of_log_softmax(tokenizer, name):
-  """Span corruption: the continuation is the span of a sentinel closing the context; a
-  fine-tuned (sft) encoder-decoder reads the context and writes the continuation."""
+  """Span corruption: the continuation is the span of a sentinel closing the context, then
+  the eos that closes a last span in training; a fine-tuned (sft) encoder-decoder reads the
+  context and writes the continuation and <|end|>, which closes its training answers. The
+  closing token is scored too (T5's rank classification)."""
   task, params = decoding_params(_cfg('encoder_decoder', position='relative'))
   task = tasks.for_model(task.cfg, name)
   got = _batched(task, params, tokenizer)
   sentinel, eos, pad = tokenizer.sentinel_ids[0], tokenizer.eos_id, tokenizer.pad_id
+  end = tokenizer.special_piece_id('<|end|>')
   for (context, continuation), value in zip(PAIRS, got):
-    source, lead = ((context + [sentinel, eos], [sentinel]) if name == 'span_corruption'
-                    else (context + [eos], []))
-    decoder_inputs = [pad] + lead + continuation[:-1]
+    source, lead, closing = ((context + [sentinel, eos], [sentinel], eos)
+                             if name == 'span_corruption' else (context + [eos], [], end))
     log_p = _log_softmax(task, params, {
         'encoder_inputs': source, 'encoder_segment_ids': [1] * len(source),
-        'encoder_positions': list(range(len(source))), 'decoder_inputs': decoder_inputs,
+        'encoder_positions': list(range(len(source))),
+        'decoder_inputs': [pad] + lead + continuation,
         'decoder_segment_ids': [1] * CONTEXT, 'decoder_positions': list(range(CONTEXT))})
-    want = sum(log_p[len(lead) + k, token] for k, token in enumerate(continuation))
+    want = sum(log_p[len(lead) + k, token] for k, token in enumerate(continuation + [closing]))
     np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bigram(SpanCorruption):
+  """A span-corruption 'model' whose next-token logits are a table row of the decoder's
+  input token: log-probabilities set by hand."""
+
+  def logits(self, params, batch, train=False, dropout_rng=None):
+    return params['table'][batch['decoder_inputs']]
+
+
+def test_a_choice_that_is_a_token_prefix_of_another_no_longer_wins_by_construction(tokenizer):
+  """Without the closing eos, log p(prefix) >= log p(prefix + more) under every model;
+  scored with it, the longer choice wins under a model that goes on after the prefix and
+  stops after the longer one. acc_norm divides by the choice's own bytes (the closing
+  token has none)."""
+  task = _Bigram(_cfg('encoder_decoder', position='relative'))
+  choices = [' the', ' the old king']
+  short, longer = (harness.continuation_pair(tokenizer, 'Who:', c)[1] for c in choices)
+  assert longer[:len(short)] == short
+  table = np.zeros((task.cfg.vocab_size, task.cfg.vocab_size), np.float32)
+  for before, after in zip(longer, longer[1:] + [tokenizer.eos_id]):
+    table[before, after] = 12.0  # goes on to the longer choice, then stops
+  task_file = from_examples('prefix', [{'context': 'Who:', 'choices': choices, 'gold': 1}])
+  _, (record,) = harness.multiple_choice(task, {'table': jnp.asarray(table)}, tokenizer,
+                                         task_file, harness.Settings(batch_size=4))
+  assert record['acc'] == 1.0
+  per_byte = np.asarray(record['loglikelihoods']) / [len(c.encode()) for c in choices]
+  assert record['pred_norm'] == int(np.argmax(per_byte))
 
 
 def test_pseudo_loglikelihood_equals_a_loop_masking_one_token_at_a_time(tokenizer):
@@ -140,6 +228,21 @@ def test_acc_norm_divides_by_utf8_bytes_not_characters():
   scores = metrics.choice_scores([-6.0, -4.0], ['日本', 'abc'], 0)
   assert (scores['pred'], scores['acc']) == (1, 0.0)
   assert (scores['pred_norm'], scores['acc_norm']) == (0, 1.0)
+
+
+def test_paired_differences_majority_baselines_and_undefined_noise():
+  """Both models answer the same prompts: the difference's standard error is that of the
+  per-example differences (here far below the unpaired sqrt(se1^2 + se2^2)); with one
+  example it is undefined, and no call is made."""
+  before, after = [1, 0, 1, 0, 1, 1, 0, 0], [1, 0, 1, 1, 1, 1, 0, 0]
+  diff, stderr = metrics.paired_difference(before, after)
+  assert diff == 0.125 and stderr == pytest.approx(np.std([0] * 7 + [1], ddof=1) / 8 ** 0.5)
+  unpaired = np.hypot(metrics.mean_and_stderr(before)[1], metrics.mean_and_stderr(after)[1])
+  assert stderr < unpaired / 1.5
+  assert metrics.within_noise(diff, stderr) is True
+  assert metrics.within_noise(0.3, 0.1) is False
+  assert metrics.within_noise(*metrics.paired_difference([0], [1])) is None
+  assert metrics.majority_baseline([2, 0, 2, 1]) == (0.5, 2)
 
 
 # --- few-shot prompts -----------------------------------------------------------------
@@ -222,7 +325,10 @@ def test_a_model_that_memorised_a_toy_task_scores_100_percent(tokenizer, tmp_pat
   assert results['toy_choice']['examples'] == 4 and results['toy_choice']['acc_stderr'] == 0.0
   assert results['toy_generate']['exact_match'] == 1.0
   assert results['toy_generate']['chrf'] == pytest.approx(100.0)
-  records = [json.loads(line) for line in open(tmp_path / 'toy_choice.jsonl')]
+  header, *records = [json.loads(line) for line in open(tmp_path / 'toy_choice.0shot.jsonl')]
+  assert header == {'header': True, 'task': 'toy_choice', 'kind': 'multiple_choice',
+                    'step': None, 'num_shots': 0, 'seed': 1234, 'limit': 0, 'max_length': 64,
+                    'batch_size': 8}
   assert [r['gold'] for r in records] == [0, 1, 2, 3] and all(r['acc'] for r in records)
   assert [len(r['loglikelihoods']) for r in records] == [4] * 4
 
@@ -247,25 +353,25 @@ def workdir(tiny_corpus, tmp_path_factory):
 
 
 def test_rolling_bits_per_byte_of_the_validation_split_equals_mode_eval(workdir):
-  """With overlap 1, rolling windows over the validation token stream are the eval pass's
-  own rows (CausalExamples: windows of seq_len + 1 tokens sharing one, packed at eos);
-  cut to whole windows (the eval pass drops the tail), the two sum the same log-
-  probabilities over the same bytes."""
+  """`--tasks=validation_split --rolling_overlap=1 --eval_batch_size=8`: the context
+  defaults to data.seq_len, and the task is the validation token stream cut as the eval
+  pass cuts it (whole windows of seq_len + 1 tokens sharing one, packed at eos; at most
+  train.eval_steps batches), so it scores the eval pass's own rows: the same
+  log-probabilities over the same bytes as --mode=eval."""
   config, path = workdir
   expected = loop.evaluate(config, path)['eval_bits_per_byte']
-  from inference.load import load_run
-  lm, params, tokenizer = load_run(run_config.saved_config(path, []), path)
+  results = harness.run(run_config.saved_config(path, []), path, ['validation_split'],
+                        harness.Settings(overlap=1, batch_size=8))
+  got = results['tasks']['validation_split']
+  seq_len = config.data.seq_len
   stream = input_pipeline.load_corpus(config, path).splits['eval']
-  length = config.data.seq_len
-  windows = (len(stream) - 1) // length
-  rows = rolling_windows(np.asarray(stream[:1 + windows * length]), length, 1,
-                         eos_id=tokenizer.eos_id)
-  rows = [{k: v[w] for k, v in rows.items()} for w in range(windows)]
-  scores = scoring.loglikelihoods(lm, params, rows, 8, length)
-  scored_bytes = sum(np.sum(tokenizer.bytes_per_token[r['targets']] * r['weights'])
-                     for r in rows)
-  assert sum(np.sum(r['weights']) for r in rows) == windows * length
-  np.testing.assert_allclose(-scores.sum() / scored_bytes / math.log(2), expected, rtol=2e-6)
+  assert results['max_length'] == seq_len and got['overlap'] == 1
+  assert got['tokens'] == (len(stream) - 1) // seq_len * seq_len  # the tail is dropped
+  np.testing.assert_allclose(got['bits_per_byte'], expected, rtol=2e-6)
+  # At most train.eval_steps batches of data.batch_size windows, as the eval pass reads.
+  one_batch = run_config.saved_config(path, ['--config.train.eval_steps=1'])
+  (document,) = harness._validation_split(one_batch, path).examples
+  assert len(document['tokens']) == 1 + config.data.batch_size * seq_len
 
 
 def test_rolling_windows_score_every_token_once_with_at_least_overlap_context():
@@ -295,9 +401,88 @@ def test_the_command_evaluates_a_workdir_and_writes_per_example_scores(workdir, 
   assert set(colors) >= {'acc', 'acc_stderr', 'acc_norm', 'acc_norm_stderr'}
   assert notes['examples'] == 1 and notes['bits_per_byte'] > 0 and notes['perplexity'] > 1
   assert notes['bytes'] == len(text_file.read_text().encode())
-  records = [json.loads(line) for line in open(os.path.join(path, 'eval', 'colors.jsonl'))]
+  header, *records = [json.loads(line)
+                      for line in open(os.path.join(path, 'eval', 'colors.1shot.jsonl'))]
+  assert header == {'header': True, 'task': 'colors', 'kind': 'multiple_choice', 'step': 1,
+                    'num_shots': 1, 'seed': 1234, 'limit': 4, 'max_length': 32,
+                    'batch_size': 32}
   assert [r['id'] for r in records] == ['c0', 'c1', 'c2', 'c3']
   assert all(r['prompt'].startswith('Example: a' + fewshot.DELIMITER) for r in records)
+  header, record = [json.loads(line)
+                    for line in open(os.path.join(path, 'eval', 'notes.0shot.jsonl'))]
+  assert header['overlap'] == 16 and record['bytes'] == notes['bytes']
+
+
+def test_the_context_defaults_to_the_length_the_run_trained(tiny_corpus, tmp_path):
+  lm = tasks.for_model(_cfg('decoder'))  # model.max_len 64
+  config = tiny_config(tiny_corpus, str(tmp_path))
+  for seq_len, flag, length in [(16, 0, 16), (128, 0, 64), (16, 48, 48)]:
+    config.data.seq_len = seq_len
+    assert harness.for_run(harness.Settings(max_length=flag), config, lm).max_length == length
+
+
+def test_results_never_overwrite_an_input_or_a_file_the_harness_did_not_write(tokenizer,
+                                                                             tmp_path):
+  out = tmp_path / 'eval'
+  out.mkdir()
+  task_file = out / 'colors.jsonl'  # a user's task file inside DIR/eval
+  task_file.write_text(json.dumps({'context': 'a', 'choices': [' b', ' c'], 'gold': 0}))
+  task, settings = load(str(task_file)), harness.Settings(num_shots=0)
+  results = out / 'colors.0shot.jsonl'
+  assert harness.output_path(str(out), task, settings) == str(results)
+  harness.check_outputs([task], settings, str(out))  # beside it: fine
+  results.symlink_to(task_file)
+  with pytest.raises(TaskError, match='would overwrite the input file'):
+    harness.check_outputs([task], settings, str(out))
+  results.unlink()
+  results.write_text('my notes\n')
+  with pytest.raises(TaskError, match='is not results the harness wrote'):
+    harness.evaluate(tasks.for_model(_cfg('decoder')), None, tokenizer, [task], settings,
+                     str(out))
+  assert results.read_text() == 'my notes\n' and task_file.read_text().startswith('{')
+
+
+def test_generation_stops_where_the_runs_training_answers_stop(tokenizer, monkeypatch):
+  """A chat-tuned run (sft, dpo; a decoder's seq2seq) ends answers with <|end|>, T5's
+  families with eos; the harness decodes to the first stop id and cuts the text at any."""
+  end, eos = tokenizer.special_piece_id('<|end|>'), tokenizer.eos_id
+  decoder, encoder_decoder = _cfg('decoder'), _cfg('encoder_decoder', position='relative')
+  stops = lambda cfg, name: tasks.for_model(cfg, name).generation_stop_ids(tokenizer)
+  for cfg in (decoder, encoder_decoder):
+    assert stops(cfg, 'auto') == (eos,)
+    assert stops(cfg, 'sft') == stops(cfg, 'dpo') == (end, eos)
+  assert stops(decoder, 'seq2seq') == (end, eos) and stops(encoder_decoder, 'seq2seq') == (eos,)
+  seen = []
+
+  def generate(lm, params, tokenizer, prompts, max_new_tokens, beam_size, batch_size, stop_ids,
+               progress=None):
+    seen.append(stop_ids)
+    return [tokenizer.encode(' the bread.') + [end]] * len(prompts)
+
+  monkeypatch.setattr(scoring, 'generate', generate)
+  task = from_examples('answers', [{'context': 'the cat sees', 'target': ' the bread.'},
+                                   {'context': 'a dog follows', 'target': ' water' * 12}])
+  results, records = harness.generation(tasks.for_model(decoder, 'sft'), None, tokenizer, task,
+                                        harness.Settings(max_new_tokens=8))
+  assert seen == [(end, eos)] and [r['output'] for r in records] == [' the bread.'] * 2
+  assert results['exact_match'] == 0.5 and results['targets_over_max_new_tokens'] == 1
+
+
+def test_beam_search_batches_are_padded_to_a_few_widths(tokenizer, monkeypatch):
+  from inference import beam
+  prepare, widths = beam.prepare, []
+
+  def recording(*args):
+    made = prepare(*args)
+    widths.append(made[2].shape)
+    return made
+
+  monkeypatch.setattr(beam, 'prepare', recording)
+  task, params = decoding_params(_cfg('decoder'))
+  prompts = [list(range(110, 110 + n)) for n in (3, 5, 9, 4, 12)]
+  new = scoring.generate(task, params, tokenizer, prompts, 4, 2, 2, (tokenizer.eos_id,))
+  assert len(new) == 5 and all(1 <= len(ids) <= 4 for ids in new)
+  assert set(widths) == {(3, 16)}  # two prompts and the filler row, one bucket
 
 
 # --- built-in tasks -------------------------------------------------------------------
@@ -322,7 +507,7 @@ def test_built_ins_score_held_out_chapters_and_show_training_chapters():
 
 
 # --- bad input: one line saying what to change -----------------------------------------
-def test_bad_tasks_and_settings_fail_in_one_line(tmp_path, tokenizer):
+def test_bad_tasks_and_settings_fail_in_one_line(tmp_path, tokenizer, monkeypatch):
   with pytest.raises(TaskError, match='Unknown task'):
     load_all(['no_such_task'])
   bad = tmp_path / 'bad.jsonl'
@@ -335,6 +520,33 @@ def test_bad_tasks_and_settings_fail_in_one_line(tmp_path, tokenizer):
   bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"text": "x"}\n')
   with pytest.raises(TaskError, match='one file holds one kind'):
     load(str(bad))
+  bad.write_text('{"context": "a", "choices": [" b", " \\n"], "gold": 0}\n')
+  with pytest.raises(TaskError, match='strings that are not blank'):
+    load(str(bad))
+  bad.write_text('{"context": "a", "choices": [" b", " c", " b"], "gold": 0}\n')
+  with pytest.raises(TaskError, match="lists ' b' twice"):
+    load(str(bad))
+  bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0, "target": " b"}\n')
+  with pytest.raises(TaskError, match='both "choices" and "target" is ambiguous'):
+    load(str(bad))
+  bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0, "text": "a note"}\n'
+                 '{"context": "a", "target": " b", "text": "a note"}\n')
+  with pytest.raises(TaskError, match=r'bad.jsonl:2: a generation example in a multiple_choice'):
+    load(str(bad))  # an extra "text" is metadata: the kinds are clear
+
+  class Dropping:  # a normalizer that drops zero-width spaces
+    encode = lambda self, text: tokenizer.encode(text.replace('\u200b', ''))
+
+  unseen = from_examples('unseen', [{'context': 'a', 'choices': [' b', '\u200b'], 'gold': 0}])
+  with pytest.raises(TaskError, match=r"example 0: the choice '\\u200b' is no tokens"):
+    harness.multiple_choice(tasks.for_model(_cfg('decoder')), None, Dropping(), unseen,
+                            harness.Settings())
+  with pytest.raises(TaskError, match='--fewshot_seed=-1 must be 0 or more'):
+    harness.Settings(seed=-1).check()
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, 'process_count', lambda: 2)
+    with pytest.raises(TaskError, match='scores on one process, not 2'):
+      harness.run(None, str(tmp_path), ['bible_genre'], harness.Settings())
   fewshot.check_shots(_toy_task(), 21)
   with pytest.raises(TaskError, match='--num_shots=22 but task .toy. has 21 train examples'):
     fewshot.check_shots(_toy_task(), 22)
@@ -379,4 +591,15 @@ def test_the_alignment_tax_experiment_runs_end_to_end_at_smoke_scale(tmp_path):
     assert set(results[stage]['1']) == {'bible_cloze', 'bible_book', 'bible_genre'}
   table = (tmp_path / 'alignment_tax.md').read_text()
   assert table.count('| bible_') == 3 * 2 * 2  # tasks x metrics x shots
+  assert (tmp_path / 'alignment_tax.png').stat().st_size > 10_000
+  assert set(results['baselines']['bible_genre']) >= {'chance', 'majority'}
+  assert results['differences']['bible_book']['acc']['1']['call'] in (
+      'within noise', 'beyond 2 standard errors')
+  # --report_only redraws all three from the per-example files, evaluating nothing.
+  for name in ('alignment_tax.md', 'alignment_tax.json', 'alignment_tax.png'):
+    (tmp_path / name).unlink()
+  subprocess.run([sys.executable, 'experiments/alignment_tax.py', f'--workdir={tmp_path}',
+                  '--report_only'], cwd=root, capture_output=True, text=True, check=True)
+  assert (tmp_path / 'alignment_tax.md').read_text() == table
+  assert json.load(open(tmp_path / 'alignment_tax.json')) == results
   assert (tmp_path / 'alignment_tax.png').stat().st_size > 10_000

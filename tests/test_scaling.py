@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import default
-from models import ModelConfig
+from models import ModelConfig, lora
 from models.config import LORA_TARGETS
 from scaling import estimate, planner, sweep
 from train import frozen as frozen_lib
+from train.config_checks import ConfigError
 import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +149,49 @@ def test_lora_gradients_and_adamw_moments_are_the_adapters_only():
   classifier = cfg.d_model * 3 + 3
   assert trained(()) == task.param_counts()['lora'] + classifier
   assert trained(('embedding',)) == trained(()) + cfg.vocab_size * cfg.d_model
+
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_dpo_memory_estimate_holds_the_reference_and_is_within_ten_percent_of_the_compiled_step(
+    lora):
+  """DPO's reference: a whole copy of the weights; with LoRA the frozen base itself (XLA sees
+  it twice, as the base and as the reference, but it is one set of arrays) and a second
+  copy of what trains in full (here the embedding)."""
+  config = _run_config('decoder')
+  config.task, config.init_from = 'dpo', 'runs/never_read'  # the estimate reads no source
+  config.data.batch_size = 4  # pairs: 8 sequences
+  if lora:
+    config.lora.update(rank=8, targets='q,v', train_in_full='embedding')
+  result = estimate.estimate(config)
+  compiled = estimate.compiled_memory(config)
+  assert abs(result['memory_bytes'] / compiled['total_bytes'] - 1) < 0.10, (result, compiled)
+  n, state = result['params'], result['train_state_bytes']
+  embedding = config.model.vocab_size * config.model.d_model
+  assert state['reference_weights'] == 4 * (embedding if lora else n)
+  base = n - result['params_by_part'].get('lora', 0) - embedding
+  assert compiled['shared_bytes'] == (4 * base if lora else 0)
+  if lora:
+    assert 'reference weights' in estimate.report(result)
+
+
+def test_frozen_parts_are_those_a_run_freezes():
+  """A lora.train_in_full part that names no parameter fails as the run would; an encoder
+  classifier's pooler trains in full where its source has none (no next-sentence head)."""
+  config = _lora_config('decoder', 'q,v,head')
+  config.lora.train_in_full = 'embeding'
+  with pytest.raises(ConfigError, match="lora.train_in_full names 'embeding', which is part "
+                                        "of no parameter's name"):
+    estimate.estimate(config)
+  cfg = dataclasses.replace(SMALL, arch='encoder', position='learned', num_labels=3,
+                            nsp_head=True, lora_rank=4, lora_targets=('q', 'v'))
+  trained = {}
+  for source_pooler in (True, False):
+    task = tasks.for_model(cfg, 'classification', source_pooler=source_pooler)
+    params = estimate.abstract_params(task)
+    frozen = estimate.frozen_paths(task, params)
+    trained[source_pooler] = {path[0] for path in traverse_util.flatten_dict(params)
+                              if path not in frozen and not lora.is_adapter(path)}
+  assert trained == {True: {'classifier'}, False: {'classifier', 'pooler'}}
 
 
 @pytest.mark.parametrize('name', ['gpt_tiny', 'bench_cpu'])

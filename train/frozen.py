@@ -63,14 +63,20 @@ def frozen_paths(config: ml_collections.ConfigDict, abstract_params) -> frozense
   in_source = init_from.source_shapes(init_from.pinned_source(config))
   names = ['/'.join(path) for path in traverse_util.flatten_dict(abstract_params)]
   in_full = lora.parse_targets(config.lora.train_in_full)  # parts of names, as 'embedding'
+  check_train_in_full(in_full, names)
+  return frozenset(tuple(name.split('/')) for name in names
+                   if name in in_source and not lora.is_adapter(tuple(name.split('/')))
+                   and not any(names_part(name, part) for part in in_full))
+
+
+def check_train_in_full(in_full: tuple[str, ...], names: list[str]) -> None:
+  """Raises ConfigError if a part of lora.train_in_full is part of none of the parameter
+  names `names` ('a/b/c')."""
   for part in in_full:
     if not any(names_part(name, part) for name in names):
       raise ConfigError(f"lora.train_in_full names '{part}', which is part of no parameter's "
                         f"name (they are like {names[0]}); name parts of the parameters to "
                         'train in full, e.g. embedding.')
-  return frozenset(tuple(name.split('/')) for name in names
-                   if name in in_source and not lora.is_adapter(tuple(name.split('/')))
-                   and not any(names_part(name, part) for part in in_full))
 
 
 def names_part(name: str, part: str) -> bool:

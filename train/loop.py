@@ -249,11 +249,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_params = state_lib.count_params(model_params)
   n_matmul = flops.matmul_param_count(model_params, run.model_cfg.tie_embeddings)
   tokens_per_step = config.data.batch_size * seq_len
-  flops_per_step = run.task.train_flops_per_step(model_params, config.data.batch_size, seq_len)
-  if frozen is not None and frozen.params:  # a frozen kernel gets no weight gradient: about
-    # 4 of its 6 training FLOPs per token remain
-    frozen_matmul = flops.matmul_param_count(frozen.params, run.model_cfg.tie_embeddings)
-    flops_per_step *= 1 - frozen_matmul / max(n_matmul, 1) / 3
+  frozen_matmul = (flops.matmul_param_count(frozen.params, run.model_cfg.tie_embeddings)
+                   if frozen is not None and frozen.params else 0)  # LoRA's base
+  flops_per_step = run.task.train_flops_with_frozen(model_params, config.data.batch_size,
+                                                    seq_len, frozen_matmul)
   flops_per_token = flops_per_step / tokens_per_step
   peak = flops.peak_flops_per_device(run.model_cfg.dtype) * run.mesh.size
   del model_params
