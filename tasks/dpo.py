@@ -132,11 +132,15 @@ def _sequences(batch) -> dict[str, Array]:
   return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items() if k != REFERENCE}
 
 
+@dataclasses.dataclass(frozen=True)
 class Preference:
   """What both families' dpo tasks share: pairs of sft rows, the reference's and the
   policy's log-probabilities of each answer, the loss and its results. A family's class
   says how a record splits into prompt and answers (`split_pair`), how a pair is cut and
   laid out (`fit_pair`), and which sft task lays out one side (`side_task`)."""
+  beta: float = 0.1
+  disable_dropout: bool = True  # the policy's log-probabilities without dropout
+  sft_weight: float = 0.0  # weight of the chosen answers' NLL per token beside DPO's loss
   record_kind = 'dpo'
   uses_reference = True
   side_task: ClassVar[type] = None
@@ -235,9 +239,6 @@ class Preference:
 @dataclasses.dataclass(frozen=True)
 class DPODecoder(Preference, SFTDecoder):
   """A decoder tuned to prefer the chosen answers; it answers prompts as sft does."""
-  beta: float = 0.1
-  disable_dropout: bool = True  # the policy's log-probabilities without dropout
-  sft_weight: float = 0.0  # weight of the chosen answers' NLL per token beside DPO's loss
 
   name = 'dpo'
   side_task = SFTDecoder
@@ -284,9 +285,6 @@ class DPODecoder(Preference, SFTDecoder):
 class DPOEncoderDecoder(Preference, SFTEncoderDecoder):
   """An encoder-decoder tuned to prefer the chosen answers: log p(y|x) is the decoder's
   log-likelihood of the answer given the prompt (chat-formatted) as the encoder's input."""
-  beta: float = 0.1
-  disable_dropout: bool = True  # the policy's log-probabilities without dropout
-  sft_weight: float = 0.0  # weight of the chosen answers' NLL per token beside DPO's loss
 
   name = 'dpo'
   side_task = SFTEncoderDecoder
