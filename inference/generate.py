@@ -17,6 +17,7 @@ import numpy as np
 from inference.quantize import for_decoding, quantize_int8
 from inference.sampling import Sampling, penalize_repeats, sample
 from models.config import ModelConfig
+from models.transformer import resize_cache
 
 Array = jax.Array
 
@@ -79,6 +80,7 @@ class Decoding(NamedTuple):
   cache: dict
   position_B: Array  # position of each row's last token
   step: Callable  # step(cache, token_B, position_B) -> (logits_BV, cache)
+  filled: int  # self-attention cache slots the prefill wrote (the next step writes this one)
 
 
 def start_decoding(task, params, ids_BP: Array, real_BP: Array) -> Decoding:
@@ -125,7 +127,28 @@ def decode_tokens(params, ids_BP: Array, real_BP: Array, key: Array, *, task,
 
   carry = (jnp.zeros((), jnp.int32), decoding.cache, decoding.logits_BV, decoding.position_B,
            seen_BV, jnp.zeros((batch,), bool), jnp.zeros((batch, max_new_tokens), jnp.int32), key)
-  return jax.lax.while_loop(not_finished, step, carry)[6]
+  # Step i writes cache slot `filled` + i. Each loop runs over a cache of `slots` slots
+  # while the writes fit, then the next one over a longer cache: attention reads about
+  # the filled slots, not all of max_len.
+  filled = decoding.filled
+  for slots in cache_lengths(filled, filled + max_new_tokens):
+    carry = carry[:1] + (resize_cache(carry[1], slots),) + carry[2:]
+    last = slots - filled  # steps before this cache is full
+    carry = jax.lax.while_loop(lambda c, last=last: not_finished(c) & (c[0] < last), step, carry)
+  return carry[6]
+
+
+def cache_lengths(filled: int, total_len: int, shortest: int = 64) -> list[int]:
+  """The cache lengths a decoding loop moves through: powers of two from `shortest`
+  (each longer than the `filled` slots) up to `total_len`, which ends the list. Reading
+  at most twice the filled slots costs few compiled loops (one per length)."""
+  lengths = []
+  length = shortest
+  while length < total_len:
+    if length > filled:
+      lengths.append(length)
+    length *= 2
+  return lengths + [total_len]
 
 
 def generate(task, params, prompts: list[list[int]], max_new_tokens: int,

@@ -241,23 +241,36 @@ def dot_product_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: Att
 
 def _float16_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask_B1TS: Array,
                        bias_BNTS: Array | None, scale: float) -> Array:
-  """jax.nn.dot_product_attention's XLA path for float16 inputs: float32 scores and
-  softmax, float16 probabilities times values. (JAX asks for the scores with the
-  F16_F16_F32 dot algorithm, which compiles on GPUs only; here they are requested as a
-  float32 result of the default algorithm, which compiles everywhere.)"""
+  """jax.nn.dot_product_attention's XLA path for float16 inputs, as `grouped_attention`
+  computes it. (JAX asks for the scores with the F16_F16_F32 dot algorithm, which
+  compiles on GPUs only; here they are requested as a float32 result of the default
+  algorithm, which compiles everywhere.)"""
+  return grouped_attention(q_BTNK, jnp.swapaxes(k_BSGK, 1, 2), jnp.swapaxes(v_BSGK, 1, 2),
+                           mask_B1TS, bias_BNTS, scale)
+
+
+def grouped_attention(q_BTNK: Array, k_BGSK: Array, v_BGSK: Array, mask_B1TS: Array,
+                      bias_BNTS: Array | None, scale: float) -> Array:
+  """[B, T, N, K] attention outputs over keys and values laid out [B, G, S, K]: float32
+  scores and softmax, probabilities in the values' dtype times the values.
+
+  This is the decode cache's layout: both products then contract their operands'
+  natural axes (batch B, G leading; S or K last), so XLA:CPU reads the cache where it
+  lies. Over [B, S, G, K] it first transposes the whole cache, every step (a [B, G, K, S]
+  copy per layer that took 60% of a batch-8 decode step: benchmarks/RESULTS.md)."""
   B, T, N, K = q_BTNK.shape
-  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
-  q_BTGRK = q_BTNK.reshape(B, T, G, N // G, K)  # query head n = g * (N / G) + r
-  scores_BGRTS = jnp.einsum('BTGRK,BSGK->BGRTS', q_BTGRK, k_BSGK,
+  G, S = k_BGSK.shape[1], k_BGSK.shape[2]
+  q_BGRTK = jnp.transpose(q_BTNK.reshape(B, T, G, N // G, K), (0, 2, 3, 1, 4))  # n = g*R + r
+  scores_BGRTS = jnp.einsum('BGRTK,BGSK->BGRTS', q_BGRTK, k_BGSK,
                             preferred_element_type=jnp.float32)
   scores_BNTS = scores_BGRTS.reshape(B, N, T, S) * jnp.float32(scale)
   if bias_BNTS is not None:
     scores_BNTS = scores_BNTS + bias_BNTS.astype(jnp.float32)
   scores_BNTS = jnp.where(mask_B1TS, scores_BNTS, -0.7 * jnp.finfo(jnp.float32).max)
-  probs_BGRTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BSGK.dtype).reshape(
+  probs_BGRTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BGSK.dtype).reshape(
       B, G, N // G, T, S)
-  out_BTGRK = jnp.einsum('BGRTS,BSGK->BTGRK', probs_BGRTS, v_BSGK)
-  return out_BTGRK.reshape(B, T, N, K)
+  out_BGRTK = jnp.einsum('BGRTS,BGSK->BGRTK', probs_BGRTS, v_BGSK)
+  return jnp.transpose(out_BGRTK, (0, 3, 1, 2, 4)).reshape(B, T, N, K)
 
 
 def attention_scale(cfg: ModelConfig) -> float:
@@ -278,41 +291,53 @@ class Attention(nn.Module):
                kv_BSD: Array | None = None, bias_BNTS: Array | None = None,
                cache_index: Array | None = None) -> Array:
     """In decode mode, causal self-attention writes this call's keys and values into a
-    [B, max_len, G, K] cache at `cache_index` (an encoder's gets none), and the queries
-    attend to the whole cache (`mask` then has S = max_len). Cross-attention
-    projects the encoder output once, on the call that passes `kv_BSD`, and later
-    calls (kv_BSD None) reuse the cached keys and values."""
+    [B, G, S, K] cache at `cache_index` (an encoder's gets none), and the queries attend
+    to the whole cache (`mask` has the cache's S: max_len when the prefill creates it,
+    less where a decoding loop resized it, models/transformer.py `resize_cache`).
+    Cross-attention projects the encoder output once, on the call that passes `kv_BSD`,
+    and later calls (kv_BSD None) reuse the cached keys and values."""
     cfg = self.cfg
-    N, G, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    N, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std = INIT_STD
     projection = functools.partial(dense, cfg, deterministic=self.deterministic)
     q_BTNK = projection((N, K), -1, ('embed', 'heads', 'kv'), std, 'query', 'q')(x_BTD)
+    if self.use_rope:
+      q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
     cross_cache = self.cross and cfg.decode
     if cross_cache and kv_BSD is None:  # a later decoding step
-      k_BSGK = self.get_variable('cache', 'cross_key')
-      v_BSGK = self.get_variable('cache', 'cross_value')
+      k_BGSK = self.get_variable('cache', 'cross_key')
+      v_BGSK = self.get_variable('cache', 'cross_value')
     else:
       kv_BSD = kv_BSD if self.cross else x_BTD
       k_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key', 'k')(kv_BSD)
       v_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value', 'v')(kv_BSD)
+      if self.use_rope:
+        k_BSGK = apply_rope(k_BSGK, positions_BT, cfg.rope_theta)
+      if not cross_cache and cache_index is None:  # training, scoring, an encoder
+        out_BTNK = dot_product_attention(q_BTNK, k_BSGK, v_BSGK, mask, bias_BNTS,
+                                         cfg.attention, attention_scale(cfg))
+        return self._out(out_BTNK)
+      # Decoding: caches are laid out [B, G, S, K] for grouped_attention.
+      k_BGSK, v_BGSK = jnp.swapaxes(k_BSGK, 1, 2), jnp.swapaxes(v_BSGK, 1, 2)
       if cross_cache:
-        self.put_variable('cache', 'cross_key', k_BSGK)
-        self.put_variable('cache', 'cross_value', v_BSGK)
-    if self.use_rope:
-      q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
-      k_BSGK = apply_rope(k_BSGK, positions_BT, cfg.rope_theta)
-    if cache_index is not None:  # a causal stack in decode mode
-      cache_shape = (k_BSGK.shape[0], cfg.max_len) + k_BSGK.shape[2:]
-      cached_k = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, k_BSGK.dtype)
-      cached_v = self.variable('cache', 'cached_value', jnp.zeros, cache_shape, v_BSGK.dtype)
-      start = (0, cache_index, 0, 0)
-      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSGK, start)
-      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BSGK, start)
-      k_BSGK, v_BSGK = cached_k.value, cached_v.value
-    out_BTNK = dot_product_attention(q_BTNK, k_BSGK, v_BSGK, mask, bias_BNTS, cfg.attention,
-                                     attention_scale(cfg))
-    out_std = std / math.sqrt(2 * cfg.num_layers)
-    return projection(D, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out', 'o')(out_BTNK)
+        self.put_variable('cache', 'cross_key', k_BGSK)
+        self.put_variable('cache', 'cross_value', v_BGSK)
+      else:  # a causal stack: this call's keys and values go to slots from cache_index on
+        cache_shape = (k_BGSK.shape[0], G, cfg.max_len, K)
+        cached_k = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, k_BGSK.dtype)
+        cached_v = self.variable('cache', 'cached_value', jnp.zeros, cache_shape, v_BGSK.dtype)
+        start = (0, 0, cache_index, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BGSK, start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BGSK, start)
+        k_BGSK, v_BGSK = cached_k.value, cached_v.value
+    return self._out(grouped_attention(q_BTNK, k_BGSK, v_BGSK, mask.dense_B1TS, bias_BNTS,
+                                       attention_scale(cfg)))
+
+  def _out(self, out_BTNK: Array) -> Array:
+    cfg = self.cfg
+    out_std = INIT_STD / math.sqrt(2 * cfg.num_layers)
+    return dense(cfg, cfg.d_model, (-2, -1), ('heads', 'kv', 'embed'), out_std, 'out', 'o',
+                 self.deterministic)(out_BTNK)
 
 
 ACTIVATION_FNS = {

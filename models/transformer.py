@@ -173,11 +173,34 @@ class CacheSlots(nn.Module):
     slot_positions.value = jax.lax.dynamic_update_slice(
         slot_positions.value, positions_BT.astype(jnp.int32), (0, start))
     slot_T1 = (start + jnp.arange(length))[:, None]
-    slots_1S = jnp.arange(cfg.max_len)[None, :]
+    slots_1S = jnp.arange(valid.value.shape[1])[None, :]  # max_len, or as resize_cache left it
     # Each query sees the real tokens up to its own slot, and always itself.
     mask_BTS = (valid.value[:, None, :] & (slots_1S <= slot_T1)) | (slots_1S == slot_T1)
     index.value = start + length
     return AttentionMask(mask_BTS[:, None], causal=True), slot_positions.value, start
+
+
+# The axis that counts cache slots, for each decode-cache variable that has one (keys and
+# values [B, G, S, K] in models/layers.py Attention, CacheSlots' [B, S]).
+_SLOT_AXES = {'cached_key': -2, 'cached_value': -2, 'valid': -1, 'positions': -1}
+
+
+def resize_cache(cache, num_slots: int):
+  """The decode cache with `num_slots` slots: the first ones kept, new ones empty (not
+  valid, so masked). Attention reads every slot of the cache at every step, so a decoding
+  loop keeps it only as long as the tokens so far need (inference/generate.py); slots at
+  or past the cache index are free, as CacheSlots leaves them."""
+  def resize(path, leaf):
+    axis = _SLOT_AXES.get(getattr(path[-1], 'key', None))
+    if axis is None:  # the index; an encoder-decoder's cross-attention keys and values
+      return leaf
+    size = leaf.shape[axis]
+    if num_slots <= size:
+      return jax.lax.slice_in_dim(leaf, 0, num_slots, axis=axis)
+    widths = [(0, 0)] * leaf.ndim
+    widths[axis] = (0, num_slots - size)
+    return jnp.pad(leaf, widths)
+  return jax.tree_util.tree_map_with_path(resize, cache)
 
 
 def causal_self_attention_inputs(cfg: ModelConfig, slots: CacheSlots | None,

@@ -159,7 +159,7 @@ class CausalLM(base.Task):
     logits_BV, cache = run({'params': params}, ids_BP, real_BP, positions_BP)
     step = lambda cache, token_B, position_B: run(
         {'params': params, 'cache': cache}, token_B[:, None], ones_B1, position_B[:, None])
-    return Decoding(logits_BV, cache, positions_BP[:, -1], step)
+    return Decoding(logits_BV, cache, positions_BP[:, -1], step, ids_BP.shape[1])
 
   def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
                on_token: Callable | None = None) -> list[str]:

@@ -221,7 +221,7 @@ class SpanCorruption(base.Task):
     logits_BV, cache = run({'params': params}, encoded_BPD, start_B, position_B)
     step = lambda cache, token_B, position_B: run({'params': params, 'cache': cache}, None,
                                                    token_B, position_B)
-    return Decoding(logits_BV, cache, position_B, step)
+    return Decoding(logits_BV, cache, position_B, step, 1)  # the start token's slot
 
   def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
                on_token: Callable | None = None) -> list[str]:

@@ -85,7 +85,7 @@ class TableTask:
       return logp_VVV[cache['last_B'], token_B], {'last_B': token_B}
 
     return Decoding(logp_VVV[ids_BP[:, -2], ids_BP[:, -1]], {'last_B': ids_BP[:, -1]},
-                    jnp.zeros(ids_BP.shape[0], jnp.int32), step)
+                    jnp.zeros(ids_BP.shape[0], jnp.int32), step, ids_BP.shape[1])
 
 
 def _bigram(rows: dict[int, dict[int, float]], vocab: int = 6):

@@ -71,6 +71,24 @@ def test_cached_greedy_equals_rerunning_the_full_sequence(changes):
   assert any(len(set(row)) > 2 for row in expected)  # not a degenerate repetition
 
 
+@pytest.mark.parametrize('changes', [dict(position='relative'), ENCODER_DECODER])
+def test_a_cache_grown_in_steps_decodes_as_one_of_full_length(changes, monkeypatch):
+  """Loops over caches of 8, then 16, then 16 + 1 slots (the decoder's prompts fill 6
+  of them; the encoder-decoder's start token 1) give the tokens of the reference."""
+  from inference import generate as generate_lib
+  assert generate_lib.cache_lengths(6, 17, shortest=4) == [8, 16, 17]
+  assert generate_lib.cache_lengths(100, 101) == [101]
+  lengths = generate_lib.cache_lengths
+  monkeypatch.setattr(generate_lib, 'cache_lengths',
+                      lambda filled, total: lengths(filled, total, shortest=4))
+  cfg = dataclasses.replace(TINY, **changes)
+  task, params = _params(cfg)
+  cached = generate(task, params, PROMPTS, 11, eos_id=-1)
+  reference = (_greedy_encoder_decoder_without_cache if cfg.arch == 'encoder_decoder'
+               else _greedy_without_cache)
+  assert cached == [reference(task, params, p, 11) for p in PROMPTS]
+
+
 def test_rows_stop_at_their_own_eos():
   cfg = TINY
   _, params = _params(cfg)
