@@ -129,3 +129,28 @@ def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
     want = expected if scan else expected_unrolled
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('length, blocks', [(128, 2), (256, 4), (96, 1)])
+def test_causal_attention_in_query_blocks_equals_the_full_product(length, blocks):
+  """Queries split into blocks that skip their future keys: outputs and gradients of
+  jax.nn.dot_product_attention, over packed documents, grouped heads and a bias."""
+  from models.layers import attention_mask, causal_query_blocks, xla_attention
+  assert causal_query_blocks(length) == blocks
+  B, N, G, K = 2, 4, 2, 8
+  keys = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(keys[0], (B, length, N, K))
+  k, v = (jax.random.normal(key, (B, length, G, K)) for key in keys[1:3])
+  bias = jax.random.normal(keys[3], (1, N, length, length))
+  segments = jnp.asarray([[1] * (length // 3) + [2] * (length - length // 3),
+                          [1] * (length - 5) + [0] * 5])  # two documents; padding
+  mask = attention_mask(segments, segments, causal=True)
+  repeat = lambda x: jnp.repeat(x, N // G, axis=2)  # query head n reads kv head n // (N/G)
+  ours = lambda q, k, v: xla_attention(q, k, v, mask, bias, 0.3)
+  reference = lambda q, k, v: jax.nn.dot_product_attention(
+      q, repeat(k), repeat(v), bias=bias, mask=mask.dense_B1TS, scale=0.3, implementation='xla')
+  cotangent = jax.random.normal(keys[4], q.shape)
+  for got, want in zip(jax.vjp(ours, q, k, v)[1](cotangent),
+                       jax.vjp(reference, q, k, v)[1](cotangent)):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-5, rtol=2e-5)
