@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.generate import prepare, start_decoding
+from models.transformer import reorder_cache
 
 Array = jax.Array
 
@@ -67,7 +68,7 @@ def _beam_search(params, ids_BP: Array, real_BP: Array, *, task, max_new_tokens:
     live_BWN = jnp.take_along_axis(tokens_BCN, keep_BW[:, :, None], axis=1)
     token_BW, beam_BW = (jnp.take_along_axis(x, keep_BW, axis=1) for x in (token_BC, beam_BC))
     source_R = (jnp.arange(batch)[:, None] * width + beam_BW).reshape(rows)
-    cache = jax.tree.map(lambda c: c[source_R] if c.ndim else c, cache)
+    cache = reorder_cache(cache, source_R)
     position_R = position_R[source_R] + 1
     logits_RV, cache = decoding.step(cache, token_BW.reshape(rows), position_R)
     return (i + 1, cache, jax.nn.log_softmax(logits_RV), position_R, live_BW, live_BWN,

@@ -252,42 +252,45 @@ def xla_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: AttentionMa
   query block's future: queries [a, b) read keys [0, b) only, which saves (n - 1) / 2n
   of the scores' work for n blocks (37.5% at n = 4; benchmarks/RESULTS.md has the
   speed-up on a CPU)."""
-  T, S = q_BTNK.shape[1], k_BSGK.shape[1]
-  k_BGSK, v_BGSK = jnp.swapaxes(k_BSGK, 1, 2), jnp.swapaxes(v_BSGK, 1, 2)
+  B, T, N, K = q_BTNK.shape
+  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+  k_HSK, v_HSK = (jnp.swapaxes(x, 1, 2).reshape(B * G, S, K) for x in (k_BSGK, v_BSGK))
   blocks = causal_query_blocks(T) if mask.causal and T == S else 1
   size = T // blocks
   out_BTNK = []
   for start in range(0, T, size):
     end = start + size if blocks > 1 else S
     out_BTNK.append(grouped_attention(
-        q_BTNK[:, start:start + size], k_BGSK[:, :, :end], v_BGSK[:, :, :end],
+        q_BTNK[:, start:start + size], k_HSK[:, :end], v_HSK[:, :end],
         mask.dense_B1TS[:, :, start:start + size, :end],
         None if bias_BNTS is None else bias_BNTS[:, :, start:start + size, :end], scale))
   return out_BTNK[0] if blocks == 1 else jnp.concatenate(out_BTNK, axis=1)
 
 
-def grouped_attention(q_BTNK: Array, k_BGSK: Array, v_BGSK: Array, mask_B1TS: Array,
+def grouped_attention(q_BTNK: Array, k_HSK: Array, v_HSK: Array, mask_B1TS: Array,
                       bias_BNTS: Array | None, scale: float) -> Array:
-  """[B, T, N, K] attention outputs over keys and values laid out [B, G, S, K]: float32
-  scores and softmax, probabilities in the values' dtype times the values.
+  """[B, T, N, K] attention outputs over keys and values of H = B * G rows (row b * G + g
+  holds kv head g of example b; query head n reads kv head n // (N / G)): float32 scores
+  and softmax, probabilities in the values' dtype times the values.
 
-  This is the decode cache's layout: both products then contract their operands'
-  natural axes (batch B, G leading; S or K last), so XLA:CPU reads the cache where it
-  lies. Over [B, S, G, K] it first transposes the whole cache, every step (a [B, G, K, S]
-  copy per layer that took 60% of a batch-8 decode step: benchmarks/RESULTS.md)."""
+  This is the decode cache's layout: both products have the one batch axis H and
+  contract their operands' natural axes, so XLA:CPU reads the cache where it lies and
+  writes each step's keys into it in place. Over [B, S, G, K] it transposed the whole
+  cache every step (60% of a batch-8 decode step), and over [B, G, S, K] at batch 1 it
+  copied it (benchmarks/RESULTS.md)."""
   B, T, N, K = q_BTNK.shape
-  G, S = k_BGSK.shape[1], k_BGSK.shape[2]
-  q_BGRTK = jnp.transpose(q_BTNK.reshape(B, T, G, N // G, K), (0, 2, 3, 1, 4))  # n = g*R + r
-  scores_BGRTS = jnp.einsum('BGRTK,BGSK->BGRTS', q_BGRTK, k_BGSK,
-                            preferred_element_type=jnp.float32)
-  scores_BNTS = scores_BGRTS.reshape(B, N, T, S) * jnp.float32(scale)
+  H, S = k_HSK.shape[:2]
+  G = H // B
+  R = N // G  # query heads per kv head
+  q_HQK = jnp.transpose(q_BTNK.reshape(B, T, G, R, K), (0, 2, 3, 1, 4)).reshape(H, R * T, K)
+  scores_HQS = jnp.einsum('HQK,HSK->HQS', q_HQK, k_HSK, preferred_element_type=jnp.float32)
+  scores_BNTS = scores_HQS.reshape(B, N, T, S) * jnp.float32(scale)
   if bias_BNTS is not None:
     scores_BNTS = scores_BNTS + bias_BNTS.astype(jnp.float32)
   scores_BNTS = jnp.where(mask_B1TS, scores_BNTS, -0.7 * jnp.finfo(jnp.float32).max)
-  probs_BGRTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BGSK.dtype).reshape(
-      B, G, N // G, T, S)
-  out_BGRTK = jnp.einsum('BGRTS,BGSK->BGRTK', probs_BGRTS, v_BGSK)
-  return jnp.transpose(out_BGRTK, (0, 3, 1, 2, 4)).reshape(B, T, N, K)
+  probs_HQS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_HSK.dtype).reshape(H, R * T, S)
+  out_HQK = jnp.einsum('HQS,HSK->HQK', probs_HQS, v_HSK)
+  return jnp.transpose(out_HQK.reshape(B, G, R, T, K), (0, 3, 1, 2, 4)).reshape(B, T, N, K)
 
 
 def attention_scale(cfg: ModelConfig) -> float:
@@ -308,7 +311,7 @@ class Attention(nn.Module):
                kv_BSD: Array | None = None, bias_BNTS: Array | None = None,
                cache_index: Array | None = None) -> Array:
     """In decode mode, causal self-attention writes this call's keys and values into a
-    [B, G, S, K] cache at `cache_index` (an encoder's gets none), and the queries attend
+    [B * G, S, K] cache at `cache_index` (an encoder's gets none), and the queries attend
     to the whole cache (`mask` has the cache's S: max_len when the prefill creates it,
     less where a decoding loop resized it, models/transformer.py `resize_cache`).
     Cross-attention projects the encoder output once, on the call that passes `kv_BSD`,
@@ -322,8 +325,8 @@ class Attention(nn.Module):
       q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
     cross_cache = self.cross and cfg.decode
     if cross_cache and kv_BSD is None:  # a later decoding step
-      k_BGSK = self.get_variable('cache', 'cross_key')
-      v_BGSK = self.get_variable('cache', 'cross_value')
+      k_HSK = self.get_variable('cache', 'cross_key')
+      v_HSK = self.get_variable('cache', 'cross_value')
     else:
       kv_BSD = kv_BSD if self.cross else x_BTD
       k_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key', 'k')(kv_BSD)
@@ -334,20 +337,21 @@ class Attention(nn.Module):
         out_BTNK = dot_product_attention(q_BTNK, k_BSGK, v_BSGK, mask, bias_BNTS,
                                          cfg.attention, attention_scale(cfg))
         return self._out(out_BTNK)
-      # Decoding: caches are laid out [B, G, S, K] for grouped_attention.
-      k_BGSK, v_BGSK = jnp.swapaxes(k_BSGK, 1, 2), jnp.swapaxes(v_BSGK, 1, 2)
+      # Decoding: caches hold H = B * G rows of [S, K] for grouped_attention.
+      B, S = k_BSGK.shape[:2]
+      k_HSK, v_HSK = (jnp.swapaxes(x, 1, 2).reshape(B * G, S, K) for x in (k_BSGK, v_BSGK))
       if cross_cache:
-        self.put_variable('cache', 'cross_key', k_BGSK)
-        self.put_variable('cache', 'cross_value', v_BGSK)
+        self.put_variable('cache', 'cross_key', k_HSK)
+        self.put_variable('cache', 'cross_value', v_HSK)
       else:  # a causal stack: this call's keys and values go to slots from cache_index on
-        cache_shape = (k_BGSK.shape[0], G, cfg.max_len, K)
-        cached_k = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, k_BGSK.dtype)
-        cached_v = self.variable('cache', 'cached_value', jnp.zeros, cache_shape, v_BGSK.dtype)
-        start = (0, 0, cache_index, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BGSK, start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BGSK, start)
-        k_BGSK, v_BGSK = cached_k.value, cached_v.value
-    return self._out(grouped_attention(q_BTNK, k_BGSK, v_BGSK, mask.dense_B1TS, bias_BNTS,
+        cache_shape = (B * G, cfg.max_len, K)
+        cached_k = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, k_HSK.dtype)
+        cached_v = self.variable('cache', 'cached_value', jnp.zeros, cache_shape, v_HSK.dtype)
+        start = (0, cache_index, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_HSK, start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_HSK, start)
+        k_HSK, v_HSK = cached_k.value, cached_v.value
+    return self._out(grouped_attention(q_BTNK, k_HSK, v_HSK, mask.dense_B1TS, bias_BNTS,
                                        attention_scale(cfg)))
 
   def _out(self, out_BTNK: Array) -> Array:

@@ -181,8 +181,9 @@ class CacheSlots(nn.Module):
 
 
 # The axis that counts cache slots, for each decode-cache variable that has one (keys and
-# values [B, G, S, K] in models/layers.py Attention, CacheSlots' [B, S]).
+# values [B * G, S, K] in models/layers.py Attention, CacheSlots' [B, S]).
 _SLOT_AXES = {'cached_key': -2, 'cached_value': -2, 'valid': -1, 'positions': -1}
+_GROUPED_ROWS = ('cached_key', 'cached_value', 'cross_key', 'cross_value')
 
 
 def resize_cache(cache, num_slots: int):
@@ -201,6 +202,21 @@ def resize_cache(cache, num_slots: int):
     widths[axis] = (0, num_slots - size)
     return jnp.pad(leaf, widths)
   return jax.tree_util.tree_map_with_path(resize, cache)
+
+
+def reorder_cache(cache, source_R: Array):
+  """The decode cache whose row r is row source_R[r] of `cache` (beam search's beams
+  following their parents). Keys and values hold G rows per example (models/layers.py
+  Attention), every other variable one (the index none)."""
+  rows = source_R.shape[0]
+  def reorder(path, leaf):
+    if not leaf.ndim:
+      return leaf
+    if getattr(path[-1], 'key', None) in _GROUPED_ROWS:
+      grouped = leaf.reshape((rows, leaf.shape[0] // rows) + leaf.shape[1:])
+      return grouped[source_R].reshape(leaf.shape)
+    return leaf[source_R]
+  return jax.tree_util.tree_map_with_path(reorder, cache)
 
 
 def causal_self_attention_inputs(cfg: ModelConfig, slots: CacheSlots | None,
