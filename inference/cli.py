@@ -3,6 +3,8 @@
 The run's task decides what a completion is (tasks/): a decoder continues the prompt,
 an encoder fills its [MASK]s, an encoder-decoder writes a span for each [MASK].
 """
+import dataclasses
+import os
 import sys
 
 from absl import flags
@@ -26,6 +28,12 @@ _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
 _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
                            "sample: compute dtype and weight storage (default: the run's).")
 _GREEDY = flags.DEFINE_bool('greedy', False, 'sample: always take the most likely token.')
+_DRAFT_WORKDIR = flags.DEFINE_string(
+    'draft_workdir', None, 'sample: speculative decoding: a smaller decoder run with the same '
+    'tokenizer proposes tokens that this run checks, several per call (greedy output is '
+    "unchanged, sampling keeps this run's distribution); prompts are decoded one at a time.")
+_NUM_DRAFT_TOKENS = flags.DEFINE_integer('num_draft_tokens', 4, 'sample: tokens the draft '
+                                         'proposes per round of speculative decoding.')
 _MERGE_LORA = flags.DEFINE_bool('merge_lora', True, 'sample: fold a LoRA run\'s adapters into '
                                 'its weights (false: run them beside the frozen base).')
 
@@ -44,24 +52,67 @@ def _request():
                       top_k=_TOP_K.value, top_p=_TOP_P.value,
                       repetition_penalty=_REPETITION_PENALTY.value)
   sampling.check()
+  if _DRAFT_WORKDIR.value:
+    from inference.speculative import check_request
+    check_request(sampling, _NUM_DRAFT_TOKENS.value, _BEAM_SIZE.value)
   return Request(max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling, seed=_SEED.value,
                  beam_size=_BEAM_SIZE.value, length_penalty=_LENGTH_PENALTY.value,
                  quantize=_QUANTIZE.value, stop=tuple(_STOP.value))
 
 
-def sample(config, workdir: str) -> None:
-  """Prints each prompt's completion; streams tokens when there is one prompt on a
-  terminal and the task continues it."""
+def _draft_config(config, workdir: str):
+  """The draft run's own config, once its tokenizer is known to be this run's."""
+  from input_pipeline.tokenizer import EXTRA_IDS_FILE, HF_FILE, SENTENCEPIECE_FILE, tokenizer_file
+  from train import run_config
+  draft_workdir = _DRAFT_WORKDIR.value
+  draft_config = run_config.saved_config(draft_workdir, [])
+
+  def contents(directory, name):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path, 'rb') as f:
+        return f.read()
+  differs = [name for name in (SENTENCEPIECE_FILE, EXTRA_IDS_FILE, HF_FILE)
+             if contents(workdir, name) != contents(draft_workdir, name)]
+  if config.model.vocab_size != draft_config.model.vocab_size:
+    differs.append(f'model.vocab_size: {draft_config.model.vocab_size}, not '
+                   f'{config.model.vocab_size}')
+  if differs:
+    raise ValueError(
+        f"--draft_workdir={draft_workdir} does not share this run's tokenizer (it differs in "
+        f"{'; '.join(differs)}); speculative decoding needs the same token ids. Train the draft "
+        f'with this tokenizer: copy {tokenizer_file(workdir)} into its new workdir before '
+        'training it (a run keeps the tokenizer its workdir holds).')
+  return draft_config
+
+
+def _load(config, workdir: str):
+  """(task, params, tokenizer) of a run, computing in --dtype where given."""
   import jax
   from inference.load import load_run
-  prompts, request = _prompts(), _request()
   if _DTYPE.value:
     config.dtype = _DTYPE.value
   task, params, tokenizer = load_run(config, workdir, _MERGE_LORA.value)
   if _DTYPE.value in ('bfloat16', 'float16'):
     params = jax.tree.map(lambda x: x.astype(_DTYPE.value), params)
+  return task, params, tokenizer
+
+
+def sample(config, workdir: str) -> None:
+  """Prints each prompt's completion; streams tokens when there is one prompt on a
+  terminal and the task continues it (without a draft model)."""
+  prompts, request = _prompts(), _request()
+  if _DRAFT_WORKDIR.value:
+    draft_config = _draft_config(config, workdir)  # checked before either run is loaded
+  task, params, tokenizer = _load(config, workdir)
+  if _DRAFT_WORKDIR.value:
+    from inference.speculative import Draft
+    draft_task, draft_params, _ = _load(draft_config, _DRAFT_WORKDIR.value)
+    request = dataclasses.replace(request, draft=Draft(draft_task, draft_params,
+                                                       _NUM_DRAFT_TOKENS.value))
   stream = (task.streams and len(prompts) == 1 and sys.stdout.isatty() and not request.stop
-            and not request.beam_size)  # beams are only known at the end
+            and not request.beam_size  # beams are only known at the end
+            and request.draft is None)
   if not stream:
     for text in task.complete(params, tokenizer, prompts, request):
       print(text, flush=True)

@@ -60,6 +60,9 @@ class Request:
   length_penalty: float = 0.6  # GNMT length penalty of beam search
   quantize: str = 'none'  # 'int8': weight-only int8 (inference/quantize.py)
   stop: tuple[str, ...] = ()  # cut each completion at the first of these strings
+  # A speculative.Draft: its model proposes tokens the run's model checks (one prompt at a
+  # time; inference/speculative.py). Not compared or hashed: it holds parameters.
+  draft: object = dataclasses.field(default=None, compare=False)
 
 
 def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantize: str):
@@ -81,6 +84,9 @@ class Decoding(NamedTuple):
   position_B: Array  # position of each row's last token
   step: Callable  # step(cache, token_B, position_B) -> (logits_BV, cache)
   filled: int  # self-attention cache slots the prefill wrote (the next step writes this one)
+  # step_many(cache, tokens_BT, positions_BT) -> (float32 logits_BTV, cache): T tokens in one
+  # call (speculative decoding); None where the task has none (an encoder-decoder's).
+  step_many: Callable | None = None
 
 
 def start_decoding(task, params, ids_BP: Array, real_BP: Array) -> Decoding:

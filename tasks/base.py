@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from inference import speculative
 from inference.beam import beam_search
 from inference.generate import Decoding, Request, generate
 from input_pipeline.pipeline import Examples
@@ -261,8 +262,14 @@ class Task:
 
 def continuations(task: Task, params, prompt_ids: list[list[int]], request: Request,
                   eos_id: int, on_token: Callable | None = None) -> list[list[int]]:
-  """New token ids for each prompt, by beam search or sampling as the request says; a
-  row ends at `eos_id` (the tokenizer's)."""
+  """New token ids for each prompt, by beam search, speculative decoding with the
+  request's draft model, or sampling, as the request says; a row ends at `eos_id` (the
+  tokenizer's)."""
+  if request.draft is not None:
+    speculative.check_request(request.sampling, request.draft.num_tokens, request.beam_size)
+    return speculative.generate(task, params, request.draft, prompt_ids, request.max_new_tokens,
+                                request.sampling, request.seed, eos_id=eos_id,
+                                quantize=request.quantize)
   if request.beam_size:
     return beam_search(task, params, prompt_ids, request.max_new_tokens, request.beam_size,
                        request.length_penalty, eos_id=eos_id, quantize=request.quantize)

@@ -159,7 +159,12 @@ class CausalLM(base.Task):
     logits_BV, cache = run({'params': params}, ids_BP, real_BP, positions_BP)
     step = lambda cache, token_B, position_B: run(
         {'params': params, 'cache': cache}, token_B[:, None], ones_B1, position_B[:, None])
-    return Decoding(logits_BV, cache, positions_BP[:, -1], step, ids_BP.shape[1])
+
+    def step_many(cache, ids_BT, positions_BT):  # every position's logits (speculative decoding)
+      logits_BTV, variables = model.apply({'params': params, 'cache': cache}, ids_BT,
+                                          jnp.ones_like(ids_BT), positions_BT, mutable=['cache'])
+      return logits_BTV.astype(jnp.float32), variables['cache']
+    return Decoding(logits_BV, cache, positions_BP[:, -1], step, ids_BP.shape[1], step_many)
 
   def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
                on_token: Callable | None = None) -> list[str]:

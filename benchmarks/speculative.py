@@ -1,0 +1,135 @@
+"""Speculative decoding against plain greedy decoding at batch 1: one JSON line.
+
+python -m benchmarks.speculative --json --target_workdir=T --draft_workdir=D \
+    --num_draft_tokens=2,4 [--new_tokens=128]
+
+With trained runs (same tokenizer) the prompt is --prompt's first --prompt_len tokens.
+Without them: random weights of the peer shape (vocab 8192, d_model 384, 6 heads,
+d_ff 1536), a target of 8 layers and a draft of 2, and a random prompt; random models
+rarely agree, so their acceptance rate is low and speculation only costs time there.
+Every loop is timed over the whole generation (prefill included, compilation not, best
+of 3, the loops taking turns), with no EOS so both write exactly --new_tokens tokens. For each K:
+tokens_per_s and speed_up over plain greedy; acceptance_rate, the share of proposed
+draft tokens kept; tokens_per_target_call, tokens per verifying call of the target
+(1 + kept per round, the prefill not counted); identical, whether the tokens equal plain
+greedy's (they should, up to float rounding on near-tied logits). draft_tokens_per_s is
+plain greedy with the draft alone, for its cost relative to the target's.
+"""
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import tasks
+from inference.generate import decode_tokens, prepare
+from inference.sampling import Sampling
+from inference.speculative import check_models, speculative_tokens
+from models import ModelConfig
+
+_TARGET_WORKDIR = flags.DEFINE_string('target_workdir', None, 'A trained decoder run (default: '
+                                      'random weights of the peer shape, 8 layers).')
+_DRAFT_WORKDIR = flags.DEFINE_string('draft_workdir', None, 'A smaller run with the same '
+                                     'tokenizer (default: random weights, 2 layers).')
+_NUM_DRAFT_TOKENS = flags.DEFINE_list('num_draft_tokens', ['2', '4'], 'Values of K to time.')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens.')
+_PROMPT = flags.DEFINE_string(
+    'prompt', 'In the beginning, God created the heavens and the earth. The earth was formless '
+    "and empty. Darkness was on the surface of the deep and God's Spirit was hovering over the "
+    'surface of the waters.', "Trained runs: the text whose first prompt_len tokens are the "
+    'prompt.')
+_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.', allow_override=True)
+
+
+def _best_seconds(runs: dict, repeats: int = 3) -> tuple[dict, dict]:
+  """({name: best seconds of `repeats` after a compiling call}, {name: outputs}). The
+  repeats take turns, so load from other work on a shared machine falls on all alike."""
+  outputs = {name: jax.block_until_ready(run()) for name, run in runs.items()}
+  best = dict.fromkeys(runs, float('inf'))
+  for _ in range(repeats):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(run())
+      best[name] = min(best[name], time.perf_counter() - start)
+  return best, outputs
+
+
+def _random_models(max_len: int):
+  """(target, draft) (task, params) pairs of the peer shape, 8 and 2 layers."""
+  models = []
+  for seed, layers in enumerate((8, 2)):
+    cfg = ModelConfig(vocab_size=8192, num_layers=layers, num_heads=6, num_kv_heads=6,
+                      head_dim=64, d_model=384, d_ff=1536, max_len=max_len, position='learned',
+                      norm='layernorm', dtype=jnp.float32)
+    task = tasks.for_model(cfg)
+    models.append((task, nn.unbox(task.init(jax.random.key(seed), task.example_batch(1, 8)))))
+  prompt = np.random.default_rng(0).integers(200, 8192, _PROMPT_LEN.value).tolist()
+  return models, prompt
+
+
+def _trained_models():
+  """(target, draft) (task, params) pairs of the two runs, and the prompt's tokens."""
+  from inference.load import load_run
+  from train import run_config
+  loaded = [load_run(run_config.saved_config(workdir, []), workdir)
+            for workdir in (_TARGET_WORKDIR.value, _DRAFT_WORKDIR.value)]
+  models = [(task, params) for task, params, _ in loaded]
+  prompt = loaded[0][2].encode(_PROMPT.value)[:_PROMPT_LEN.value]
+  if len(prompt) < _PROMPT_LEN.value:
+    raise ValueError(f'--prompt is {len(prompt)} tokens; give a text of at least '
+                     f'--prompt_len={_PROMPT_LEN.value}.')
+  return models, prompt
+
+
+def main(argv):
+  del argv
+  if bool(_TARGET_WORKDIR.value) != bool(_DRAFT_WORKDIR.value):
+    raise app.UsageError('Give both --target_workdir and --draft_workdir, or neither.')
+  draft_counts = [int(k) for k in _NUM_DRAFT_TOKENS.value]
+  new = _NEW_TOKENS.value
+  if _TARGET_WORKDIR.value:
+    ((task, params), (draft_task, draft_params)), prompt = _trained_models()
+  else:
+    ((task, params), (draft_task, draft_params)), prompt = _random_models(
+        _PROMPT_LEN.value + new + max(draft_counts))
+  check_models(task, draft_task, [prompt], new, max(draft_counts))
+  task, params, ids, real = prepare(task, params, [prompt], new, 'none')  # as generate() does
+  draft_task, draft_params, _, _ = prepare(draft_task, draft_params, [prompt], new, 'none')
+  greedy = Sampling(temperature=0.0)
+  key = jax.random.key(0)
+  runs = {'plain': lambda: decode_tokens(params, ids, real, key, task=task, max_new_tokens=new,
+                                         sampling=greedy, eos_id=-1),
+          'draft': lambda: decode_tokens(draft_params, ids, real, key, task=draft_task,
+                                         max_new_tokens=new, sampling=greedy, eos_id=-1)}
+  for k in draft_counts:
+    runs[k] = lambda k=k: speculative_tokens(
+        params, draft_params, ids, real, key, -1, task=task, draft_task=draft_task,
+        max_new_tokens=new, num_draft_tokens=k, sampling=greedy)
+  seconds, outputs = _best_seconds(runs)
+  results = []
+  for k in draft_counts:
+    tokens, counts = outputs[k]
+    rounds, accepted = int(counts['rounds']), int(counts['accepted'])
+    results.append({'num_draft_tokens': k, 'tokens_per_s': new / seconds[k],
+                    'speed_up': seconds['plain'] / seconds[k],
+                    'acceptance_rate': accepted / (k * rounds),
+                    'tokens_per_target_call': 1 + accepted / rounds,
+                    'identical': bool(np.array_equal(tokens, outputs['plain']))})
+  result = {'benchmark': 'speculative', 'backend': jax.default_backend(),
+            'device': jax.devices()[0].device_kind,
+            'target': _TARGET_WORKDIR.value or 'random, 8 layers',
+            'draft': _DRAFT_WORKDIR.value or 'random, 2 layers',
+            'target_layers': task.cfg.num_layers, 'draft_layers': draft_task.cfg.num_layers,
+            'batch': 1, 'prompt_len': len(prompt), 'new_tokens': new,
+            'plain_tokens_per_s': new / seconds['plain'],
+            'draft_tokens_per_s': new / seconds['draft'],
+            'speculative': results}
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
