@@ -1,14 +1,34 @@
 """Greedy decoding throughput of the GPT peer shape with random weights: one JSON line.
 
 python -m benchmarks.decode --json --batch=1 --new_tokens=128 [--arch=encoder_decoder]
+    [--quantize=int8] [--compare=hf]
 
 Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt (a T5 has
 6 such layers on each side and reads the prompt with its encoder); reports
 time to first token (prefill + first sample, compiled) and new tokens/s over the
 whole generation (all rows together), excluding compilation, and peak_bytes: XLA's
 compiled memory of the generation (arguments + outputs + temporaries).
+
+Against the memory roofline (benchmarks/roofline.py), all measured in this process:
+
+    bytes_per_step        = weight bytes + batch x filled key/value cache bytes
+                            (roofline.decode_bytes_per_step has the exact formula)
+    achieved_bytes_per_s  = bytes_per_step x new_tokens / total_s
+    roofline_share        = achieved_bytes_per_s / memory_bandwidth_bytes_per_s
+
+where memory_bandwidth_bytes_per_s is a read bandwidth (a jitted sum over 256 MB). A share
+above 1 means the step read less from DRAM than it used (weights that stayed in a large
+last-level cache between steps) or that other work slowed the bandwidth measurement.
+
+--compare=hf builds the same model, with the same weights (interop's GPT-2 layout), as
+`transformers`' GPT2LMHeadModel in float32 and times its greedy `generate` (eager
+PyTorch on every core, best of 3 after a warm-up): hf_tokens_per_s, speedup_vs_hf, and
+hf_tokens_agree, the share of generated tokens equal to ours (a check that both ran the
+same model; bfloat16 weights or float rounding on near-tied random logits can lower it).
 """
+import importlib.util
 import json
+import os
 import time
 
 import flax.linen as nn
@@ -18,8 +38,12 @@ import numpy as np
 from absl import app, flags
 
 import tasks
+from benchmarks import Program, roofline
 from inference.generate import decode_tokens, prepare
+from inference.quantize import dequantize
 from inference.sampling import Sampling
+from interop import weights
+from interop.families import gpt2
 from models import ModelConfig
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
@@ -31,11 +55,16 @@ _ARCH = flags.DEFINE_enum('arch', 'decoder', ['decoder', 'encoder_decoder'],
                           'decoder: GPT; encoder_decoder: a T5 of the same width and depth on '
                           'each side (the prompt is the encoder input).')
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'], 'Weight quantization.')
-_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.')
+# allow_override: benchmarks/train_step.py has a --compare and a --json of its own, and
+# benchmarks/profile.py imports both.
+_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'hf'],
+                             "hf: also time transformers' generate on the same model.",
+                             allow_override=True)
+_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.', allow_override=True)
 
 
 def _timed(fn, repeats: int = 3) -> float:
-  jax.block_until_ready(fn())  # compile
+  jax.block_until_ready(fn())  # warm-up
   best = float('inf')
   for _ in range(repeats):
     start = time.perf_counter()
@@ -44,39 +73,120 @@ def _timed(fn, repeats: int = 3) -> float:
   return best
 
 
-def main(argv):
-  del argv
-  decoder = _ARCH.value == 'decoder'
-  cfg = ModelConfig(arch=_ARCH.value, vocab_size=8192, num_layers=6, num_heads=6, num_kv_heads=6,
+def setup(batch: int, prompt_len: int, new_tokens: int, dtype: str = 'float32',
+          arch: str = 'decoder', quantize: str = 'none'):
+  """(task, decode_tokens' arguments, its static options): the peer shape with random
+  weights, prepared as generate() prepares them (layers unrolled, int8 if asked)."""
+  decoder = arch == 'decoder'
+  cfg = ModelConfig(arch=arch, vocab_size=8192, num_layers=6, num_heads=6, num_kv_heads=6,
                     head_dim=64, d_model=384, d_ff=1536,
-                    max_len=(_PROMPT_LEN.value + _NEW_TOKENS.value if decoder  # prompt + output
-                             else max(_PROMPT_LEN.value, _NEW_TOKENS.value + 1)),  # either side
+                    max_len=(prompt_len + new_tokens if decoder  # prompt + output
+                             else max(prompt_len, new_tokens + 1)),  # either side
                     position='learned' if decoder else 'relative', norm='layernorm',
-                    dtype=jnp.dtype(_DTYPE.value))
+                    dtype=jnp.dtype(dtype))
   task = tasks.for_model(cfg)
   params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
   params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)  # weights stored as computed
-  prompts = np.random.default_rng(0).integers(200, 8192, (_BATCH.value, _PROMPT_LEN.value))
-  task, params, ids, real = prepare(task, params, prompts.tolist(), _NEW_TOKENS.value,
-                                    _QUANTIZE.value)  # as generate() does
-  inputs = (params, ids, real, jax.random.key(0))
+  prompts = np.random.default_rng(0).integers(200, 8192, (batch, prompt_len))
+  task, params, ids, real = prepare(task, params, prompts.tolist(), new_tokens, quantize)
   options = dict(task=task, sampling=Sampling(temperature=0.0), eos_id=-1)
-  run = lambda new: decode_tokens(*inputs, max_new_tokens=new, **options)
+  return task, (params, ids, real, jax.random.key(0)), options
+
+
+def generation(inputs, options, new_tokens: int) -> Program:
+  """The compiled generation of `new_tokens` tokens per row (prefill and every step)."""
+  compiled = decode_tokens.lower(*inputs, max_new_tokens=new_tokens, **options).compile()
+  return Program(compiled, lambda: compiled(*inputs))
+
+
+def program(batch: int, prompt_len: int, new_tokens: int, dtype: str = 'float32',
+            arch: str = 'decoder', quantize: str = 'none') -> Program:
+  """The benchmark's whole generation, for benchmarks/profile.py."""
+  _, inputs, options = setup(batch, prompt_len, new_tokens, dtype, arch, quantize)
+  return generation(inputs, options, new_tokens)
+
+
+def program_from_flags() -> Program:
+  return program(_BATCH.value, _PROMPT_LEN.value, _NEW_TOKENS.value, _DTYPE.value,
+                 _ARCH.value, _QUANTIZE.value)
+
+
+def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
+  """(new tokens [B, new_tokens], best seconds of 3 after a warm-up) of transformers'
+  greedy GPT2LMHeadModel.generate on our model's weights (int8 ones dequantized, so
+  both compute with the same values), float32, eager PyTorch on every core. No eos
+  token: generate runs all max_new_tokens steps, as ours with eos_id=-1 does (a
+  min_new_tokens would instead forbid one real token)."""
+  import torch
+  import transformers
+  cfg = task.cfg
+  fields = {k: v for k, v in gpt2.hf_config(cfg).items() if k != 'model_type'}
+  config = transformers.GPT2Config(**fields, bos_token_id=None, eos_token_id=None,
+                                   pad_token_id=0)
+  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(params)),
+                          cfg.scan_layers)
+  torch.set_num_threads(os.cpu_count())
+  model = transformers.GPT2LMHeadModel(config).eval()
+  missing, unexpected = model.load_state_dict(
+      {name: torch.from_numpy(np.asarray(x, np.float32)) for name, x in tensors.items()},
+      strict=False)
+  if unexpected or set(missing) - {'lm_head.weight'}:  # lm_head is tied to wte
+    raise RuntimeError(f'GPT2LMHeadModel state mismatch: missing {missing}, '
+                       f'unexpected {unexpected}.')
+  input_ids = torch.from_numpy(np.asarray(ids_BP, np.int64))
+
+  def run():
+    with torch.inference_mode():
+      return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                            max_new_tokens=new_tokens, do_sample=False)
+  tokens = run()  # warm-up
+  best = float('inf')
+  for _ in range(3):
+    start = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - start)
+  return tokens[:, ids_BP.shape[1]:].numpy(), best
+
+
+def main(argv):
+  del argv
+  batch, new_tokens, prompt_len = _BATCH.value, _NEW_TOKENS.value, _PROMPT_LEN.value
+  if _COMPARE.value == 'hf':
+    if _ARCH.value != 'decoder':
+      raise app.UsageError('--compare=hf compares a decoder (GPT-2); drop --arch or --compare.')
+    if not all(importlib.util.find_spec(m) for m in ('torch', 'transformers')):
+      raise app.UsageError('--compare=hf needs torch and transformers: '
+                           'pip install -r requirements-dev.txt')
+  task, inputs, options = setup(batch, prompt_len, new_tokens, _DTYPE.value, _ARCH.value,
+                                _QUANTIZE.value)
+  whole, first = generation(inputs, options, new_tokens), generation(inputs, options, 1)
   # XLA's compiled memory of the whole generation: arguments (weights, prompts) + outputs
   # + temporaries (cache, activations, any dequantized weights).
-  memory = decode_tokens.lower(*inputs, max_new_tokens=_NEW_TOKENS.value,
-                               **options).compile().memory_analysis()
+  memory = whole.compiled.memory_analysis()
   peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  first_token_s = _timed(lambda: run(1))
-  total_s = _timed(lambda: run(_NEW_TOKENS.value))
+  first_token_s = _timed(first.run)
+  total_s = _timed(whole.run)
+  bandwidth = roofline.measure_memory_bandwidth()
+  bytes_per_step = roofline.decode_bytes_per_step(task.cfg, inputs[0], batch, prompt_len,
+                                                  new_tokens)
+  achieved = bytes_per_step * new_tokens / total_s
+  tokens_per_s = batch * new_tokens / total_s
   result = {'benchmark': 'decode', 'backend': jax.default_backend(),
             'device': jax.devices()[0].device_kind, 'dtype': _DTYPE.value,
             'quantize': _QUANTIZE.value, 'arch': _ARCH.value,
-            'batch': _BATCH.value, 'prompt_len': _PROMPT_LEN.value,
-            'new_tokens': _NEW_TOKENS.value, 'time_to_first_token_s': first_token_s,
-            'total_s': total_s, 'tokens_per_s': _BATCH.value * _NEW_TOKENS.value / total_s,
-            'peak_bytes': peak_bytes}
+            'batch': batch, 'prompt_len': prompt_len,
+            'new_tokens': new_tokens, 'time_to_first_token_s': first_token_s,
+            'total_s': total_s, 'tokens_per_s': tokens_per_s,
+            'peak_bytes': peak_bytes, 'bytes_per_step': bytes_per_step,
+            'achieved_bytes_per_s': achieved, 'memory_bandwidth_bytes_per_s': bandwidth,
+            'roofline_share': achieved / bandwidth}
+  if _COMPARE.value == 'hf':
+    hf_tokens, hf_s = hf_generate(task, inputs[0], inputs[1], new_tokens)
+    ours = np.asarray(whole.run())
+    hf_tokens_per_s = batch * new_tokens / hf_s
+    result.update(hf_tokens_per_s=hf_tokens_per_s, speedup_vs_hf=tokens_per_s / hf_tokens_per_s,
+                  hf_tokens_agree=float(np.mean(ours == hf_tokens)))
   print(json.dumps(result), flush=True)
 
 

@@ -1,10 +1,17 @@
 """Training throughput of one config on random tokens: one JSON line.
 
-python -m benchmarks.train_step --config=configs/bench_cpu.py --json
+python -m benchmarks.train_step --config=configs/bench_cpu.py --json [--compare=torch]
 
 Reports tokens/s, step time, MFU, compile time and, on CPU, the float32 matmul
 rate measured in the same process (the practical peak MFU is taken against).
+
+--compare=torch trains the same model, initialised with the same weights, in eager
+PyTorch (benchmarks/torch_reference.py: nanoGPT's GPT, AdamW, every core) on the same
+batch shape for the same number of steps: torch_tokens_per_s, torch_mfu (against the
+same FLOPs per token and the same peak), speedup_vs_torch (ours / theirs), and both
+first steps' losses (first_loss, torch_first_loss: equal when both run the same model).
 """
+import importlib.util
 import json
 import time
 
@@ -14,13 +21,21 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import tasks
+from benchmarks import Program
 from models import padded_vocab_size
 from train import config_checks, flops, optimizer, sharding, state as state_lib, steps
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.',
                                           lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).')
-_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line on stdout.')
+# allow_override: benchmarks/profile.py imports this and benchmarks/decode.py, and has a
+# --steps of its own; decode.py has its own --compare and --json.
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).',
+                              allow_override=True)
+_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torch'],
+                             'torch: also time a PyTorch reference of the same model.',
+                             allow_override=True)
+_JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line on stdout.',
+                          allow_override=True)
 
 
 def random_batch(task, rng: np.random.Generator, batch_size: int, seq_len: int, vocab: int):
@@ -32,7 +47,9 @@ def random_batch(task, rng: np.random.Generator, batch_size: int, seq_len: int, 
   return batch
 
 
-def measure(config) -> dict:
+def build(config):
+  """(task, compiled train step, initial state, two random batches, compile seconds,
+  devices) of `config`, as a run builds them."""
   config_checks.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   config_checks.validate_against_mesh(config, dict(mesh.shape))
@@ -50,27 +67,59 @@ def measure(config) -> dict:
   batches = [sharding.global_batch(random_batch(task, rng, config.data.batch_size,
                                                 config.data.seq_len, vocab), mesh)
              for _ in range(2)]
-
   start = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
-  compile_s = time.perf_counter() - start
-  state, metrics = compiled(state, batches[0])  # warm-up
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for i in range(_STEPS.value):
-    state, metrics = compiled(state, batches[i % 2])
-  jax.block_until_ready((state, metrics))
-  step_s = (time.perf_counter() - start) / _STEPS.value
+  return task, compiled, state, batches, time.perf_counter() - start, mesh.size
 
+
+def stepping(compiled, state, batches) -> Program:
+  """The train step on alternate batches; each call takes the state the last one
+  returned (the step donates it) and returns (state, metrics)."""
+  calls = 0
+
+  def run():
+    nonlocal state, calls
+    state, metrics = compiled(state, batches[calls % len(batches)])
+    calls += 1
+    return state, metrics
+  return Program(compiled, run)
+
+
+def program(config) -> Program:
+  """The benchmark's train step, for benchmarks/profile.py."""
+  _, compiled, state, batches, _, _ = build(config)
+  return stepping(compiled, state, batches)
+
+
+def program_from_flags() -> Program:
+  return program(_CONFIG.value)
+
+
+def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
+  task, compiled, state, batches, compile_s, devices = build(config)
+  cfg = task.cfg
   tokens_per_step = config.data.batch_size * config.data.seq_len
   flops_per_token = (task.train_flops_per_step(state.params, config.data.batch_size,
                                                config.data.seq_len) / tokens_per_step)
-  peak = flops.peak_flops_per_device(cfg.dtype) * mesh.size
+  params_count = state_lib.count_params(state.params)
+  reference = None
+  if compare == 'torch':  # from our initial weights, copied before the step donates them
+    from benchmarks import torch_reference
+    reference = torch_reference.load_params(torch_reference.GPT(cfg), state.params)
+  step = stepping(compiled, state, batches)
+  _, first = jax.block_until_ready(step.run())  # warm-up
+  start = time.perf_counter()
+  for _ in range(num_steps):
+    out = step.run()
+  _, metrics = jax.block_until_ready(out)
+  step_s = (time.perf_counter() - start) / num_steps
+
+  peak = flops.peak_flops_per_device(cfg.dtype) * devices
   tokens_per_s = tokens_per_step / step_s
   result = {
       'benchmark': 'train_step', 'backend': jax.default_backend(),
-      'device': jax.devices()[0].device_kind, 'devices': mesh.size,
-      'dtype': jax.numpy.dtype(cfg.dtype).name, 'params': state_lib.count_params(state.params),
+      'device': jax.devices()[0].device_kind, 'devices': devices,
+      'dtype': jax.numpy.dtype(cfg.dtype).name, 'params': params_count,
       'flops_per_token': flops_per_token, 'batch_size': config.data.batch_size,
       'seq_len': config.data.seq_len, 'tokens_per_s': tokens_per_s, 'step_s': step_s,
       'compile_s': compile_s, 'mfu': tokens_per_s * flops_per_token / peak,
@@ -78,12 +127,25 @@ def measure(config) -> dict:
   }
   if jax.default_backend() == 'cpu':
     result['cpu_matmul_flops'] = peak
+  if reference is not None:
+    batch = jax.device_get(batches[0])
+    torch_result = torch_reference.measure(reference, config.train, batch['inputs'],
+                                           batch['targets'], num_steps)
+    # The first step's losses, from the same weights on the same batch, agree when
+    # both run the same model.
+    result.update(torch_tokens_per_s=torch_result['tokens_per_s'],
+                  torch_mfu=torch_result['tokens_per_s'] * flops_per_token / peak,
+                  speedup_vs_torch=tokens_per_s / torch_result['tokens_per_s'],
+                  first_loss=float(first['loss']), torch_first_loss=torch_result['first_loss'])
   return result
 
 
 def main(argv):
   del argv
-  result = measure(_CONFIG.value)
+  if _COMPARE.value == 'torch':
+    if importlib.util.find_spec('torch') is None:
+      raise app.UsageError('--compare=torch needs torch: pip install -r requirements-dev.txt')
+  result = measure(_CONFIG.value, _STEPS.value, _COMPARE.value)
   if not _JSON.value:
     logging.info('%s', result)
   print(json.dumps(result), flush=True)

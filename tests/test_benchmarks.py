@@ -1,0 +1,122 @@
+"""The benchmarks' own arithmetic: the PyTorch reference is our model (same loss and
+gradients from the same weights), the profile's per-op table finds the ops that ran with
+their times and a dot's FLOPs from its shapes, and a decode step's bytes follow the
+roofline formula. (Timings live in the benchmarks, never here.)"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tasks
+from benchmarks import Program, op_table, roofline
+from configs import bench_cpu
+from models import ModelConfig
+
+
+def _tiny(**model):
+  """bench_cpu's model, tiny: 2 layers, d_model 64, vocab 256, seq 16."""
+  config = bench_cpu.get_config()
+  config.model.update(num_layers=2, num_heads=4, d_model=64, d_ff=128, max_len=16,
+                      vocab_size=256, **model)
+  config.data.update(seq_len=16, batch_size=3)
+  cfg = tasks.model_config(config, 256, jnp.float32)
+  return config, cfg, tasks.from_config(config, cfg)
+
+
+@pytest.mark.parametrize('model', [{}, dict(use_bias=True, norm_eps=1e-5, scan_layers=True)],
+                         ids=['bench_cpu', 'biases_scanned'])
+def test_torch_reference_computes_our_loss_and_gradients(model):
+  torch = pytest.importorskip('torch')
+  from benchmarks import torch_reference
+  _, cfg, task = _tiny(**model)
+  rng = np.random.default_rng(0)
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 16)))
+  # Perturbed, so norms' scales and biases (zeros and ones at init) matter too.
+  params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), params)
+  batch = dict(task.example_batch(3, 16))
+  batch['inputs'], batch['targets'] = (jnp.asarray(rng.integers(0, 256, (3, 16)), jnp.int32)
+                                       for _ in range(2))
+
+  def mean_loss(p):
+    _, sums = task.loss(p, batch, None, False)
+    return sums['loss'] / sums['weight']
+  loss, grads = jax.value_and_grad(mean_loss)(params)
+
+  reference = torch_reference.load_params(torch_reference.GPT(cfg), params)
+  as_torch = lambda x: torch.from_numpy(np.asarray(x, np.int64))
+  torch_loss = reference(as_torch(batch['inputs']), as_torch(batch['targets']))
+  torch_loss.backward()
+  assert abs(torch_loss.item() - float(loss)) <= 1e-4
+  layer_0 = (grads['decoder']['layers'] if cfg.scan_layers else grads['decoder']['layer_0'])
+  up = np.asarray(layer_0['mlp']['up']['kernel'])
+  up = up[0] if cfg.scan_layers else up
+  torch_up = reference.transformer.h[0].mlp.c_fc.weight.grad.numpy().T
+  np.testing.assert_allclose(torch_up, up, atol=1e-6, rtol=1e-4)
+  # The tied embedding: its gradient sums the lookup's and the output projection's.
+  np.testing.assert_allclose(reference.transformer.wte.weight.grad.numpy(),
+                             np.asarray(grads['token_embed']['embedding']), atol=1e-6, rtol=1e-4)
+
+
+def test_torch_reference_refuses_what_it_cannot_build():
+  pytest.importorskip('torch')
+  from benchmarks import torch_reference
+  with pytest.raises(ValueError, match="model.position='rope'"):
+    torch_reference.GPT(ModelConfig(position='rope', norm='layernorm'))
+
+
+def _looped(x_MN, w_NN):
+  """A matmul inside a loop that writes one row of a cache per step, as decoding does."""
+  def body(i, carry):
+    y_MN, cache_SMN = carry
+    y_MN = jnp.tanh(y_MN @ w_NN)
+    return y_MN, jax.lax.dynamic_update_slice(cache_SMN, y_MN[None], (i, 0, 0))
+  return jax.lax.fori_loop(0, 3, body, (x_MN, jnp.zeros((4,) + x_MN.shape)))
+
+
+def test_profile_table_times_the_ops_that_ran_and_counts_dot_flops(tmp_path):
+  M, N = 32, 64
+  x, w = jnp.ones((M, N)), jnp.full((N, N), 0.01)
+  compiled = jax.jit(_looped).lower(x, w).compile()
+  rows, totals = op_table.profile(Program(compiled, lambda: compiled(x, w)), 2, str(tmp_path))
+
+  module = op_table.Module(compiled.as_text())
+  assert rows and all(row['op'] in module.instructions for row in rows)
+  assert all(row['count'] > 0 and row['total_ms'] >= 0 for row in rows)
+  assert sum(row['total_ms'] for row in rows) > 0
+  assert abs(sum(row['share'] for row in rows) - 1) < 1e-6
+  assert totals['steps'] == 2 and totals['wall_s'] > 0
+  # The matmul (a dot, or a fusion holding it) ran 3 times per call, 2 calls.
+  dots = [row for row in rows if row['flops']]
+  assert len(dots) == 1 and dots[0]['count'] == 6
+  assert dots[0]['flops'] == 2 * M * N * N
+  assert dots[0]['gflop_per_s'] > 0 and 'dot' in dots[0]['what']
+  # The cache row is written in place: its op moves a row, not the [4, M, N] cache.
+  cache_bytes = 4 * M * N * 4
+  writes = [row for row in rows if 'dynamic-update-slice' in row['what']]
+  assert writes and all(row['bytes'] < cache_bytes for row in writes)
+  merged = op_table.rows_by_what(rows)
+  assert sum(row['count'] for row in merged) == sum(row['count'] for row in rows)
+  assert [row['flops'] for row in merged if row['flops']] == [2 * M * N * N]
+  lines = (tmp_path / 'profile.jsonl').read_text().splitlines()
+  assert len(lines) == len(rows)
+  assert 'GFLOP/s' in op_table.format_table(rows, totals)
+
+
+def test_module_counts_batched_dot_flops_from_shapes():
+  def f(q_BTK, k_BSK):
+    return jnp.einsum('BTK,BSK->BTS', q_BTK, k_BSK)
+  B, T, S, K = 2, 3, 5, 7
+  compiled = jax.jit(f).lower(jnp.ones((B, T, K)), jnp.ones((B, S, K))).compile()
+  module = op_table.Module(compiled.as_text())
+  entry = module.computations[module.entry]
+  assert sum(module.flops(i) for i in entry) == 2 * B * T * S * K
+
+
+def test_decode_bytes_per_step_is_weights_plus_the_mean_filled_cache():
+  cfg = ModelConfig(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_model=32)
+  params = {'a': jnp.zeros((10, 3), jnp.float32), 'b': jnp.zeros((5,), jnp.int8)}
+  batch, prompt, new = 3, 4, 6
+  kv_per_slot = 2 * 2 * 2 * 8 * 4  # layers x (k, v) x kv_heads x head_dim x float32
+  expected = 10 * 3 * 4 + 5 + batch * kv_per_slot * (prompt + (new + 1) / 2)
+  assert roofline.decode_bytes_per_step(cfg, params, batch, prompt, new) == expected
