@@ -154,3 +154,18 @@ def test_causal_attention_in_query_blocks_equals_the_full_product(length, blocks
                        jax.vjp(reference, q, k, v)[1](cotangent)):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('num_input_axes', [1, 2])
+def test_two_d_product_gradients_equal_autodiffs(num_input_axes):
+  from models.layers import _contract, contract_inputs
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (3, 5, 4, 6))  # [B, T, in...] with in = (6,) or (4, 6)
+  kernel = jax.random.normal(keys[1], x.shape[4 - num_input_axes:] + (7, 2))
+  cotangent = jax.random.normal(keys[2], x.shape[:4 - num_input_axes] + (7, 2))
+  ours = jax.vjp(lambda x, k: contract_inputs(x, k, num_input_axes), x, kernel)
+  autodiff = jax.vjp(lambda x, k: _contract(x, k, num_input_axes), x, kernel)
+  np.testing.assert_allclose(ours[0], autodiff[0], rtol=1e-6)
+  for got, want in zip(ours[1](cotangent), autodiff[1](cotangent)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
