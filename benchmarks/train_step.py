@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 import tasks
 from benchmarks import Program
-from models import padded_vocab_size
+from models import kernels, padded_vocab_size
 from train import config_checks, flops, optimizer, sharding, state as state_lib, steps
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.',
@@ -54,8 +54,9 @@ def build(config):
   mesh = sharding.make_mesh(config.mesh)
   config_checks.validate_against_mesh(config, dict(mesh.shape))
   vocab = config.model.vocab_size or padded_vocab_size(config.data.tokenizer.vocab_size)
-  cfg = tasks.model_config(config, vocab,
-                           config_checks.compute_dtype(config, jax.default_backend()))
+  cfg = kernels.resolve_attention(  # the kernel a run picks (train/loop.py)
+      tasks.model_config(config, vocab, config_checks.compute_dtype(config, jax.default_backend())),
+      config.data.seq_len)
   task = tasks.from_config(config, cfg)
   tx = optimizer.make_optimizer(config.train)
   _, shardings = state_lib.state_shardings(task, tx, mesh, config.data.seq_len)
