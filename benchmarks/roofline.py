@@ -41,6 +41,11 @@ def kv_bytes(cfg: ModelConfig, slots: float) -> float:
   return layers * 2 * cfg.num_kv_heads * cfg.head_dim * slots * jnp.dtype(cfg.dtype).itemsize
 
 
+
+def _cross_key_or_value(path) -> bool:
+  names = [getattr(p, 'key', '') for p in path]
+  return 'cross_attention' in names and ('key' in names or 'value' in names)
+
 def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt_len: int,
                           new_tokens: int) -> float:
   """Bytes one decode step must read, averaged over a generation of `new_tokens` steps:
@@ -50,7 +55,8 @@ def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt_len: int,
   weight_bytes: the parameters as stored (int8 values and their float32 scales after
   --quantize=int8, else the dtype's size) that a step uses, each matrix once (the tied
   embedding as the output projection; lookups, norms and biases are small): all of a
-  decoder's, an encoder-decoder's without its encoder (which reads the prompt once).
+  decoder's, an encoder-decoder's without its encoder (which reads the prompt once) and
+  its cross-attention key and value projections (used at the first step only).
   filled: the mean number of self-attention slots a step attends over. Step i (0-based)
   sees its own key and everything before it: a decoder's prompt_len + i + 1 slots, mean
   prompt_len + (new_tokens + 1) / 2; an encoder-decoder's decoder starts from one start
@@ -60,5 +66,9 @@ def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt_len: int,
     filled, cross = prompt_len + (new_tokens + 1) / 2, 0
   else:
     filled, cross = 1 + (new_tokens + 1) / 2, prompt_len
+    # Without the encoder (it reads the prompt once) and the cross-attention key and value
+    # projections (the first step fills their cache; later steps read the cache).
     params = {name: sub for name, sub in params.items() if not name.startswith('encoder')}
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: None if _cross_key_or_value(path) else x, params)
   return weight_bytes(params) + batch * kv_bytes(cfg, filled + cross)

@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,11 @@ class GPT(nn.Module):
     problems += gpt2.export_problems(cfg)
     if cfg.dropout:
       problems.append(f'model.dropout={cfg.dropout} (the reference has none)')
+    if cfg.activation != 'gelu_tanh':
+      problems.append(f"model.activation='{cfg.activation}' (the reference's MLP is GPT-2's "
+                      "tanh GELU)")
+    if jnp.dtype(cfg.dtype) != jnp.float32:
+      problems.append(f'dtype {jnp.dtype(cfg.dtype).name} (the reference runs float32)')
     if problems:
       raise ValueError(f"The PyTorch reference cannot build this model: {'; '.join(problems)}.")
     self.cfg = cfg

@@ -105,6 +105,8 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
   params_count = state_lib.count_params(state.params)
   reference = None
   if compare == 'torch':  # from our initial weights, copied before the step donates them
+    if jax.default_backend() != 'cpu':
+      raise ValueError('--compare=torch runs PyTorch on the CPU; compare on a CPU backend.')
     from benchmarks import torch_reference
     reference = torch_reference.load_params(torch_reference.GPT(cfg), state.params)
   step = stepping(compiled, state, batches)

@@ -2,9 +2,9 @@
 decode entry point (`task.start_decoding`, tasks/).
 
 The task prefills the prompts (left-padded, so prompts of different lengths share a
-batch) and returns a step function; here one token per step is chosen inside a
-jitted `lax.while_loop`. Each row stops at its own EOS; the loop stops when all
-rows have.
+batch) and returns a step function; here one token per step is chosen inside jitted
+`lax.while_loop`s, one per cache length (`cache_lengths`). Each row stops at its own EOS;
+the loops stop when all rows have.
 """
 import dataclasses
 import functools
@@ -146,8 +146,9 @@ def decode_tokens(params, ids_BP: Array, real_BP: Array, key: Array, *, task,
 
 def cache_lengths(filled: int, total_len: int, shortest: int = 64) -> list[int]:
   """The cache lengths a decoding loop moves through: powers of two from `shortest`
-  (each longer than the `filled` slots) up to `total_len`, which ends the list. Reading
-  at most twice the filled slots costs few compiled loops (one per length)."""
+  (each longer than the `filled` slots) up to `total_len`, which ends the list. Past the
+  shortest, attention reads at most twice the filled slots, for few compiled loops (one
+  per length)."""
   lengths = []
   length = shortest
   while length < total_len:

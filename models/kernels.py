@@ -51,7 +51,7 @@ def resolve_attention(cfg: ModelConfig, seq_len: int) -> ModelConfig:
       implementation = 'cudnn'
     cfg = dataclasses.replace(cfg, attention=implementation)
   logging.info('Attention: %s.', {
-      'xla': "XLA (dot_product_attention, implementation='xla')",
+      'xla': 'XLA (models/layers.py xla_attention: einsums, causal query blocks)',
       'cudnn': 'cuDNN fused flash attention',
       'splash': f'splash (Pallas TPU flash kernel) where lengths are multiples of '
                 f'{splash.BLOCK} and no bias is added, XLA elsewhere'}[cfg.attention])

@@ -291,8 +291,8 @@ def xla_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: AttentionMa
   query block's future: queries [a, b) read keys [0, b) only, which saves (n - 1) / 2n
   of the scores' work for n blocks (37.5% at n = 4; benchmarks/RESULTS.md has the
   speed-up on a CPU)."""
-  B, T, N, K = q_BTNK.shape
-  S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+  B, T = q_BTNK.shape[:2]
+  S, G, K = k_BSGK.shape[1:]
   k_HSK, v_HSK = (jnp.swapaxes(x, 1, 2).reshape(B * G, S, K) for x in (k_BSGK, v_BSGK))
   blocks = causal_query_blocks(T) if mask.causal and T == S else 1
   size = T // blocks

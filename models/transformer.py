@@ -153,8 +153,9 @@ class Classifier(nn.Module):
 class CacheSlots(nn.Module):
   """Decode-mode bookkeeping of a causal self-attention key/value cache.
 
-  Returns the mask over the cache ([B, 1, T, max_len]), the positions of the tokens in
-  its slots [B, max_len] (for relative position biases), and the slot this call's
+  Returns the mask over the cache's S slots ([B, 1, T, S]; S is max_len as the prefill
+  creates it, less while a decoding loop keeps it shorter: resize_cache), the positions of
+  the tokens in its slots [B, S] (for relative position biases), and the slot this call's
   first token is written to. Slots remember which rows hold real tokens (left padding
   does not), so rows of different prompt lengths share a batch.
   """

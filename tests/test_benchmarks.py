@@ -2,6 +2,8 @@
 gradients from the same weights), the profile's per-op table finds the ops that ran with
 their times and a dot's FLOPs from its shapes, and a decode step's bytes follow the
 roofline formula. (Timings live in the benchmarks, never here.)"""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,11 @@ def test_torch_reference_refuses_what_it_cannot_build():
   from benchmarks import torch_reference
   with pytest.raises(ValueError, match="model.position='rope'"):
     torch_reference.GPT(ModelConfig(position='rope', norm='layernorm'))
+  gpt2_like = dict(position='learned', norm='layernorm')
+  with pytest.raises(ValueError, match="model.activation='relu'"):
+    torch_reference.GPT(ModelConfig(activation='relu', **gpt2_like))
+  with pytest.raises(ValueError, match='dtype bfloat16'):
+    torch_reference.GPT(ModelConfig(activation='gelu_tanh', dtype=jnp.bfloat16, **gpt2_like))
 
 
 def _looped(x_MN, w_NN):
@@ -120,3 +127,11 @@ def test_decode_bytes_per_step_is_weights_plus_the_mean_filled_cache():
   kv_per_slot = 2 * 2 * 2 * 8 * 4  # layers x (k, v) x kv_heads x head_dim x float32
   expected = 10 * 3 * 4 + 5 + batch * kv_per_slot * (prompt + (new + 1) / 2)
   assert roofline.decode_bytes_per_step(cfg, params, batch, prompt, new) == expected
+  # An encoder-decoder: without the encoder and the decoder's cross-attention key and value
+  # kernels (the first step caches their products); with the cached encoder keys/values.
+  t5 = dataclasses.replace(cfg, arch='encoder_decoder')
+  params = {'encoder': {'w': jnp.zeros((7,), jnp.float32)},
+            'decoder': {'layer_0': {'cross_attention': {'key': {'kernel': jnp.zeros((9,))},
+                                                        'query': {'kernel': jnp.zeros((2,))}}}}}
+  expected = 2 * 4 + batch * kv_per_slot * (1 + (new + 1) / 2 + prompt)
+  assert roofline.decode_bytes_per_step(t5, params, batch, prompt, new) == expected

@@ -78,14 +78,17 @@ def test_a_cache_grown_in_steps_decodes_as_one_of_full_length(changes, monkeypat
   from inference import generate as generate_lib
   assert generate_lib.cache_lengths(6, 17, shortest=4) == [8, 16, 17]
   assert generate_lib.cache_lengths(100, 101) == [101]
-  lengths = generate_lib.cache_lengths
-  monkeypatch.setattr(generate_lib, 'cache_lengths',
-                      lambda filled, total: lengths(filled, total, shortest=4))
+  lengths, calls = generate_lib.cache_lengths, []
+  def short_lengths(filled, total):
+    calls.append((filled, total))
+    return lengths(filled, total, shortest=4)
+  monkeypatch.setattr(generate_lib, 'cache_lengths', short_lengths)
   cfg = dataclasses.replace(TINY, **changes)
   task, params = _params(cfg)
   cached = generate(task, params, PROMPTS, 11, eos_id=-1)
   reference = (_greedy_encoder_decoder_without_cache if cfg.arch == 'encoder_decoder'
                else _greedy_without_cache)
+  assert calls  # traced anew with the short lengths, not taken from the jit cache
   assert cached == [reference(task, params, p, 11) for p in PROMPTS]
 
 

@@ -97,6 +97,10 @@ def test_sampling_gives_valid_tokens_and_a_seed_reproduces_them():
   assert [len(row) for row in first] == [NEW] * len(PROMPTS)
   assert all(0 <= t < TARGET.vocab_size for row in first for t in row)
   assert run(1) == first and run(2) != first
+  stats = {}  # a draft equal to the target: p = q at every position, every proposal kept
+  same = speculative.Draft(task, params, 3)
+  speculative.generate(task, params, same, PROMPTS, NEW, sampling, 1, eos_id=-1, stats=stats)
+  assert stats['accepted'] == 3 * stats['rounds']
 
 
 @pytest.mark.parametrize('draft_changes, prompts, message', [
