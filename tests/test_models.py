@@ -150,10 +150,12 @@ def test_causal_attention_in_query_blocks_equals_the_full_product(length, blocks
   reference = lambda q, k, v: jax.nn.dot_product_attention(
       q, repeat(k), repeat(v), bias=bias, mask=mask.dense_B1TS, scale=0.3, implementation='xla')
   cotangent = jax.random.normal(keys[4], q.shape)
-  for got, want in zip(jax.vjp(ours, q, k, v)[1](cotangent),
-                       jax.vjp(reference, q, k, v)[1](cotangent)):
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=2e-5, rtol=2e-5)
+  outputs_and_gradients = lambda f: jax.jit(
+      lambda q, k, v: (f(q, k, v), jax.vjp(f, q, k, v)[1](cotangent)))(q, k, v)
+  (got_out, got), (want_out, want) = map(outputs_and_gradients, (ours, reference))
+  np.testing.assert_allclose(got_out, want_out, atol=2e-5, rtol=2e-5)
+  for got_grad, want_grad in zip(got, want):
+    np.testing.assert_allclose(got_grad, want_grad, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize('num_input_axes', [1, 2])
