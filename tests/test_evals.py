@@ -511,28 +511,24 @@ def test_bad_tasks_and_settings_fail_in_one_line(tmp_path, tokenizer, monkeypatc
   with pytest.raises(TaskError, match='Unknown task'):
     load_all(['no_such_task'])
   bad = tmp_path / 'bad.jsonl'
-  bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"context": oops}\n')
-  with pytest.raises(TaskError, match=r'bad.jsonl:2: not valid JSON'):
-    load(str(bad))
-  bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 2}\n')
-  with pytest.raises(TaskError, match=r'bad.jsonl:1: "gold" must be the index'):
-    load(str(bad))
-  bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"text": "x"}\n')
-  with pytest.raises(TaskError, match='one file holds one kind'):
-    load(str(bad))
-  bad.write_text('{"context": "a", "choices": [" b", " \\n"], "gold": 0}\n')
-  with pytest.raises(TaskError, match='strings that are not blank'):
-    load(str(bad))
-  bad.write_text('{"context": "a", "choices": [" b", " c", " b"], "gold": 0}\n')
-  with pytest.raises(TaskError, match="lists ' b' twice"):
-    load(str(bad))
-  bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0, "target": " b"}\n')
-  with pytest.raises(TaskError, match='both "choices" and "target" is ambiguous'):
-    load(str(bad))
-  bad.write_text('{"context": "a", "choices": [" b", " c"], "gold": 0, "text": "a note"}\n'
-                 '{"context": "a", "target": " b", "text": "a note"}\n')
-  with pytest.raises(TaskError, match=r'bad.jsonl:2: a generation example in a multiple_choice'):
-    load(str(bad))  # an extra "text" is metadata: the kinds are clear
+  for lines, message in [
+      ('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"context": oops}\n',
+       r'bad.jsonl:2: not valid JSON'),
+      ('{"context": "a", "choices": [" b", " c"], "gold": 2}\n',
+       r'bad.jsonl:1: "gold" must be the index'),
+      ('{"context": "a", "choices": [" b", " c"], "gold": 0}\n{"text": "x"}\n',
+       'one file holds one kind'),
+      ('{"context": "a", "choices": [" b", " \\n"], "gold": 0}\n', 'strings that are not blank'),
+      ('{"context": "a", "choices": [" b", " c", " b"], "gold": 0}\n', "lists ' b' twice"),
+      ('{"context": "a", "choices": [" b", " c"], "gold": 0, "target": " b"}\n',
+       'both "choices" and "target" is ambiguous'),
+      # An extra "text" is metadata: the kinds are clear.
+      ('{"context": "a", "choices": [" b", " c"], "gold": 0, "text": "a note"}\n'
+       '{"context": "a", "target": " b", "text": "a note"}\n',
+       r'bad.jsonl:2: a generation example in a multiple_choice')]:
+    bad.write_text(lines)
+    with pytest.raises(TaskError, match=message):
+      load(str(bad))
 
   class Dropping:  # a normalizer that drops zero-width spaces
     encode = lambda self, text: tokenizer.encode(text.replace('\u200b', ''))
