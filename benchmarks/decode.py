@@ -63,8 +63,10 @@ _COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'hf'],
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.', allow_override=True)
 
 
-def _timed(fn, repeats: int = 3) -> float:
-  jax.block_until_ready(fn())  # warm-up
+def _timed(fn, repeats: int = 3, warm_up: bool = True) -> float:
+  """Best seconds of `repeats` calls of fn (JAX results waited for)."""
+  if warm_up:
+    jax.block_until_ready(fn())
   best = float('inf')
   for _ in range(repeats):
     start = time.perf_counter()
@@ -140,12 +142,7 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
       return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                             max_new_tokens=new_tokens, do_sample=False)
   tokens = run()  # warm-up
-  best = float('inf')
-  for _ in range(3):
-    start = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - start)
-  return tokens[:, ids_BP.shape[1]:].numpy(), best
+  return tokens[:, ids_BP.shape[1]:].numpy(), _timed(run, warm_up=False)
 
 
 def main(argv):

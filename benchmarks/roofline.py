@@ -5,13 +5,12 @@ A greedy decode step at small batch does little arithmetic per byte: it reads ev
 weight once and each row's filled key/value cache, so its floor is bytes / bandwidth.
 `benchmarks/decode.py` reports achieved bytes/s against `measure_memory_bandwidth()`.
 """
-import time
-
 import jax
 import jax.numpy as jnp
 
 from inference.quantize import weight_bytes
 from models.config import ModelConfig
+from train import flops
 
 
 def measure_memory_bandwidth(megabytes: int = 256, windows: int = 8,
@@ -23,15 +22,8 @@ def measure_memory_bandwidth(megabytes: int = 256, windows: int = 8,
   page faults on a CPU more than DRAM."""
   x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  best = 0.0
-  for _ in range(windows):
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < window_seconds:
-      total(x).block_until_ready()
-      runs += 1
-    best = max(best, runs * x.nbytes / (time.perf_counter() - start))
-  return best
+  return flops.best_rate(lambda: total(x).block_until_ready(), x.nbytes, windows,
+                         window_seconds)
 
 
 def kv_bytes(cfg: ModelConfig, slots: float) -> float:
@@ -41,10 +33,10 @@ def kv_bytes(cfg: ModelConfig, slots: float) -> float:
   return layers * 2 * cfg.num_kv_heads * cfg.head_dim * slots * jnp.dtype(cfg.dtype).itemsize
 
 
-
 def _cross_key_or_value(path) -> bool:
   names = [getattr(p, 'key', '') for p in path]
   return 'cross_attention' in names and ('key' in names or 'value' in names)
+
 
 def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt_len: int,
                           new_tokens: int) -> float:

@@ -137,21 +137,27 @@ def flops_per_token(n_matmul: int, num_layers: int, seq_len: int, attention_widt
 _measured_cpu_peak: float | None = None
 
 
-def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, windows: int = 4,
-                         window_seconds: float = 0.25) -> float:
-  """FLOP/s of a large jitted matmul on the default device, the best of a few short
-  windows (other processes only ever slow it down): the practical CPU peak."""
-  a = jnp.ones((size, size), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
+def best_rate(run, work_per_run: float, windows: int, window_seconds: float) -> float:
+  """work_per_run x runs / seconds of `run` (compiled, warmed up, blocking), the best of a
+  few short windows: other processes only ever slow it down."""
+  run()
   best = 0.0
   for _ in range(windows):
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < window_seconds:
-      matmul(a, a).block_until_ready()
+      run()
       runs += 1
-    best = max(best, 2.0 * size ** 3 * runs / (time.perf_counter() - start))
+    best = max(best, work_per_run * runs / (time.perf_counter() - start))
   return best
+
+
+def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, windows: int = 4,
+                         window_seconds: float = 0.25) -> float:
+  """FLOP/s of a large jitted matmul on the default device: the practical CPU peak."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  return best_rate(lambda: matmul(a, a).block_until_ready(), 2.0 * size ** 3, windows,
+                   window_seconds)
 
 
 def peak_flops_per_device(dtype) -> float:
