@@ -175,8 +175,10 @@ def generate(task, params, prompts: list[list[int]], max_new_tokens: int,
   out = np.asarray(decode_tokens(params, ids, real, jax.random.key(seed), task=task,
                                  max_new_tokens=max_new_tokens, sampling=sampling,
                                  eos_id=eos_id, on_token=on_token))
-  results = []
-  for row in out:
-    ends = np.flatnonzero(row == eos_id)
-    results.append(row[:ends[0] + 1].tolist() if len(ends) else row.tolist())
-  return results
+  return [through_eos(row, eos_id) for row in out]
+
+
+def through_eos(tokens_N: np.ndarray, eos_id: int) -> list[int]:
+  """A decoded row up to and including its first EOS (the zeros after it dropped)."""
+  ends = np.flatnonzero(tokens_N == eos_id)
+  return tokens_N[:ends[0] + 1].tolist() if len(ends) else tokens_N.tolist()

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.generate import cache_lengths, prepare, start_decoding
+from inference.generate import cache_lengths, prepare, start_decoding, through_eos
 from inference.sampling import Sampling, filter_logits, sample
 from models.transformer import resize_cache
 
@@ -230,9 +230,7 @@ def generate(task, params, draft: Draft, prompts: list[list[int]], max_new_token
         params, draft_params, ids[row:row + 1], real[row:row + 1],
         jax.random.fold_in(jax.random.key(seed), row), eos_id, task=task, draft_task=draft_task,
         max_new_tokens=max_new_tokens, num_draft_tokens=draft.num_tokens, sampling=sampling)
-    out = np.asarray(out[0])
-    ends = np.flatnonzero(out == eos_id)
-    results.append(out[:ends[0] + 1].tolist() if len(ends) else out.tolist())
+    results.append(through_eos(np.asarray(out[0]), eos_id))
     if stats is not None:
       for name, value in counts.items():
         stats[name] = stats.get(name, 0) + int(value)
