@@ -226,14 +226,15 @@ def _books_by_genre() -> dict[str, tuple[str, ...]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _where_text_occurs() -> dict[str, tuple[set[str], set[str]]]:
-  """English verse text -> (the books, the genres) that hold a verse of that text, over
-  the whole Bible (e.g. a law both Leviticus and Numbers state)."""
+def _where_text_occurs() -> dict[str, tuple[set[str], set[str], set[str]]]:
+  """English verse text -> (the books, the genres, the Japanese renderings) of the verses
+  of that text, over the whole Bible (e.g. a law both Leviticus and Numbers state)."""
   where = {}
   for v in _verses():
-    books, genres = where.setdefault(v.text, (set(), set()))
+    books, genres, japanese = where.setdefault(v.text, (set(), set(), set()))
     books.add(v.book)
     genres.add(v.genre)
+    japanese.add(v.japanese)
   return where
 
 
@@ -265,9 +266,9 @@ def _wrong_answer(verses: tuple[Verse, ...], i: int, instruction: str, chosen: s
   half (continue), text (quote) or Japanese (translate); another book of the same genre where
   the genre has several (book); another genre (genre). Never an answer that is also right:
   a book or genre holding a verse of the same text, a second half that continues the first
-  half into some verse's text."""
+  half into some verse's text, a Japanese rendering of a verse of the same text."""
   v = verses[i]
-  books_with_text, genres_with_text = _where_text_occurs()[v.text]
+  books_with_text, genres_with_text, renderings = _where_text_occurs()[v.text]
   if instruction == 'book':
     books = [b for b in _books_by_genre()[v.genre] if b not in books_with_text]
     books = books or [b for bs in _books_by_genre().values() for b in bs
@@ -281,7 +282,8 @@ def _wrong_answer(verses: tuple[Verse, ...], i: int, instruction: str, chosen: s
       'continue': (lambda u: _halves(u.text)[1],
                    lambda tail: tail == chosen or f'{head} {tail}' in _where_text_occurs()),
       'quote': (lambda u: u.text, lambda text: text == chosen),
-      'translate': (lambda u: u.japanese, lambda text: text == chosen)}[instruction]
+      'translate': (lambda u: u.japanese, lambda text: text == chosen or text in renderings),
+  }[instruction]
   return _neighbour_answer(verses, i, answer_of, right, rng)
 
 
