@@ -243,7 +243,10 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   trained = n - int(sum(np.prod(x.shape) for x in jax.tree.leaves(frozen)))
   reference = reference_params(task, params, paths)
   seq_len, batch = config.data.seq_len, config.data.batch_size
-  step_flops = task.train_flops_per_step(params, batch, seq_len)
+  forward_flops = task.train_flops_per_step(params, batch, seq_len) / 3
+  # As the run counts them (train/loop.py): LoRA's frozen kernels get no weight gradient.
+  frozen_matmul = flops.matmul_param_count(frozen, cfg.tie_embeddings) if frozen else 0
+  step_flops = task.train_flops_with_frozen(params, batch, seq_len, frozen_matmul)
   tokens_per_step = batch * seq_len
   train_flops = step_flops * config.train.steps
   param_bytes = jnp.dtype(cfg.param_dtype).itemsize
@@ -258,7 +261,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
       'arch': cfg.arch, 'params': n, 'params_by_part': counts, 'trained_params': trained,
       'matmul_params': flops.matmul_param_count(params, cfg.tie_embeddings),
       'flops_per_token': step_flops / tokens_per_step,
-      'forward_flops_per_token': step_flops / tokens_per_step / 3,
+      'forward_flops_per_token': forward_flops / tokens_per_step,
       'tokens_per_step': tokens_per_step, 'steps': config.train.steps,
       'train_tokens': tokens_per_step * config.train.steps,
       'train_flops': train_flops, 'pf_days': train_flops / PF_DAY,
