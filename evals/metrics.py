@@ -42,8 +42,9 @@ def within_noise(difference: float, stderr: float, z: float = 2.0) -> bool | Non
 
 
 def majority_baseline(golds) -> tuple[float, int]:
-  """(accuracy, choice index) of always answering the most frequent gold position: what a
-  model that learnt the label distribution, and nothing of the examples, scores."""
+  """(accuracy, choice index) of always answering the most frequent gold position of these
+  examples: the best constant answer, which knows their labels' frequencies, so at least
+  what a model that learnt only the label distribution (from other examples) scores."""
   counts = np.bincount(np.asarray(golds, np.int64))
   return float(counts.max() / counts.sum()), int(counts.argmax())
 
