@@ -73,6 +73,20 @@ def build(config):
   return task, compiled, state, batches, time.perf_counter() - start, mesh.size
 
 
+def memory_bytes(compiled) -> dict:
+  """The step's scratch memory as XLA planned it ('temp_bytes': activations, logits,
+  gradients before the update) and, where the device counts it (GPU, TPU), the peak bytes
+  in use so far ('peak_bytes')."""
+  result = {}
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    result['temp_bytes'] = int(analysis.temp_size_in_bytes)
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    result['peak_bytes'] = int(stats['peak_bytes_in_use'])
+  return result
+
+
 def stepping(compiled, state, batches) -> Program:
   """The train step on alternate batches; each call takes the state the last one
   returned (the step donates it) and returns (state, metrics)."""
@@ -126,7 +140,8 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
       'flops_per_token': flops_per_token, 'batch_size': config.data.batch_size,
       'seq_len': config.data.seq_len, 'tokens_per_s': tokens_per_s, 'step_s': step_s,
       'compile_s': compile_s, 'mfu': tokens_per_s * flops_per_token / peak,
-      'peak_flops': peak, 'loss': float(metrics['loss']),
+      'peak_flops': peak, 'loss': float(metrics['loss']), 'attention': cfg.attention,
+      'logits_chunk': cfg.logits_chunk, **memory_bytes(compiled),
   }
   if jax.default_backend() == 'cpu':
     result['cpu_matmul_flops'] = peak

@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'auto' | 'xla' | 'cudnn' | 'splash'; auto (logged) is splash on TPU, cuDNN on GPU where
   # it compiles for the run's shapes, else XLA
   model.attention = 'auto'
+  # >0: the token loss runs the output head and softmax over this many sequence positions
+  # at a time (recomputed in the backward pass), so the [batch, seq, vocab] logits never
+  # exist whole: less memory for a large vocabulary, same loss and gradients. 0: at once
+  model.logits_chunk = 0
 
   # What the run trains (tasks/): 'auto' follows model.arch: causal_lm (decoder),
   # masked_lm (encoder), span_corruption (encoder_decoder). Fine-tuning on records

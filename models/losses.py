@@ -31,6 +31,37 @@ def cross_entropy_sums(logits_BTV: Array, targets_BT: Array, weights_BT: Array,
   return metrics['loss'] + metrics['z_loss'], metrics
 
 
+def chunked_cross_entropy_sums(logits_fn, h_BTD: Array, targets_BT: Array, weights_BT: Array,
+                               chunk: int, z_loss: float = 0.0
+                               ) -> tuple[Array, dict[str, Array]]:
+  """`cross_entropy_sums` of logits_fn(h_BTD, c) over `chunk` sequence positions at a time
+  (c: the chunk's index, e.g. for a dropout key), so the [B, T, V] logits never exist
+  whole: each chunk's logits are recomputed in the backward pass (jax.checkpoint), which
+  keeps only the hidden states. A sequence that is not a whole number of chunks is padded
+  with positions of weight 0. The batch axis stays where it is, so its sharding does too.
+  Same sums and gradients as the whole sequence at once, up to float summation order."""
+  B, T, D = h_BTD.shape
+  num_chunks = -(-T // chunk)
+  pad = num_chunks * chunk - T
+
+  def chunks(x_BT):  # [B, T, ...] -> [num_chunks, B, chunk, ...]
+    x_BT = jnp.pad(x_BT, [(0, 0), (0, pad)] + [(0, 0)] * (x_BT.ndim - 2))
+    return jnp.swapaxes(x_BT.reshape(B, num_chunks, chunk, *x_BT.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def chunk_sums(h_BcD, targets_Bc, weights_Bc, c):
+    return cross_entropy_sums(logits_fn(h_BcD, c), targets_Bc, weights_Bc, z_loss)
+
+  def add_chunk(total, xs):
+    return jax.tree.map(jnp.add, total, chunk_sums(*xs)), None
+
+  xs = (chunks(h_BTD), chunks(targets_BT), chunks(weights_BT), jnp.arange(num_chunks))
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       jax.eval_shape(chunk_sums, *jax.tree.map(lambda x: x[0], xs)))
+  total, _ = jax.lax.scan(add_chunk, zeros, xs)
+  return total
+
+
 def normalize_metrics(sums: dict[str, Array]) -> dict[str, Array]:
   """Means of metric sums. A sum named 'P_x' is divided by its group's count 'P_count'
   where one exists (e.g. BERT's per-example 'nsp_*' metrics over the summed example

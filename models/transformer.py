@@ -234,12 +234,27 @@ def causal_self_attention_inputs(cfg: ModelConfig, slots: CacheSlots | None,
   return mask, bias_BNTS, cache_index
 
 
+class TokenHead(nn.Module):
+  """The output head alone: a stack's last hidden states [B, T, D] -> logits [B, T, V],
+  on the 'token_embed' and 'head' parameters of a DecoderOnly or an EncoderDecoder (the
+  same names), so a loss can run it on part of the sequence at a time."""
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    return OutputHead(self.cfg, self.deterministic, name='head')(
+        Embed(self.cfg, name='token_embed'), x_BTD)
+
+
 class DecoderOnly(nn.Module):
   """GPT: causal self-attention over packed sequences; returns logits [B, T, V], or with
   cfg.num_labels label logits [B, num_labels] from each row's last real token (after the
-  final norm). In decode mode it runs over a key/value cache (see CacheSlots)."""
+  final norm). In decode mode it runs over a key/value cache (see CacheSlots).
+  `return_hidden`: the stack's output [B, T, D] instead of logits (for TokenHead)."""
   cfg: ModelConfig
   deterministic: bool = True
+  return_hidden: bool = False
 
   @nn.compact
   def __call__(self, inputs_BT: Array, segment_ids_BT: Array, positions_BT: Array) -> Array:
@@ -253,6 +268,8 @@ class DecoderOnly(nn.Module):
         cfg, slots, bias, segment_ids_BT, positions_BT)
     x_BTD = Stack(cfg, cfg.num_layers, self.deterministic, name='decoder')(
         x_BTD, mask, positions_BT, bias_BNTS, cache_index=cache_index)
+    if self.return_hidden:
+      return x_BTD
     head = OutputHead(cfg, self.deterministic, name='head')
     if cfg.num_labels:
       last_B = last_real_index(segment_ids_BT)
@@ -297,9 +314,11 @@ class EncoderOnly(nn.Module):
 
 class EncoderDecoder(nn.Module):
   """T5: a bidirectional encoder, and a causal decoder that also attends to every
-  encoder token of its own example; returns decoder logits [B, T, V]."""
+  encoder token of its own example; returns decoder logits [B, T, V] (`return_hidden`:
+  the decoder stack's output [B, T, D] instead, for TokenHead)."""
   cfg: ModelConfig
   deterministic: bool = True
+  return_hidden: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -336,7 +355,7 @@ class EncoderDecoder(nn.Module):
     cross_mask = attention_mask(segment_ids_BT, encoder_segment_ids_BS, causal=False)
     x_BTD = self.decoder(x_BTD, self_mask, positions_BT, bias_BNTS, encoded_BSD, cross_mask,
                          cache_index)
-    return self.head(self.embed, x_BTD)
+    return x_BTD if self.return_hidden else self.head(self.embed, x_BTD)
 
   def __call__(self, encoder_inputs_BS, encoder_segment_ids_BS, encoder_positions_BS,
                decoder_inputs_BT, decoder_segment_ids_BT, decoder_positions_BT) -> Array:

@@ -26,7 +26,9 @@ from inference.generate import Decoding, Request, generate
 from input_pipeline.pipeline import Examples
 from input_pipeline.tokenizer import Tokenizer
 from models import normalize_metrics
+from models.losses import chunked_cross_entropy_sums, cross_entropy_sums
 from models.config import ModelConfig
+from models.transformer import TokenHead
 from train import flops
 
 Array = jax.Array
@@ -53,6 +55,9 @@ class Task:
   # absent from any init_from source, a LoRA run trains them in full (train/frozen.py), and
   # --mode=estimate, which reads no source, counts them as trained from this.
   new_modules: ClassVar[tuple[str, ...]] = ()
+  # Its loss is `token_loss` (cross-entropy of the module's token logits), which
+  # cfg.logits_chunk may compute over part of the sequence at a time.
+  chunks_logits: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.cfg.arch != self.arch:
@@ -106,6 +111,27 @@ class Task:
     """(scalar to differentiate, metric sums); the step divides both by the summed
     'weight' once, so micro-batches and hosts add up exactly."""
     raise NotImplementedError
+
+  def token_loss(self, params, batch: Batch, dropout_rng: Array | None, train: bool):
+    """`cross_entropy_sums` of the module's token logits against batch['targets'] and
+    ['weights']. With cfg.logits_chunk the module returns its last hidden states and the
+    output head (TokenHead) runs over that many positions at a time; a chunk's LoRA dropout
+    (the only dropout in the head) draws from the key folded with the chunk's index."""
+    targets_BT, weights_BT = batch['targets'], batch['weights']
+    if not self.cfg.logits_chunk:
+      logits_BTV = self.logits(params, batch, train, dropout_rng)
+      return cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.z_loss)
+    rngs = {'dropout': dropout_rng} if train else {}
+    h_BTD = self.module(train).clone(return_hidden=True).apply(
+        {'params': params}, *self.model_inputs(batch), rngs=rngs)
+    head = TokenHead(self.cfg, deterministic=not train)
+    head_params = {'params': {k: params[k] for k in ('token_embed', 'head') if k in params}}
+
+    def logits_fn(h_BcD, c):
+      chunk_rngs = {'dropout': jax.random.fold_in(dropout_rng, c)} if train else {}
+      return head.apply(head_params, h_BcD, rngs=chunk_rngs)
+    return chunked_cross_entropy_sums(logits_fn, h_BTD, targets_BT, weights_BT,
+                                      self.cfg.logits_chunk, self.z_loss)
 
   def normalizers(self, batch: Batch) -> dict[str, Array]:
     """Totals of a whole step's batch that `loss` needs before differentiating (e.g. a

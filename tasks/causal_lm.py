@@ -10,7 +10,7 @@ import numpy as np
 from inference.generate import Decoding, Request
 from input_pipeline.pipeline import Examples, pack_windows
 from input_pipeline.tokenizer import Tokenizer
-from models.losses import cross_entropy_sums, example_batch
+from models.losses import example_batch
 from models.transformer import DecoderOnly
 from tasks import base
 from train import flops
@@ -67,6 +67,7 @@ class CausalLM(base.Task):
   name = 'causal_lm'
   arch = 'decoder'
   streams = True
+  chunks_logits = True
   prompt_is_output = True
 
   def module(self, train: bool):
@@ -76,8 +77,7 @@ class CausalLM(base.Task):
     return batch['inputs'], batch['segment_ids'], batch['positions']
 
   def loss(self, params, batch, dropout_rng, train: bool):
-    logits_BTV = self.logits(params, batch, train, dropout_rng)
-    return cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'], self.z_loss)
+    return self.token_loss(params, batch, dropout_rng, train)
 
   def example_batch(self, batch_size: int, seq_len: int):
     return example_batch(batch_size, seq_len)

@@ -143,6 +143,7 @@ class Preference:
   sft_weight: float = 0.0  # weight of the chosen answers' NLL per token beside DPO's loss
   record_kind = 'dpo'
   uses_reference = True
+  chunks_logits = False  # its loss sums each answer's log-probabilities, not a token loss
   side_task: ClassVar[type] = None
   cut_log: ClassVar[str] = ''
 

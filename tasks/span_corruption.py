@@ -15,7 +15,7 @@ from inference.generate import Decoding, Request
 from input_pipeline import spans
 from input_pipeline.pipeline import Examples
 from input_pipeline.tokenizer import SpecialIds, Tokenizer
-from models.losses import cross_entropy_sums, example_batch
+from models.losses import example_batch
 from models.transformer import EncoderDecoder
 from tasks import base
 from train import flops
@@ -67,6 +67,7 @@ _DECODER_KEYS = ('decoder_inputs', 'decoder_segment_ids', 'decoder_positions', '
 @dataclasses.dataclass(frozen=True)
 class SpanCorruption(base.Task):
   """T5's pre-training on corrupted spans."""
+  chunks_logits = True
   noise_density: float = 0.15  # share of tokens dropped into spans
   mean_span_length: float = 3.0
   # The decoder's first input when generating: the tokenizer's pad id (T5's convention;
@@ -102,8 +103,7 @@ class SpanCorruption(base.Task):
             batch['decoder_inputs'], batch['decoder_segment_ids'], batch['decoder_positions'])
 
   def loss(self, params, batch, dropout_rng, train: bool):
-    logits_BTV = self.logits(params, batch, train, dropout_rng)
-    return cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'], self.z_loss)
+    return self.token_loss(params, batch, dropout_rng, train)
 
   def example_batch(self, batch_size: int, seq_len: int):
     """Both sides `seq_len` long."""

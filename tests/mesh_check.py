@@ -2,8 +2,8 @@
 (XLA_FLAGS must be set before JAX starts): trains the same tiny model for 5 steps on
 several meshes and prints one JSON object per mesh with its losses and the per-device
 shard shapes of a few parameters; also checks a checkpoint saved on one mesh
-restores onto another, and that splash attention under a mesh trains like XLA's on
-one device.
+restores onto another, that splash attention under a mesh trains like XLA's on
+one device, and that the loss over chunks of the sequence (model.logits_chunk) does too.
 
 python tests/mesh_check.py (with XLA_FLAGS=--xla_force_host_platform_device_count=8)
 """
@@ -79,17 +79,23 @@ def setup(shape, cfg: ModelConfig = CFG, seq_len: int = SEQ_LEN):
   return mesh, task, tx, abstract, step
 
 
+def train_five_steps(mesh, task, tx, step):
+  """(state, losses) after five steps from the same initial parameters."""
+  state = state_lib.create_train_state(task, tx, mesh, SEQ_LEN, jax.random.key(0))
+  losses = []
+  for batch in batches(5):
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
+    losses.append(float(metrics['loss']))
+  return state, losses
+
+
 def main():
   results = {}
   workdir = tempfile.mkdtemp()
   manager = checkpointing.make_manager(workdir, 1)
   for shape in MESHES:
     mesh, task, tx, _, step = setup(shape)
-    state = state_lib.create_train_state(task, tx, mesh, SEQ_LEN, jax.random.key(0))
-    losses = []
-    for batch in batches(5):
-      state, metrics = step(state, sharding.global_batch(batch, mesh))
-      losses.append(float(metrics['loss']))
+    state, losses = train_five_steps(mesh, task, tx, step)
     params = state.params['decoder']['layers']
     shard = lambda x: list(x.addressable_shards[0].data.shape)
     leaves = jax.tree.leaves((state.params, state.opt_state))
@@ -119,6 +125,9 @@ def main():
                                        'up_kernel_shard': kernel_shard}
   manager.close()
   shutil.rmtree(workdir)
+  # The loss over 5-position chunks of the sequence (the last one padded), sharded.
+  mesh, task, tx, _, step = setup((2, 2, 2), dataclasses.replace(CFG, logits_chunk=5))
+  results['logits chunked on (2, 2, 2)'] = {'losses': train_five_steps(mesh, task, tx, step)[1]}
   results['splash'] = {'xla on (1, 1, 1)': splash_losses((1, 1, 1), 'xla'),
                        'splash on (2, 2, 2)': splash_losses((2, 2, 2), 'splash')}
   print(json.dumps(results))

@@ -55,6 +55,11 @@ def test_splash_attention_on_a_mesh_trains_like_xla_on_one_device(mesh_results):
   assert splash['per_device_kernel'] and not xla['per_device_kernel']  # inside shard_map
 
 
+def test_the_loss_over_chunks_of_the_sequence_on_a_mesh_trains_like_one_device(mesh_results):
+  np.testing.assert_allclose(mesh_results['logits chunked on (2, 2, 2)']['losses'],
+                             mesh_results['(1, 1, 1)']['losses'], rtol=1e-5)
+
+
 def test_a_checkpoint_restores_onto_other_meshes(mesh_results):
   expected = mesh_results['sixth step on (2, 2, 2)']
   for mesh, shard in [('(1, 1, 8)', [2, 32, 8]), ('(1, 1, 1)', [2, 32, 64])]:

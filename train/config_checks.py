@@ -84,6 +84,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'data.eval_fraction={d.eval_fraction} must be in (0, 1).')
   if not 0 <= m.dropout < 1:
     raise ConfigError(f'model.dropout={m.dropout} must be in [0, 1).')
+  if m.logits_chunk < 0:
+    raise ConfigError(f'model.logits_chunk={m.logits_chunk} must be 0 (the whole sequence at '
+                      'once) or a number of sequence positions.')
+  if m.logits_chunk and not task.chunks_logits:
+    raise ConfigError(f"model.logits_chunk={m.logits_chunk} chunks a token loss over the "
+                      f"sequence, but task '{task.name}' has none to chunk; set "
+                      '--config.model.logits_chunk=0.')
   _check_loss_scale(config)
   _check_lora(config)
   if t.eval_decode_examples < 0:
