@@ -102,14 +102,16 @@ def sample(config, workdir: str) -> None:
   """Prints each prompt's completion; streams tokens when there is one prompt on a
   terminal and the task continues it (without a draft model)."""
   prompts, request = _prompts(), _request()
-  if _DRAFT_WORKDIR.value:
-    draft_config = _draft_config(config, workdir)  # checked before either run is loaded
+  if _DRAFT_WORKDIR.value:  # checked before either run is loaded
+    import tasks
+    task_class = tasks.task_class(config)
+    if not task_class.prompt_is_output:
+      raise ValueError(f"--draft_workdir: speculative decoding continues prompts; this run's "
+                       f"task '{task_class.name}' does not (drop --draft_workdir).")
+    draft_config = _draft_config(config, workdir)
   task, params, tokenizer = _load(config, workdir)
   if _DRAFT_WORKDIR.value:
     from inference.speculative import Draft
-    if not task.prompt_is_output:
-      raise ValueError(f"--draft_workdir: speculative decoding continues prompts; this run's "
-                       f"task '{task.name}' does not (drop --draft_workdir).")
     draft_task, draft_params, _ = _load(draft_config, _DRAFT_WORKDIR.value)
     request = dataclasses.replace(request, draft=Draft(draft_task, draft_params,
                                                        _NUM_DRAFT_TOKENS.value))

@@ -133,15 +133,25 @@ def decode_tokens(params, ids_BP: Array, real_BP: Array, key: Array, *, task,
 
   carry = (jnp.zeros((), jnp.int32), decoding.cache, decoding.logits_BV, decoding.position_B,
            seen_BV, jnp.zeros((batch,), bool), jnp.zeros((batch, max_new_tokens), jnp.int32), key)
-  # Step i writes cache slot `filled` + i. Each loop runs over a cache of `slots` slots
-  # while the writes fit, then the next one over a longer cache: attention reads about
-  # the filled slots, not all of max_len.
+  # Step i writes cache slot `filled` + i.
   filled = decoding.filled
-  for slots in cache_lengths(filled, filled + max_new_tokens):
-    carry = carry[:1] + (resize_cache(carry[1], slots),) + carry[2:]
-    last = slots - filled  # steps before this cache is full
-    carry = jax.lax.while_loop(lambda c, last=last: not_finished(c) & (c[0] < last), step, carry)
+  carry = while_cache_grows(carry, (1,), filled, filled + max_new_tokens, step,
+                            lambda c, slots: not_finished(c) & (filled + c[0] < slots))
   return carry[6]
+
+
+def while_cache_grows(carry: tuple, cache_items: tuple[int, ...], filled: int, total_len: int,
+                      body: Callable, fits: Callable) -> tuple:
+  """`lax.while_loop(cond, body, carry)` over decode caches that grow: one loop per cache
+  length of `cache_lengths(filled, total_len)`, the caches (carry[i] for i in
+  `cache_items`) resized to it first, each loop going on while fits(carry, slots), i.e.
+  while the next body's cache writes fit and the decoding is not finished. Attention reads
+  every slot of a cache, so it reads about the filled ones, not all of max_len."""
+  for slots in cache_lengths(filled, total_len):
+    carry = tuple(resize_cache(item, slots) if i in cache_items else item
+                  for i, item in enumerate(carry))
+    carry = jax.lax.while_loop(functools.partial(fits, slots=slots), body, carry)
+  return carry
 
 
 def cache_lengths(filled: int, total_len: int, shortest: int = 64) -> list[int]:

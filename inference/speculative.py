@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.generate import cache_lengths, prepare, start_decoding, through_eos
+from inference.generate import prepare, start_decoding, through_eos, while_cache_grows
 from inference.sampling import Sampling, filter_logits, sample
-from models.transformer import resize_cache
 
 Array = jax.Array
 
@@ -199,13 +198,9 @@ def speculative_tokens(params, draft_params, ids_1P: Array, real_1P: Array, key:
   out_M = jnp.zeros((N + K,), jnp.int32).at[0].set(first)  # room for a round's overshoot
   carry = (jnp.ones((), jnp.int32), target.cache, draft.cache, first, out_M, first == eos_id,
            key, zero, zero)
-  # As in decode_tokens, the caches grow in power-of-two lengths, so attention reads about
-  # the filled slots; a round writes slots first_slot + n - 1 to first_slot + n - 1 + K.
-  for slots in cache_lengths(first_slot, first_slot + N + K - 1):
-    carry = carry[:1] + tuple(resize_cache(c, slots) for c in carry[1:3]) + carry[3:]
-    carry = jax.lax.while_loop(
-        lambda c, slots=slots: not_finished(c) & (first_slot + c[0] + K <= slots), one_round,
-        carry)
+  # A round writes slots first_slot + n - 1 to first_slot + n - 1 + K of both caches.
+  carry = while_cache_grows(carry, (1, 2), first_slot, first_slot + N + K - 1, one_round,
+                            lambda c, slots: not_finished(c) & (first_slot + c[0] + K <= slots))
   n, *_, out_M, _, _, rounds, accepted = carry
   out_N = jnp.where(jnp.arange(N) < n, out_M[:N], 0)
   return out_N[None], {'rounds': rounds, 'accepted': accepted}

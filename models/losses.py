@@ -14,14 +14,18 @@ def cross_entropy_sums(logits_BTV: Array, targets_BT: Array, weights_BT: Array,
   """Token cross-entropy in float32, with an optional z-loss on log Z.
 
   Returns (objective_sum, metrics) where objective_sum = Σ w·(nll + z_loss·logZ²)
-  and metrics hold 'loss' (Σ w·nll), 'z_loss', 'correct' and 'weight' sums.
+  and metrics hold 'loss' (Σ w·nll), 'z_loss', 'correct' and 'weight' sums. A token is
+  correct when no logit exceeds its target's (a tie counts): the max that log Z needs
+  anyway decides it, where an argmax would read the [.., V] logits once more (2.6% of
+  the CPU peer config's train step).
   """
   logits_BTV = logits_BTV.astype(jnp.float32)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
+  log_z_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1))
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   nll_BT = log_z_BT - target_logit_BT
   z_BT = z_loss * jnp.square(log_z_BT)
-  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  correct_BT = (target_logit_BT >= max_BT).astype(jnp.float32)
   metrics = {
       'loss': jnp.sum(nll_BT * weights_BT),
       'z_loss': jnp.sum(z_BT * weights_BT),

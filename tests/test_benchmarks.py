@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tasks
-from benchmarks import Program, op_table, roofline
+from benchmarks import Program, matvec, op_table, roofline
 from configs import bench_cpu
 from models import ModelConfig
 
@@ -135,3 +135,14 @@ def test_decode_bytes_per_step_is_weights_plus_the_mean_filled_cache():
                                                         'query': {'kernel': jnp.zeros((2,))}}}}}
   expected = 2 * 4 + batch * kv_per_slot * (1 + (new + 1) / 2 + prompt)
   assert roofline.decode_bytes_per_step(t5, params, batch, prompt, new) == expected
+
+
+def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
+  from absl import app
+  assert matvec.parse_shape('384x1536') == (384, 1536, False)
+  assert matvec.parse_shape('384x8192t') == (384, 8192, True)
+  with pytest.raises(app.UsageError, match="'384by8' is not IxO"):
+    matvec.parse_shape('384by8')
+  for transposed in (False, True):
+    rate = matvec.matvec_bytes_per_s(2, 64, 32, transposed, megabytes=1, window_seconds=0.01)
+    assert 1e6 < rate < 1e13  # bytes/s: positive, finite, and of a memory's order

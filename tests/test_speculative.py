@@ -114,30 +114,33 @@ def test_models_that_cannot_speculate_say_what_to_change(draft_changes, prompts,
     speculative.check_models(tasks.for_model(TARGET), draft_task, prompts, NEW, 2)
 
 
-def _fake_run(directory, vocab_size: int, tokenizer: bytes) -> str:
+def _fake_run(directory, vocab_size: int, tokenizer: bytes, arch: str = 'decoder') -> str:
   """A workdir as far as the draft's checks read it: config.json and a tokenizer file."""
   config = default.get_config()
-  config.model.vocab_size = vocab_size
+  config.model.update(vocab_size=vocab_size, arch=arch)
   directory.mkdir()
   (directory / 'config.json').write_text(config.to_json())
   (directory / 'tokenizer.model').write_bytes(tokenizer)
   return str(directory)
 
 
-@pytest.mark.parametrize('draft, extra_flags, message', [
-    ((4096, b'other pieces'), {}, r'differs in tokenizer.model\).*copy .*tokenizer.model into'),
-    ((8192, b'pieces'), {}, 'differs in model.vocab_size: 8192, not 4096'),
-    ((4096, b'pieces'), dict(repetition_penalty=1.3),
+@pytest.mark.parametrize('target_arch, draft, extra_flags, message', [
+    ('decoder', (4096, b'other pieces'), {},
+     r'differs in tokenizer.model\).*copy .*tokenizer.model into'),
+    ('decoder', (8192, b'pieces'), {}, 'differs in model.vocab_size: 8192, not 4096'),
+    ('decoder', (4096, b'pieces'), dict(repetition_penalty=1.3),
      r'--repetition_penalty=1.3 cannot be combined with speculative decoding'),
-], ids=['tokenizer', 'vocab_size', 'repetition_penalty'])
-def test_the_command_line_refuses_another_tokenizer_and_repetition_penalty(
-    tmp_path, draft, extra_flags, message):
+    ('encoder_decoder', (4096, b'pieces'), {},
+     "continues prompts; this run's task 'span_corruption' does not"),
+], ids=['tokenizer', 'vocab_size', 'repetition_penalty', 'task_not_continuing_prompts'])
+def test_the_command_line_refuses_what_cannot_speculate(
+    tmp_path, target_arch, draft, extra_flags, message):
   """Before either run is loaded: the workdirs hold no checkpoint."""
   from absl import flags
   from absl.testing import flagsaver
   from inference import cli
   from train import run_config
-  target = _fake_run(tmp_path / 'target', 4096, b'pieces')
+  target = _fake_run(tmp_path / 'target', 4096, b'pieces', target_arch)
   draft_workdir = _fake_run(tmp_path / 'draft', *draft)
   parsed = flags.FLAGS.is_parsed()
   flags.FLAGS.mark_as_parsed()

@@ -1,0 +1,84 @@
+"""How fast this backend's matrix products read weights at decode's batch sizes, beside
+the streaming read bandwidth (benchmarks/roofline.py) measured in the same process.
+
+A decode step is a chain of products of a few rows with every weight matrix; its memory
+roofline assumes they read weights as fast as a streaming sum reads memory. This
+measures what XLA's dot actually reaches for each of the decode benchmark model's matrix
+shapes: the ceiling a decode step can reach without a faster matrix-vector kernel.
+
+python -m benchmarks.matvec [--rows=1] [--shapes=384x384,384x1536,1536x384,384x8192t]
+
+Each shape IxO (t: stored transposed, [O, I], as a tied embedding is read for the
+logits) is timed as rows x [I] times distinct float32 matrices, enough of them that
+they cannot stay in the caches between uses (>= 128 MB), one after another in a compiled
+loop, each product's result feeding the next one's input so none is skipped or hoisted.
+Prints one JSON line: bytes/s per shape, and its share of the streaming bandwidth.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from benchmarks import roofline
+from train import flops
+
+_ROWS = flags.DEFINE_integer('rows', 1, 'Rows multiplied at once (the decode batch).')
+_SHAPES = flags.DEFINE_list('shapes', ['384x384', '384x1536', '1536x384', '384x8192t'],
+                            'Matrix shapes IxO (a trailing t: stored [O, I]).')
+
+
+def parse_shape(text: str) -> tuple[int, int, bool]:
+  """'IxO' or 'IxOt' -> (inputs, outputs, stored transposed)."""
+  transposed = text.endswith('t')
+  try:
+    inputs, outputs = (int(n) for n in text.rstrip('t').split('x'))
+  except ValueError:
+    raise app.UsageError(f"--shapes: '{text}' is not IxO or IxOt (e.g. 384x1536).") from None
+  return inputs, outputs, transposed
+
+
+def matvec_bytes_per_s(rows: int, inputs: int, outputs: int, transposed: bool,
+                       megabytes: int = 128, window_seconds: float = 0.25) -> float:
+  """Weight bytes read per second by a chain of [rows, inputs] x [inputs, outputs]
+  products over distinct matrices of `megabytes` in all (best of a few windows,
+  train/flops.py best_rate)."""
+  count = max(2, megabytes * 2**20 // (inputs * outputs * 4))
+  shape = (count, outputs, inputs) if transposed else (count, inputs, outputs)
+  weights_CIO = jax.random.normal(jax.random.key(0), shape, jnp.float32) * inputs ** -0.5
+  contract = 1 if transposed else 0
+
+  @jax.jit
+  def chain(weights_CIO, x_RI):
+    def product(c, x_RI):
+      y_RO = jax.lax.dot_general(x_RI, weights_CIO[c], (((1,), (contract,)), ((), ())))
+      # The next input depends on this output (no product can be skipped or hoisted),
+      # at the cost of a few elementwise ops on [rows, inputs].
+      return x_RI + 1e-30 * jnp.sum(y_RO, axis=1, keepdims=True)
+    return jax.lax.fori_loop(0, count, product, x_RI)
+
+  x_RI = jnp.ones((rows, inputs), jnp.float32)
+  return flops.best_rate(lambda: chain(weights_CIO, x_RI).block_until_ready(),
+                         weights_CIO.nbytes, windows=5, window_seconds=window_seconds)
+
+
+def measure(rows: int, shapes: list[str]) -> dict:
+  bandwidth = roofline.measure_memory_bandwidth()
+  result = {'benchmark': 'matvec', 'backend': jax.default_backend(),
+            'device': jax.devices()[0].device_kind, 'rows': rows,
+            'memory_bandwidth_bytes_per_s': bandwidth, 'shapes': {}}
+  for text in shapes:
+    rate = matvec_bytes_per_s(rows, *parse_shape(text))
+    result['shapes'][text] = {'bytes_per_s': rate, 'bandwidth_share': rate / bandwidth}
+  return result
+
+
+def main(argv):
+  del argv
+  for text in _SHAPES.value:
+    parse_shape(text)  # a bad shape fails before anything is measured
+  print(json.dumps(measure(_ROWS.value, _SHAPES.value)), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
