@@ -20,6 +20,11 @@ where memory_bandwidth_bytes_per_s is a read bandwidth (a jitted sum over 256 MB
 above 1 means the step read less from DRAM than it used (weights that stayed in a large
 last-level cache between steps) or that other work slowed the bandwidth measurement.
 
+--matvec adds a floor that XLA's own kernels can reach: the step's float32 weights read
+at the rate a chain of XLA dots reads each weight shape at this batch (benchmarks/matvec.py,
+measured here), its cache at the read bandwidth: matvec_floor_step_s and
+matvec_roofline_share = that floor / the measured step time.
+
 --compare=hf builds the same model, with the same weights (interop's GPT-2 layout), as
 `transformers`' GPT2LMHeadModel in float32 and times its greedy `generate` (eager
 PyTorch on every core, best of 3 after a warm-up): hf_tokens_per_s, speedup_vs_hf, and
@@ -38,7 +43,7 @@ import numpy as np
 from absl import app, flags
 
 import tasks
-from benchmarks import Program, roofline
+from benchmarks import Program, matvec, roofline
 from inference.generate import decode_tokens, prepare
 from inference.quantize import dequantize
 from inference.sampling import Sampling
@@ -60,6 +65,9 @@ _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'], 'Weight quan
 _COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'hf'],
                              "hf: also time transformers' generate on the same model.",
                              allow_override=True)
+_MATVEC = flags.DEFINE_bool(
+    'matvec', False, 'Also report the step time floor at the rates XLA\'s dot reads each '
+    'weight shape at this batch (benchmarks/matvec.py) and the share of it reached.')
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.', allow_override=True)
 
 
@@ -154,6 +162,8 @@ def main(argv):
     if not all(importlib.util.find_spec(m) for m in ('torch', 'transformers')):
       raise app.UsageError('--compare=hf needs torch and transformers: '
                            'pip install -r requirements-dev.txt')
+  if _MATVEC.value and (_DTYPE.value, _QUANTIZE.value) != ('float32', 'none'):
+    raise app.UsageError('--matvec measures float32 weights; drop --dtype and --quantize.')
   task, inputs, options = setup(batch, prompt_len, new_tokens, _DTYPE.value, _ARCH.value,
                                 _QUANTIZE.value)
   whole, first = generation(inputs, options, new_tokens), generation(inputs, options, 1)
@@ -178,6 +188,12 @@ def main(argv):
             'peak_bytes': peak_bytes, 'bytes_per_step': bytes_per_step,
             'achieved_bytes_per_s': achieved, 'memory_bandwidth_bytes_per_s': bandwidth,
             'roofline_share': achieved / bandwidth}
+  if _MATVEC.value:
+    cache_bytes = batch * roofline.kv_bytes(
+        task.cfg, roofline.mean_cache_slots(task.cfg, prompt_len, new_tokens))
+    floor_s = matvec.step_seconds_at_matvec_rates(task.cfg, batch, cache_bytes, bandwidth)
+    result.update(matvec_floor_step_s=floor_s,
+                  matvec_roofline_share=floor_s * new_tokens / total_s)
   if _COMPARE.value == 'hf':
     hf_tokens, hf_s = hf_generate(task, inputs[0], inputs[1], new_tokens)
     ours = np.asarray(whole.run())

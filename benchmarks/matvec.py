@@ -62,6 +62,36 @@ def matvec_bytes_per_s(rows: int, inputs: int, outputs: int, transposed: bool,
                          weights_CIO.nbytes, windows=5, window_seconds=window_seconds)
 
 
+def decode_matrices(cfg) -> list[tuple[int, int, bool, int]]:
+  """(inputs, outputs, stored transposed, how many) of each weight matrix a decode step
+  of `cfg` multiplies (a decoder's, or an encoder-decoder's decoder with its
+  cross-attention's query and output; the cross keys and values are cached)."""
+  d, heads, kv = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  layers = cfg.num_decoder_layers or cfg.num_layers
+  attention = [(d, heads, False, 1), (d, kv, False, 2), (heads, d, False, 1)]
+  if cfg.arch == 'encoder_decoder':
+    attention += [(d, heads, False, 1), (heads, d, False, 1)]
+  mlp = [(d, cfg.d_ff, False, 2 if cfg.gated_mlp else 1), (cfg.d_ff, d, False, 1)]
+  shapes = {}
+  for i, o, t, n in attention + mlp:
+    shapes[i, o, t] = shapes.get((i, o, t), 0) + n * layers
+  head = (d, cfg.vocab_size, cfg.tie_embeddings)  # a tied table is stored [V, D]
+  shapes[head] = shapes.get(head, 0) + 1
+  return [key + (n,) for key, n in shapes.items()]
+
+
+def step_seconds_at_matvec_rates(cfg, rows: int, other_bytes: float, bandwidth: float,
+                                 window_seconds: float = 0.25) -> float:
+  """The decode step's floor when its float32 weights are read at the rate XLA's dot
+  reaches for each of their shapes at `rows` rows (measured here), and `other_bytes`
+  (the key/value cache) at the streaming `bandwidth`."""
+  seconds = other_bytes / bandwidth
+  for inputs, outputs, transposed, count in decode_matrices(cfg):
+    rate = matvec_bytes_per_s(rows, inputs, outputs, transposed, window_seconds=window_seconds)
+    seconds += count * inputs * outputs * 4 / rate
+  return seconds
+
+
 def measure(rows: int, shapes: list[str]) -> dict:
   bandwidth = roofline.measure_memory_bandwidth()
   result = {'benchmark': 'matvec', 'backend': jax.default_backend(),

@@ -54,13 +54,18 @@ def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt_len: int,
   prompt_len + (new_tokens + 1) / 2; an encoder-decoder's decoder starts from one start
   token, mean 1 + (new_tokens + 1) / 2, and also reads the cross-attention keys and
   values of the encoded prompt (cross = prompt_len; 0 for a decoder)."""
-  if cfg.arch == 'decoder':
-    filled, cross = prompt_len + (new_tokens + 1) / 2, 0
-  else:
-    filled, cross = 1 + (new_tokens + 1) / 2, prompt_len
+  if cfg.arch != 'decoder':
     # Without the encoder (it reads the prompt once) and the cross-attention key and value
     # projections (the first step fills their cache; later steps read the cache).
     params = {name: sub for name, sub in params.items() if not name.startswith('encoder')}
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: None if _cross_key_or_value(path) else x, params)
-  return weight_bytes(params) + batch * kv_bytes(cfg, filled + cross)
+  return weight_bytes(params) + batch * kv_bytes(cfg, mean_cache_slots(cfg, prompt_len,
+                                                                       new_tokens))
+
+
+def mean_cache_slots(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> float:
+  """filled + cross of `decode_bytes_per_step`: the cache slots a step reads, on average."""
+  if cfg.arch == 'decoder':
+    return prompt_len + (new_tokens + 1) / 2
+  return 1 + (new_tokens + 1) / 2 + prompt_len

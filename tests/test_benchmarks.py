@@ -146,3 +146,26 @@ def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
   for transposed in (False, True):
     rate = matvec.matvec_bytes_per_s(2, 64, 32, transposed, megabytes=1, window_seconds=0.01)
     assert 1e6 < rate < 1e13  # bytes/s: positive, finite, and of a memory's order
+
+
+@pytest.mark.parametrize('arch, fields', [
+    ('decoder', dict(num_kv_heads=2, gated_mlp=True)),
+    ('encoder_decoder', dict(tie_embeddings=False)),
+])
+def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields):
+  """Every matrix the step multiplies, once: a decoder's kernels and tied table; an
+  encoder-decoder's decoder kernels and head, without the cross-attention's key and value
+  kernels (their products are cached) and the encoder."""
+  cfg = ModelConfig(arch=arch, vocab_size=64, num_layers=2, num_heads=4, head_dim=8,
+                    d_model=32, d_ff=48, max_len=16, **{'num_kv_heads': 4, **fields})
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
+  def read_by_step(path, x):
+    names = [getattr(p, 'key', '') for p in path]
+    cross_kv = 'cross_attention' in names and ('key' in names or 'value' in names)
+    if names[0].startswith('encoder') or cross_kv:
+      return 0
+    return x.size if names[-1] == 'kernel' or names[-1] == 'embedding' and cfg.tie_embeddings else 0
+  expected = sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(read_by_step, params)))
+  assert expected > 0
+  assert sum(i * o * n for i, o, _, n in matvec.decode_matrices(cfg)) == expected
