@@ -1,7 +1,7 @@
 """Greedy decoding throughput of the GPT peer shape with random weights: one JSON line.
 
 python -m benchmarks.decode --json --batch=1 --new_tokens=128 [--arch=encoder_decoder]
-    [--quantize=int8] [--compare=hf]
+    [--quantize=int8] [--compare=hf] [--matvec]
 
 Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt (a T5 has
 6 such layers on each side and reads the prompt with its encoder); reports
@@ -22,7 +22,8 @@ last-level cache between steps) or that other work slowed the bandwidth measurem
 
 --matvec adds a floor that XLA's own kernels can reach: the step's float32 weights read
 at the rate a chain of XLA dots reads each weight shape at this batch (benchmarks/matvec.py,
-measured here), its cache at the read bandwidth: matvec_floor_step_s and
+measured here), and the cache slots it reads (the whole grown cache,
+roofline.mean_cache_slots_read) at the read bandwidth: matvec_floor_step_s and
 matvec_roofline_share = that floor / the measured step time.
 
 --compare=hf builds the same model, with the same weights (interop's GPT-2 layout), as
@@ -190,7 +191,7 @@ def main(argv):
             'roofline_share': achieved / bandwidth}
   if _MATVEC.value:
     cache_bytes = batch * roofline.kv_bytes(
-        task.cfg, roofline.mean_cache_slots(task.cfg, prompt_len, new_tokens))
+        task.cfg, roofline.mean_cache_slots_read(task.cfg, prompt_len, new_tokens))
     floor_s = matvec.step_seconds_at_matvec_rates(task.cfg, batch, cache_bytes, bandwidth)
     result.update(matvec_floor_step_s=floor_s,
                   matvec_roofline_share=floor_s * new_tokens / total_s)

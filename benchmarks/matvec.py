@@ -43,23 +43,32 @@ def matvec_bytes_per_s(rows: int, inputs: int, outputs: int, transposed: bool,
   """Weight bytes read per second by a chain of [rows, inputs] x [inputs, outputs]
   products over distinct matrices of `megabytes` in all (best of a few windows,
   train/flops.py best_rate)."""
+  chain, matrices = matvec_chain(rows, inputs, outputs, transposed, megabytes)
+  x_RI = jnp.ones((rows, inputs), jnp.float32)
+  return flops.best_rate(lambda: chain(matrices, x_RI).block_until_ready(),
+                         sum(m.nbytes for m in matrices), windows=5,
+                         window_seconds=window_seconds)
+
+
+def matvec_chain(rows: int, inputs: int, outputs: int, transposed: bool, megabytes: int):
+  """(jitted chain(matrices, x_RI), the matrices): each matrix a separate argument, read
+  by its own product as it lies (as a decode step reads its weights; a slice of one
+  stacked array would be copied first), each product's output feeding the next input so
+  that none is skipped or hoisted."""
   count = max(2, megabytes * 2**20 // (inputs * outputs * 4))
-  shape = (count, outputs, inputs) if transposed else (count, inputs, outputs)
-  weights_CIO = jax.random.normal(jax.random.key(0), shape, jnp.float32) * inputs ** -0.5
+  shape = (outputs, inputs) if transposed else (inputs, outputs)
+  keys = jax.random.split(jax.random.key(0), count)
+  matrices = tuple(jax.random.normal(key, shape, jnp.float32) * inputs ** -0.5 for key in keys)
   contract = 1 if transposed else 0
 
   @jax.jit
-  def chain(weights_CIO, x_RI):
-    def product(c, x_RI):
-      y_RO = jax.lax.dot_general(x_RI, weights_CIO[c], (((1,), (contract,)), ((), ())))
-      # The next input depends on this output (no product can be skipped or hoisted),
-      # at the cost of a few elementwise ops on [rows, inputs].
-      return x_RI + 1e-30 * jnp.sum(y_RO, axis=1, keepdims=True)
-    return jax.lax.fori_loop(0, count, product, x_RI)
-
-  x_RI = jnp.ones((rows, inputs), jnp.float32)
-  return flops.best_rate(lambda: chain(weights_CIO, x_RI).block_until_ready(),
-                         weights_CIO.nbytes, windows=5, window_seconds=window_seconds)
+  def chain(matrices, x_RI):
+    for matrix in matrices:
+      y_RO = jax.lax.dot_general(x_RI, matrix, (((1,), (contract,)), ((), ())))
+      # At the cost of a few elementwise ops on [rows, inputs].
+      x_RI = x_RI + 1e-30 * jnp.sum(y_RO, axis=1, keepdims=True)
+    return x_RI
+  return chain, matrices
 
 
 def decode_matrices(cfg) -> list[tuple[int, int, bool, int]]:

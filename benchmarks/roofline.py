@@ -8,6 +8,7 @@ weight once and each row's filled key/value cache, so its floor is bytes / bandw
 import jax
 import jax.numpy as jnp
 
+from inference.generate import cache_lengths
 from inference.quantize import weight_bytes
 from models.config import ModelConfig
 from train import flops
@@ -65,7 +66,18 @@ def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt_len: int,
 
 
 def mean_cache_slots(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> float:
-  """filled + cross of `decode_bytes_per_step`: the cache slots a step reads, on average."""
+  """filled + cross of `decode_bytes_per_step`: the cache slots a step needs, on average."""
   if cfg.arch == 'decoder':
     return prompt_len + (new_tokens + 1) / 2
   return 1 + (new_tokens + 1) / 2 + prompt_len
+
+
+def mean_cache_slots_read(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> float:
+  """The cache slots a step of inference/generate.py's loops reads, on average: its
+  whole self-attention cache, grown through `cache_lengths` (up to twice the filled
+  slots), plus an encoder-decoder's cross-attention cache of the prompt."""
+  filled, cross = (prompt_len, 0) if cfg.arch == 'decoder' else (1, prompt_len)
+  lengths = cache_lengths(filled, filled + new_tokens)
+  # Step i writes slot filled + i, into the first cache length that holds it.
+  read = [next(n for n in lengths if n > filled + i) for i in range(new_tokens)]
+  return sum(read) / new_tokens + cross

@@ -68,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention = 'auto'
   # >0: the token loss runs the output head and softmax over this many sequence positions
   # at a time (recomputed in the backward pass), so the [batch, seq, vocab] logits never
-  # exist whole: less memory for a large vocabulary, same loss and gradients. 0: at once
+  # exist whole: less memory for a large vocabulary, same loss and gradients (LoRA dropout
+  # on an adapted head draws a mask per chunk). 0: all at once
   model.logits_chunk = 0
 
   # What the run trains (tasks/): 'auto' follows model.arch: causal_lm (decoder),

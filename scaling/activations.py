@@ -171,8 +171,11 @@ def residuals(closed: jax_core.ClosedJaxpr, num_params: int, num_frozen: int = 0
   # large as the quotient, beside a kept quotient (softmax probabilities).
   reciprocals = sum(_nbytes(v) for v in roots if producer[v][0] == 'div'
                     and len(producer[v][1]) == 2 and producer[v][1][1].aval.size < v.aval.size)
-  stacks = tuple(tuple(_nbytes(v) for v in eqn.outvars[eqn.params['num_carry']:])
-                 for eqn in closed.jaxpr.eqns if eqn.primitive.name == 'scan')
+  # A scan that stacks nothing (the loss over chunks of the sequence, model.logits_chunk)
+  # is no layer stack.
+  stacks = tuple(stack for stack in (
+      tuple(_nbytes(v) for v in eqn.outvars[eqn.params['num_carry']:])
+      for eqn in closed.jaxpr.eqns if eqn.primitive.name == 'scan') if stack)
   return Residuals(kept=sum(_nbytes(v) for v in roots) + reciprocals, stacks=stacks)
 
 
@@ -182,9 +185,10 @@ def peak_bytes(traced: Residuals, scanned: Residuals, scanned_plain: Residuals, 
 
   traced: the run's own trace (its remat policy, scanned or unrolled layers);
   scanned, scanned_plain: traces with scanned layers under that policy and under
-  'none', which give the per-layer figures; logits_bytes: one float32 logits array.
+  'none', which give the per-layer figures; logits_bytes: what the loss's backward holds
+  beside the residuals (the logits' float32 cotangent).
   """
-  start = traced.kept + logits_bytes  # the logits' float32 cotangent
+  start = traced.kept + logits_bytes
   if scanned.stacks == scanned_plain.stacks:  # no remat: nothing is recomputed
     return start
   saved_by_layers = sum(map(sum, scanned.stacks))

@@ -32,6 +32,7 @@ from flax import traverse_util
 import tasks
 from models import kernels, lora, padded_vocab_size
 from models.config import REMAT_POLICIES
+from models.losses import balanced_chunk
 from scaling import activations
 from tasks.base import Task
 from train import config_checks, flops, frozen as frozen_lib
@@ -165,7 +166,13 @@ def activation_bytes(config: ml_collections.ConfigDict, task: Task,
   scanned = {policy: _residual_trace(config, task, policy, True)
              for policy in set(policies) | {'none'}}
   sequences = config.data.batch_size // config.train.grad_accum
-  logits_bytes = sequences * task.scored_length(config.data.seq_len) * cfg.vocab_size * 4
+  positions = task.scored_length(config.data.seq_len)
+  # The logits' float32 cotangent; over chunks (model.logits_chunk), one chunk's
+  # recomputed logits and their cotangent at a time.
+  arrays = 1
+  if cfg.logits_chunk:
+    positions, arrays = balanced_chunk(positions, cfg.logits_chunk), 2
+  logits_bytes = arrays * sequences * positions * cfg.vocab_size * 4
   return {policy: activations.peak_bytes(
               scanned[policy] if cfg.scan_layers else _residual_trace(config, task, policy, False),
               scanned[policy], scanned['none'], cfg.num_layers, logits_bytes)

@@ -62,7 +62,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, dtype) -> M
       output_bias=m.output_bias, tie_embeddings=m.tie_embeddings,
       tied_output_scale=m.tied_output_scale, use_bias=m.use_bias,
       dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
-      attention=m.attention, logits_chunk=m.logits_chunk, dtype=dtype, param_dtype=jnp.dtype(config.param_dtype),
+      attention=m.attention, logits_chunk=m.logits_chunk, dtype=dtype,
+      param_dtype=jnp.dtype(config.param_dtype),
       **_lora_fields(config), **task_class(config).model_fields(config))
 
 

@@ -2,7 +2,9 @@
 gradients from the same weights), the profile's per-op table finds the ops that ran with
 their times and a dot's FLOPs from its shapes, and a decode step's bytes follow the
 roofline formula. (Timings live in the benchmarks, never here.)"""
+import collections
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -137,6 +139,15 @@ def test_decode_bytes_per_step_is_weights_plus_the_mean_filled_cache():
   assert roofline.decode_bytes_per_step(t5, params, batch, prompt, new) == expected
 
 
+def test_a_step_reads_its_whole_grown_cache():
+  """A 32-token prompt and 100 new tokens: caches of 64, 128 and 132 slots; the steps
+  writing slots 32-63 read 64, those writing 64-127 read 128, the last four 132."""
+  cfg = ModelConfig()
+  assert roofline.mean_cache_slots_read(cfg, 32, 100) == (32 * 64 + 64 * 128 + 4 * 132) / 100
+  t5 = dataclasses.replace(cfg, arch='encoder_decoder')  # from one start token, + the prompt
+  assert roofline.mean_cache_slots_read(t5, 32, 100) == (63 * 64 + 37 * 101) / 100 + 32
+
+
 def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
   from absl import app
   assert matvec.parse_shape('384x1536') == (384, 1536, False)
@@ -144,8 +155,14 @@ def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
   with pytest.raises(app.UsageError, match="'384by8' is not IxO"):
     matvec.parse_shape('384by8')
   for transposed in (False, True):
-    rate = matvec.matvec_bytes_per_s(2, 64, 32, transposed, megabytes=1, window_seconds=0.01)
-    assert 1e6 < rate < 1e13  # bytes/s: positive, finite, and of a memory's order
+    # One product per matrix, each reading its matrix as it lies: no copy, no transpose.
+    chain, matrices = matvec.matvec_chain(2, 256, 128, transposed, megabytes=1)
+    hlo = chain.lower(matrices, jnp.ones((2, 256))).compile().as_text()
+    assert len(matrices) == 8 and hlo.count(' dot(') == 8  # 1 MB of 128 kB matrices
+    assert 'copy(' not in hlo and 'transpose(' not in hlo
+    rate = matvec.matvec_bytes_per_s(2, 256, 128, transposed, megabytes=1,
+                                     window_seconds=0.01)
+    assert rate > 0
 
 
 @pytest.mark.parametrize('arch, fields', [
@@ -153,19 +170,25 @@ def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
     ('encoder_decoder', dict(tie_embeddings=False)),
 ])
 def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields):
-  """Every matrix the step multiplies, once: a decoder's kernels and tied table; an
-  encoder-decoder's decoder kernels and head, without the cross-attention's key and value
-  kernels (their products are cached) and the encoder."""
+  """Every matrix the step multiplies, once, as (inputs, outputs, stored transposed): a
+  decoder's kernels and tied table; an encoder-decoder's decoder kernels and head,
+  without the cross-attention's key and value kernels (their products are cached) and
+  the encoder."""
   cfg = ModelConfig(arch=arch, vocab_size=64, num_layers=2, num_heads=4, head_dim=8,
-                    d_model=32, d_ff=48, max_len=16, **{'num_kv_heads': 4, **fields})
+                    d_model=32, d_ff=48, max_len=16, scan_layers=False,
+                    **{'num_kv_heads': 4, **fields})
   task = tasks.for_model(cfg)
   params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
-  def read_by_step(path, x):
+  expected = collections.Counter()
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
     names = [getattr(p, 'key', '') for p in path]
-    cross_kv = 'cross_attention' in names and ('key' in names or 'value' in names)
-    if names[0].startswith('encoder') or cross_kv:
-      return 0
-    return x.size if names[-1] == 'kernel' or names[-1] == 'embedding' and cfg.tie_embeddings else 0
-  expected = sum(jax.tree.leaves(jax.tree_util.tree_map_with_path(read_by_step, params)))
-  assert expected > 0
-  assert sum(i * o * n for i, o, _, n in matvec.decode_matrices(cfg)) == expected
+    if names[0].startswith('encoder') or (
+        'cross_attention' in names and ('key' in names or 'value' in names)):
+      continue
+    if names[-1] == 'kernel':  # attention's output [N, K, D]; the rest [D, ...]
+      inputs = math.prod(x.shape[:-1]) if names[-2] == 'out' else x.shape[0]
+      expected[inputs, x.size // inputs, False] += 1
+    elif names[-1] == 'embedding' and cfg.tie_embeddings:  # [V, D]
+      expected[x.shape[1], x.shape[0], True] += 1
+  assert sum(expected.values()) > 4
+  assert {(i, o, t): n for i, o, t, n in matvec.decode_matrices(cfg)} == dict(expected)

@@ -12,6 +12,7 @@ from flax.core import meta
 
 import models
 import tasks
+from models import losses
 from configs import default
 from models import ModelConfig
 from train import config_checks
@@ -74,11 +75,27 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence_at_once(arch, head)
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_a_chunk_longer_than_the_sequence_is_one_padded_chunk():
-  whole_sums, _ = _sums_and_grads('decoder', 0, 6)
-  sums, _ = _sums_and_grads('decoder', 16, 6)
-  for name in sums:
-    np.testing.assert_allclose(sums[name], whole_sums[name], rtol=1e-6, err_msg=name)
+@pytest.mark.parametrize('arch', sorted(TASK_OF))
+def test_the_whole_logits_never_exist_when_chunked(arch):
+  """In the traced loss and gradient, no [B, T, V] array: [3, 13, 96] without chunks,
+  [3, 5, 96] (three balanced chunks of 5) with them."""
+  def traced(chunk):
+    task = tasks.TASKS[TASK_OF[arch], arch](_cfg(arch, logits_chunk=chunk))
+    batch = _batch(task, 13)
+    params = meta.unbox(task.init(jax.random.key(0), batch))
+    return str(jax.make_jaxpr(jax.grad(lambda p: task.loss(p, batch, None, False)[0]))(params))
+  whole, chunked = traced(0), traced(5)
+  assert 'f32[3,13,96]' in whole and 'f32[3,5,96]' not in whole
+  assert 'f32[3,13,96]' not in chunked and 'f32[3,5,96]' in chunked
+
+
+@pytest.mark.parametrize('length, chunk, expected', [
+    (13, 5, 5), (12, 5, 4), (114, 256, 114), (100, 64, 50), (256, 64, 64), (6, 16, 6)])
+def test_chunks_are_balanced_so_padding_is_under_one_position_per_chunk(length, chunk,
+                                                                         expected):
+  assert losses.balanced_chunk(length, chunk) == expected
+  chunks = -(-length // expected)
+  assert chunks * expected - length < chunks
 
 
 def test_lora_dropout_in_the_head_draws_a_new_mask_for_each_chunk():

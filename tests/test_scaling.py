@@ -106,6 +106,22 @@ def test_memory_estimate_is_within_ten_percent_of_the_compiled_train_step(arch, 
   assert activations['full'] < activations['dots_saveable'] < activations['none']
 
 
+@pytest.mark.parametrize('arch', ['decoder', 'encoder_decoder'])
+def test_memory_estimate_with_the_loss_over_chunks_is_within_ten_percent_and_smaller(arch):
+  """model.logits_chunk: one chunk's logits at a time (the T5 decoder's 14 positions
+  are one balanced chunk of 14, the decoder's 64 four of 16), with a vocabulary whose
+  logits weigh in the step's memory."""
+  config = _run_config(arch)
+  config.model.vocab_size = 8192
+  whole = estimate.estimate(config)['activation_bytes']
+  config.model.logits_chunk = 16
+  result = estimate.estimate(config)
+  compiled = estimate.compiled_memory(config)
+  assert abs(result['memory_bytes'] / compiled['total_bytes'] - 1) < 0.10, (result, compiled)
+  for policy, chunked in result['activation_bytes'].items():
+    assert chunked < whole[policy] if arch == 'decoder' else chunked <= whole[policy]
+
+
 def _lora_config(arch: str, targets: str) -> ml_collections.ConfigDict:
   """A LoRA run of four scanned layers (compiled once, like two), untied output head."""
   config = _run_config(arch)
