@@ -66,8 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'auto' | 'xla' | 'cudnn' | 'splash'; auto (logged) is splash on TPU, cuDNN on GPU where
   # it compiles for the run's shapes, else XLA
   model.attention = 'auto'
-  # >0: the token loss runs the output head and softmax over this many sequence positions
-  # at a time (recomputed in the backward pass), so the [batch, seq, vocab] logits never
+  # >0: the token loss runs the output head and softmax over at most this many sequence
+  # positions at a time, in equal chunks (recomputed in the backward pass), so the [batch, seq, vocab] logits never
   # exist whole: less memory for a large vocabulary, same loss and gradients (LoRA dropout
   # on an adapted head draws a mask per chunk). 0: all at once
   model.logits_chunk = 0

@@ -68,9 +68,10 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = 'none'
   attention: str = 'auto'
-  logits_chunk: int = 0  # >0: a token loss computes the output head and softmax this many
-  #                        sequence positions at a time, recomputed in the backward pass,
-  #                        so the [B, T, V] logits never exist whole; 0: all at once
+  logits_chunk: int = 0  # >0: a token loss computes the output head and softmax over at
+  #                        most this many sequence positions at a time (equal chunks,
+  #                        losses.balanced_chunk), recomputed in the backward pass, so the
+  #                        [B, T, V] logits never exist whole; 0: all at once
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   decode: bool = False  # one token at a time over a key/value cache (inference only)

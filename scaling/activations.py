@@ -30,7 +30,8 @@ Residuals of scanned layers are outputs of the scan loop, stacked over layers, s
 XLA keeps exactly what JAX traced; `Residuals.stacks` lists them per stack.
 
 The peak (`peak_bytes`) is the larger of two moments of the backward pass: its start,
-where all residuals are live beside the logits' float32 cotangent, and, under remat,
+where all residuals are live beside the logits' float32 cotangent (with
+model.logits_chunk, one chunk's recomputed logits and their cotangent), and, under remat,
 the backward of the largest layer, which rematerialises that layer's residuals while
 the other layers' saved values stay live.
 
