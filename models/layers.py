@@ -291,9 +291,8 @@ def xla_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: AttentionMa
   query block's future: queries [a, b) read keys [0, b) only, which saves (n - 1) / 2n
   of the scores' work for n blocks (37.5% at n = 4; benchmarks/RESULTS.md has the
   speed-up on a CPU)."""
-  B, T = q_BTNK.shape[:2]
-  S, G, K = k_BSGK.shape[1:]
-  k_HSK, v_HSK = (jnp.swapaxes(x, 1, 2).reshape(B * G, S, K) for x in (k_BSGK, v_BSGK))
+  T, S = q_BTNK.shape[1], k_BSGK.shape[1]
+  k_HSK, v_HSK = kv_rows(k_BSGK), kv_rows(v_BSGK)
   blocks = causal_query_blocks(T) if mask.causal and T == S else 1
   size = T // blocks
   out_BTNK = []
@@ -304,6 +303,13 @@ def xla_attention(q_BTNK: Array, k_BSGK: Array, v_BSGK: Array, mask: AttentionMa
         mask.dense_B1TS[:, :, start:start + size, :end],
         None if bias_BNTS is None else bias_BNTS[:, :, start:start + size, :end], scale))
   return out_BTNK[0] if blocks == 1 else jnp.concatenate(out_BTNK, axis=1)
+
+
+def kv_rows(x_BSGK: Array) -> Array:
+  """Keys or values [B, S, G, K] as `grouped_attention` reads them: H = B * G rows
+  [H, S, K], row b * G + g holding kv head g of example b."""
+  B, S, G, K = x_BSGK.shape
+  return jnp.swapaxes(x_BSGK, 1, 2).reshape(B * G, S, K)
 
 
 def grouped_attention(q_BTNK: Array, k_HSK: Array, v_HSK: Array, mask_B1TS: Array,
@@ -377,13 +383,12 @@ class Attention(nn.Module):
                                          cfg.attention, attention_scale(cfg))
         return self._out(out_BTNK)
       # Decoding: caches hold H = B * G rows of [S, K] for grouped_attention.
-      B, S = k_BSGK.shape[:2]
-      k_HSK, v_HSK = (jnp.swapaxes(x, 1, 2).reshape(B * G, S, K) for x in (k_BSGK, v_BSGK))
+      k_HSK, v_HSK = kv_rows(k_BSGK), kv_rows(v_BSGK)
       if cross_cache:
         self.put_variable('cache', 'cross_key', k_HSK)
         self.put_variable('cache', 'cross_value', v_HSK)
       else:  # a causal stack: this call's keys and values go to slots from cache_index on
-        cache_shape = (B * G, cfg.max_len, K)
+        cache_shape = (k_HSK.shape[0], cfg.max_len, K)
         cached_k = self.variable('cache', 'cached_key', jnp.zeros, cache_shape, k_HSK.dtype)
         cached_v = self.variable('cache', 'cached_value', jnp.zeros, cache_shape, v_HSK.dtype)
         start = (0, cache_index, 0)
