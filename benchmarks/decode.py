@@ -23,7 +23,7 @@ last-level cache between steps) or that other work slowed the bandwidth measurem
 --matvec adds a floor that XLA's own kernels can reach: the step's float32 weights read
 at the rate a chain of XLA dots reads each weight shape at this batch (benchmarks/matvec.py,
 measured here), and the cache slots it reads (the whole grown cache,
-roofline.mean_cache_slots_read) at the read bandwidth: matvec_floor_step_s and
+roofline.mean_cache_slots) at the read bandwidth: matvec_floor_step_s and
 matvec_roofline_share = that floor / the measured step time.
 
 --compare=hf builds the same model, with the same weights (interop's GPT-2 layout), as
@@ -190,8 +190,8 @@ def main(argv):
             'achieved_bytes_per_s': achieved, 'memory_bandwidth_bytes_per_s': bandwidth,
             'roofline_share': achieved / bandwidth}
   if _MATVEC.value:
-    cache_bytes = batch * roofline.kv_bytes(
-        task.cfg, roofline.mean_cache_slots_read(task.cfg, prompt_len, new_tokens))
+    read_slots = roofline.mean_cache_slots(task.cfg, prompt_len, new_tokens, grown_cache=True)
+    cache_bytes = batch * roofline.kv_bytes(task.cfg, read_slots)
     floor_s = matvec.step_seconds_at_matvec_rates(task.cfg, batch, cache_bytes, bandwidth)
     result.update(matvec_floor_step_s=floor_s,
                   matvec_roofline_share=floor_s * new_tokens / total_s)

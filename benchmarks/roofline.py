@@ -65,19 +65,15 @@ def decode_bytes_per_step(cfg: ModelConfig, params, batch: int, prompt_len: int,
                                                                        new_tokens))
 
 
-def mean_cache_slots(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> float:
-  """filled + cross of `decode_bytes_per_step`: the cache slots a step needs, on average."""
-  if cfg.arch == 'decoder':
-    return prompt_len + (new_tokens + 1) / 2
-  return 1 + (new_tokens + 1) / 2 + prompt_len
-
-
-def mean_cache_slots_read(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> float:
-  """The cache slots a step of inference/generate.py's loops reads, on average: its
-  whole self-attention cache, grown through `cache_lengths` (up to twice the filled
-  slots), plus an encoder-decoder's cross-attention cache of the prompt."""
+def mean_cache_slots(cfg: ModelConfig, prompt_len: int, new_tokens: int,
+                     grown_cache: bool = False) -> float:
+  """The cache slots a decode step reads, on average over `new_tokens` steps: filled +
+  cross of `decode_bytes_per_step` (step i writes slot filled + i and needs the slots up
+  to it); with `grown_cache`, the whole self-attention cache it attends over in
+  inference/generate.py's loops, grown through `cache_lengths` (up to twice the filled
+  slots). Plus an encoder-decoder's cross-attention cache of the prompt."""
   filled, cross = (prompt_len, 0) if cfg.arch == 'decoder' else (1, prompt_len)
   lengths = cache_lengths(filled, filled + new_tokens)
-  # Step i writes slot filled + i, into the first cache length that holds it.
-  read = [next(n for n in lengths if n > filled + i) for i in range(new_tokens)]
+  read = [next(n for n in lengths if n > filled + i) if grown_cache else filled + i + 1
+          for i in range(new_tokens)]
   return sum(read) / new_tokens + cross

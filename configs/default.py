@@ -67,9 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   # it compiles for the run's shapes, else XLA
   model.attention = 'auto'
   # >0: the token loss runs the output head and softmax over at most this many sequence
-  # positions at a time, in equal chunks (recomputed in the backward pass), so the [batch, seq, vocab] logits never
-  # exist whole: less memory for a large vocabulary, same loss and gradients (LoRA dropout
-  # on an adapted head draws a mask per chunk). 0: all at once
+  # positions at a time, in equal chunks (recomputed in the backward pass), so the
+  # [batch, seq, vocab] logits never exist whole: less memory for a large vocabulary, same
+  # loss and gradients (LoRA dropout on an adapted head draws a mask per chunk). 0: at once
   model.logits_chunk = 0
 
   # What the run trains (tasks/): 'auto' follows model.arch: causal_lm (decoder),

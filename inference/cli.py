@@ -31,7 +31,8 @@ _GREEDY = flags.DEFINE_bool('greedy', False, 'sample: always take the most likel
 _DRAFT_WORKDIR = flags.DEFINE_string(
     'draft_workdir', None, 'sample: speculative decoding: a smaller decoder run with the same '
     'tokenizer proposes tokens that this run checks, several per call (greedy output is '
-    "plain greedy's up to float rounding on near-ties, sampling keeps this run's distribution); prompts are decoded one at a time.")
+    "plain greedy's up to float rounding on near-ties, sampling keeps this run's "
+    'distribution); prompts are decoded one at a time.')
 _NUM_DRAFT_TOKENS = flags.DEFINE_integer('num_draft_tokens', 4, 'sample: tokens the draft '
                                          'proposes per round of speculative decoding.')
 _MERGE_LORA = flags.DEFINE_bool('merge_lora', True, 'sample: fold a LoRA run\'s adapters into '

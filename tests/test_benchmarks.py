@@ -143,9 +143,11 @@ def test_a_step_reads_its_whole_grown_cache():
   """A 32-token prompt and 100 new tokens: caches of 64, 128 and 132 slots; the steps
   writing slots 32-63 read 64, those writing 64-127 read 128, the last four 132."""
   cfg = ModelConfig()
-  assert roofline.mean_cache_slots_read(cfg, 32, 100) == (32 * 64 + 64 * 128 + 4 * 132) / 100
+  expected = (32 * 64 + 64 * 128 + 4 * 132) / 100
+  assert roofline.mean_cache_slots(cfg, 32, 100, grown_cache=True) == expected
   t5 = dataclasses.replace(cfg, arch='encoder_decoder')  # from one start token, + the prompt
-  assert roofline.mean_cache_slots_read(t5, 32, 100) == (63 * 64 + 37 * 101) / 100 + 32
+  expected = (63 * 64 + 37 * 101) / 100 + 32
+  assert roofline.mean_cache_slots(t5, 32, 100, grown_cache=True) == expected
 
 
 def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
