@@ -46,11 +46,12 @@ def chunked_cross_entropy_sums(logits_fn, h_BTD: Array, targets_BT: Array, weigh
   """`cross_entropy_sums` of logits_fn(h_BTD, c) over at most `chunk` sequence positions
   at a time (equal chunks, `balanced_chunk`; c: the chunk's index, e.g. for a dropout
   key), so the [B, T, V] logits never exist whole: each chunk's logits are recomputed in
-  the backward pass (jax.checkpoint), which keeps only the hidden states. A sequence that is not a whole number of chunks is padded
-  with positions of weight 0 (fewer than one per chunk: `balanced_chunk`). The batch axis
-  stays where it is, so its sharding does too; head parameters that a mesh shards (fsdp,
-  tensor) are gathered, and their gradients reduced, once per chunk. Same sums and
-  gradients as the whole sequence at once, up to float summation order."""
+  the backward pass (jax.checkpoint), which keeps only the hidden states. A sequence that
+  is not a whole number of chunks is padded with positions of weight 0 (fewer than one
+  per chunk). The batch axis stays where it is, so its sharding does too; head parameters
+  that a mesh shards (fsdp, tensor) are gathered, and their gradients reduced, once per
+  chunk. Same sums and gradients as the whole sequence at once, up to float summation
+  order."""
   B, T, D = h_BTD.shape
   chunk = balanced_chunk(T, chunk)
   num_chunks = -(-T // chunk)
