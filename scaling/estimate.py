@@ -252,8 +252,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   seq_len, batch = config.data.seq_len, config.data.batch_size
   forward_flops = task.train_flops_per_step(params, batch, seq_len) / 3
   # As the run counts them (train/loop.py): LoRA's frozen kernels get no weight gradient.
-  frozen_matmul = flops.matmul_param_count(frozen, cfg.tie_embeddings) if frozen else 0
-  step_flops = task.train_flops_with_frozen(params, batch, seq_len, frozen_matmul)
+  step_flops = task.train_flops_with_frozen(params, batch, seq_len, frozen)
   tokens_per_step = batch * seq_len
   train_flops = step_flops * config.train.steps
   param_bytes = jnp.dtype(cfg.param_dtype).itemsize

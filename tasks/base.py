@@ -261,14 +261,25 @@ class Task:
     """Training FLOPs of one step (train/flops.py has the formulas)."""
     raise NotImplementedError
 
+  def matmul_param_counts(self, params) -> dict[str, int]:
+    """train/flops.py `matmul_param_counts` by part, as this task's FLOPs count them."""
+    return flops.matmul_param_counts(params, self.cfg.tie_embeddings)
+
+  def matmul_tokens(self, seq_len: int) -> dict[str, int]:
+    """Tokens per example that each part's matmul parameters (`matmul_param_counts`)
+    multiply: every token, by default."""
+    return dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'other'), seq_len)
+
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
-                              frozen_matmul_params: int) -> float:
-    """train_flops_per_step when `frozen_matmul_params` of the parameters in matmuls (as
-    train/flops.py counts them) are frozen (LoRA's base): a frozen kernel gets no weight
-    gradient, so about 4 of its 6 training FLOPs per token remain."""
-    step = self.train_flops_per_step(params, batch_size, seq_len)
-    matmul = flops.matmul_param_count(params, self.cfg.tie_embeddings)
-    return step * (1 - frozen_matmul_params / max(matmul, 1) / 3)
+                              frozen_params) -> float:
+    """train_flops_per_step when `frozen_params` (a subtree of `params`, or None: LoRA's
+    frozen base) get no weight gradient: each of their matmul parameters saves that
+    gradient's 2 FLOPs for every token it multiplies (4 of its 6 remain); attention's
+    products, which hold no parameters, all stay."""
+    frozen = self.matmul_param_counts(frozen_params) if frozen_params else {}
+    tokens = self.matmul_tokens(seq_len)
+    saved = 2.0 * batch_size * sum(n * tokens[part] for part, n in frozen.items())
+    return self.train_flops_per_step(params, batch_size, seq_len) - saved
 
   # --- decoding ---------------------------------------------------------------
   def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:

@@ -224,16 +224,16 @@ class Preference:
     return 2 * super().scored_length(seq_len)  # both sides of a pair (per batch row)
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
-    return self.train_flops_with_frozen(params, batch_size, seq_len, 0)
+    return self.train_flops_with_frozen(params, batch_size, seq_len, None)
 
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
-                              frozen_matmul_params: int) -> float:
+                              frozen_params) -> float:
     """Both sides of each pair through the policy (sft's step on 2 batch_size sequences,
     its frozen kernels discounted) and through the reference (a forward pass, a third of
     that step undiscounted: no gradient of it is taken)."""
     side = self.side_task(self.cfg)
     sides = 2 * batch_size
-    return (side.train_flops_with_frozen(params, sides, seq_len, frozen_matmul_params)
+    return (side.train_flops_with_frozen(params, sides, seq_len, frozen_params)
             + side.train_flops_per_step(params, sides, seq_len) / 3)
 
 

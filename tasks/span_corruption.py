@@ -137,6 +137,12 @@ class SpanCorruption(base.Task):
             **base.lora_part(cfg, cfg.num_layers + base.decoder_layers(cfg),
                              cross_blocks=base.decoder_layers(cfg))}
 
+  def matmul_tokens(self, seq_len: int) -> dict[str, int]:
+    """The encoder's (and cross-attention keys' and values') over the inputs, the rest
+    over the targets, as `train_flops_per_step` counts them."""
+    targets = self.scored_length(seq_len)
+    return {'encoder': seq_len, 'cross_kv': seq_len, 'decoder': targets, 'other': targets}
+
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     cfg = self.cfg
     return flops.encoder_decoder_train_flops(params, cfg.tie_embeddings, cfg.num_layers,

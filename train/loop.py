@@ -249,10 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_params = state_lib.count_params(model_params)
   n_matmul = flops.matmul_param_count(model_params, run.model_cfg.tie_embeddings)
   tokens_per_step = config.data.batch_size * seq_len
-  frozen_matmul = (flops.matmul_param_count(frozen.params, run.model_cfg.tie_embeddings)
-                   if frozen is not None and frozen.params else 0)  # LoRA's base
-  flops_per_step = run.task.train_flops_with_frozen(model_params, config.data.batch_size,
-                                                    seq_len, frozen_matmul)
+  flops_per_step = run.task.train_flops_with_frozen(  # LoRA's frozen base
+      model_params, config.data.batch_size, seq_len, frozen.params if frozen else None)
   flops_per_token = flops_per_step / tokens_per_step
   peak = flops.peak_flops_per_device(run.model_cfg.dtype) * run.mesh.size
   del model_params
