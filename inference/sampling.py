@@ -53,8 +53,14 @@ def filter_logits(logits_BV: Array, top_k: int, top_p: float) -> Array:
 
 def sample(logits_BV: Array, key: Array, sampling: Sampling) -> Array:
   """One token per row, [B] int32."""
-  logits_BV = logits_BV.astype(jnp.float32)
   if sampling.temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = filter_logits(logits_BV / sampling.temperature, sampling.top_k, sampling.top_p)
-  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    return jnp.argmax(logits_BV.astype(jnp.float32), axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, sampled_logits(logits_BV, sampling),
+                                axis=-1).astype(jnp.int32)
+
+
+def sampled_logits(logits_BV: Array, sampling: Sampling) -> Array:
+  """[B, V] float32 logits that `sample` draws from at a temperature above 0: divided by
+  the temperature, then top-k and top-p filtered (-inf outside)."""
+  logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+  return filter_logits(logits_BV, sampling.top_k, sampling.top_p)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.generate import prepare, start_decoding, through_eos, while_cache_grows
-from inference.sampling import Sampling, filter_logits, sample
+from inference.sampling import Sampling, sample, sampled_logits
 
 Array = jax.Array
 
@@ -90,8 +90,7 @@ def rewind(cache, index):
 
 def distribution(logits_BV: Array, sampling: Sampling) -> Array:
   """[B, V] float32: what `sample` draws from at a temperature above 0."""
-  logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
-  return jax.nn.softmax(filter_logits(logits_BV, sampling.top_k, sampling.top_p), axis=-1)
+  return jax.nn.softmax(sampled_logits(logits_BV, sampling), axis=-1)
 
 
 def draw(key: Array, probs_BV: Array) -> Array:
