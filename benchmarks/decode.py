@@ -35,7 +35,6 @@ same model; bfloat16 weights or float rounding on near-tied random logits can lo
 import importlib.util
 import json
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -44,13 +43,12 @@ import numpy as np
 from absl import app, flags
 
 import tasks
-from benchmarks import Program, matvec, roofline
+from benchmarks import Program, best_seconds, matvec, peer_config, roofline
 from inference.generate import decode_tokens, prepare
 from inference.quantize import dequantize
 from inference.sampling import Sampling
 from interop import weights
 from interop.families import gpt2
-from models import ModelConfig
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
@@ -72,28 +70,14 @@ _MATVEC = flags.DEFINE_bool(
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.', allow_override=True)
 
 
-def _timed(fn, repeats: int = 3, warm_up: bool = True) -> float:
-  """Best seconds of `repeats` calls of fn (JAX results waited for)."""
-  if warm_up:
-    jax.block_until_ready(fn())
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def setup(batch: int, prompt_len: int, new_tokens: int, dtype: str = 'float32',
           arch: str = 'decoder', quantize: str = 'none'):
   """(task, decode_tokens' arguments, its static options): the peer shape with random
   weights, prepared as generate() prepares them (layers unrolled, int8 if asked)."""
   decoder = arch == 'decoder'
-  cfg = ModelConfig(arch=arch, vocab_size=8192, num_layers=6, num_heads=6, num_kv_heads=6,
-                    head_dim=64, d_model=384, d_ff=1536,
-                    max_len=(prompt_len + new_tokens if decoder  # prompt + output
-                             else max(prompt_len, new_tokens + 1)),  # either side
-                    position='learned' if decoder else 'relative', norm='layernorm',
+  cfg = peer_config(6, (prompt_len + new_tokens if decoder  # prompt + output
+                        else max(prompt_len, new_tokens + 1)),  # either side
+                    arch=arch, position='learned' if decoder else 'relative',
                     dtype=jnp.dtype(dtype))
   task = tasks.for_model(cfg)
   params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
@@ -151,7 +135,7 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
       return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                             max_new_tokens=new_tokens, do_sample=False)
   tokens = run()  # warm-up
-  return tokens[:, ids_BP.shape[1]:].numpy(), _timed(run, warm_up=False)
+  return tokens[:, ids_BP.shape[1]:].numpy(), best_seconds({'hf': run}, warm_up=False)[0]['hf']
 
 
 def main(argv):
@@ -173,8 +157,8 @@ def main(argv):
   memory = whole.compiled.memory_analysis()
   peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  first_token_s = _timed(first.run)
-  total_s = _timed(whole.run)
+  seconds, _ = best_seconds({'first': first.run, 'whole': whole.run})
+  first_token_s, total_s = seconds['first'], seconds['whole']
   bandwidth = roofline.measure_memory_bandwidth()
   bytes_per_step = roofline.decode_bytes_per_step(task.cfg, inputs[0], batch, prompt_len,
                                                   new_tokens)

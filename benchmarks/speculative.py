@@ -16,19 +16,17 @@ greedy's (they should, up to float rounding on near-tied logits). draft_tokens_p
 plain greedy with the draft alone, for its cost relative to the target's.
 """
 import json
-import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import tasks
+from benchmarks import best_seconds, peer_config
 from inference.generate import decode_tokens, prepare
 from inference.sampling import Sampling
 from inference.speculative import check_models, speculative_tokens
-from models import ModelConfig
 
 _TARGET_WORKDIR = flags.DEFINE_string('target_workdir', None, 'A trained decoder run (default: '
                                       'random weights of the peer shape, 8 layers).')
@@ -45,27 +43,11 @@ _PROMPT = flags.DEFINE_string(
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.', allow_override=True)
 
 
-def _best_seconds(runs: dict, repeats: int = 3) -> tuple[dict, dict]:
-  """({name: best seconds of `repeats` after a compiling call}, {name: outputs}). The
-  repeats take turns, so load from other work on a shared machine falls on all alike."""
-  outputs = {name: jax.block_until_ready(run()) for name, run in runs.items()}
-  best = dict.fromkeys(runs, float('inf'))
-  for _ in range(repeats):
-    for name, run in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(run())
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best, outputs
-
-
 def _random_models(max_len: int):
   """(target, draft) (task, params) pairs of the peer shape, 8 and 2 layers."""
   models = []
   for seed, layers in enumerate((8, 2)):
-    cfg = ModelConfig(vocab_size=8192, num_layers=layers, num_heads=6, num_kv_heads=6,
-                      head_dim=64, d_model=384, d_ff=1536, max_len=max_len, position='learned',
-                      norm='layernorm', dtype=jnp.float32)
-    task = tasks.for_model(cfg)
+    task = tasks.for_model(peer_config(layers, max_len))
     models.append((task, nn.unbox(task.init(jax.random.key(seed), task.example_batch(1, 8)))))
   prompt = np.random.default_rng(0).integers(200, 8192, _PROMPT_LEN.value).tolist()
   return models, prompt
@@ -109,7 +91,7 @@ def main(argv):
     runs[k] = lambda k=k: speculative_tokens(
         params, draft_params, ids, real, key, -1, task=task, draft_task=draft_task,
         max_new_tokens=new, num_draft_tokens=k, sampling=greedy)
-  seconds, outputs = _best_seconds(runs)
+  seconds, outputs = best_seconds(runs)
   results = []
   for k in draft_counts:
     tokens, counts = outputs[k]

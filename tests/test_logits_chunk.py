@@ -2,7 +2,6 @@
 sums and gradients as the whole [B, T, V] logits at once, for both families that have a
 token loss, whatever the head (tied, scaled, untied, biased, LoRA) and whether or not the
 sequence is a whole number of chunks; tasks without a token loss refuse it."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,6 @@ def _batch(task, seq_len: int):
   return batch
 
 
-@functools.lru_cache(maxsize=None)
 def _loss_and_grad(task):
   return jax.jit(jax.value_and_grad(lambda p, b, rng: task.loss(p, b, rng, True),
                                     has_aux=True))
