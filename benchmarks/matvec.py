@@ -10,7 +10,7 @@ python -m benchmarks.matvec [--rows=1] [--shapes=384x384,384x1536,1536x384,384x8
 
 Each shape IxO (t: stored transposed, [O, I], as a tied embedding is read for the
 logits) is timed as rows x [I] times distinct float32 matrices, enough of them that
-they cannot stay in the caches between uses (>= 128 MB), one after another in a compiled
+they cannot stay in the caches between uses (about 128 MB), one after another in a compiled
 loop, each product's result feeding the next one's input so none is skipped or hoisted.
 Prints one JSON line: bytes/s per shape, and its share of the streaming bandwidth.
 """

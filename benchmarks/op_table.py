@@ -97,13 +97,14 @@ class Module:
 
   def dots(self, instruction: Instruction) -> list[Instruction]:
     """The dots and convolutions an instruction runs: itself, or those of the
-    computations a fusion (or call) runs, recursively; not a loop's or a reduction's."""
+    computation a fusion runs, recursively; not a loop's, a call's or a conditional's
+    (their ops are timed as ops of their own: _CONTROL_FLOW) nor a reduction's."""
     if instruction.opcode in ('dot', 'convolution'):
       return [instruction]
-    if instruction.opcode not in ('fusion', 'call'):
+    if instruction.opcode != 'fusion':
       return []
-    called = instruction.attribute('calls') or instruction.attribute('to_apply')
-    return [d for i in self.computations.get(called, ()) for d in self.dots(i)]
+    return [d for i in self.computations.get(instruction.attribute('calls'), ())
+            for d in self.dots(i)]
 
   def flops(self, instruction: Instruction) -> float:
     """2 x multiply-adds of the instruction's dots and convolutions."""

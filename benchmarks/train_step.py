@@ -76,14 +76,14 @@ def build(config):
 def memory_bytes(compiled) -> dict:
   """The step's scratch memory as XLA planned it ('temp_bytes': activations, logits,
   gradients before the update) and, where the device counts it (GPU, TPU), the peak bytes
-  in use so far ('peak_bytes')."""
+  its allocator had in use so far in this process ('device_peak_bytes')."""
   result = {}
   analysis = compiled.memory_analysis()
   if analysis is not None:
     result['temp_bytes'] = int(analysis.temp_size_in_bytes)
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
-    result['peak_bytes'] = int(stats['peak_bytes_in_use'])
+    result['device_peak_bytes'] = int(stats['peak_bytes_in_use'])
   return result
 
 
@@ -111,6 +111,12 @@ def program_from_flags() -> Program:
 
 
 def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
+  if compare == 'torch':  # before anything compiles
+    if jax.default_backend() != 'cpu':
+      raise ValueError('--compare=torch runs PyTorch on the CPU; compare on a CPU backend.')
+    if config.train.z_loss or config.train.grad_accum > 1:
+      raise ValueError('--compare=torch trains one batch per step without a z-loss; set '
+                       '--config.train.grad_accum=1 --config.train.z_loss=0.')
   task, compiled, state, batches, compile_s, devices = build(config)
   cfg = task.cfg
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -119,8 +125,6 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
   params_count = state_lib.count_params(state.params)
   reference = None
   if compare == 'torch':  # from our initial weights, copied before the step donates them
-    if jax.default_backend() != 'cpu':
-      raise ValueError('--compare=torch runs PyTorch on the CPU; compare on a CPU backend.')
     from benchmarks import torch_reference
     reference = torch_reference.load_params(torch_reference.GPT(cfg), state.params)
   step = stepping(compiled, state, batches)
