@@ -141,7 +141,7 @@ def speculative_tokens(params, draft_params, ids_1P: Array, real_1P: Array, key:
                        sampling: Sampling) -> tuple[Array, dict]:
   """(new tokens [1, max_new_tokens] after one left-padded prompt, 0 after EOS, as
   `decode_tokens` returns them; {'rounds', 'accepted'}: target calls after the prefill
-  and proposals kept, of num_draft_tokens per round)."""
+  and proposals kept and emitted (not past an EOS), of num_draft_tokens per round)."""
   K, N = num_draft_tokens, max_new_tokens
   greedy = sampling.temperature == 0
   target = start_decoding(task, params, ids_1P, real_1P)
@@ -187,7 +187,7 @@ def speculative_tokens(params, draft_params, ids_1P: Array, real_1P: Array, key:
     count = jnp.where(jnp.any(eos_T), jnp.argmax(eos_T) + 1, kept + 1)
     out_M = jax.lax.dynamic_update_slice(out_M, new_T, (n,))
     return (n + count, target_cache, draft_cache, new_T[count - 1], out_M, jnp.any(eos_T), key,
-            rounds + 1, accepted + kept)
+            rounds + 1, accepted + jnp.minimum(kept, count))  # proposals emitted
 
   def not_finished(carry):
     n, *_, done, _, _, _ = carry

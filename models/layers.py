@@ -179,8 +179,8 @@ class Dense(nn.Module):
     kernel = _int8_param(self, 'kernel', param_init(self.stddev, self.names),
                          x.shape[-n:] + self.features, cfg.param_dtype)
     # The MLP's input projections in 2-D products (contract_inputs), except under a remat
-    # policy (the policies name dot_general, which a custom VJP hides) and with LoRA (a
-    # custom VJP would compute the frozen kernel's gradient, which autodiff skips).
+    # policy (the policies name dot_general, which a custom VJP hides) and with LoRA (kept
+    # on autodiff's products: not measured with adapters).
     two_d = self.lora_target == 'mlp_in' and cfg.remat == 'none' and not cfg.lora_rank
     product = contract_inputs if two_d else _contract
     y = product(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype), n)

@@ -94,10 +94,13 @@ class Task:
     """The module's positional arguments, taken from a batch."""
     raise NotImplementedError
 
-  def apply(self, params, batch: Batch, train: bool = False, dropout_rng=None):
-    """The module's outputs; dropout (train only) draws from `dropout_rng`."""
+  def apply(self, params, batch: Batch, train: bool = False, dropout_rng=None,
+            module: nn.Module | None = None):
+    """The module's outputs (`module`: another of the same parameters, default
+    self.module(train)); dropout (train only) draws from `dropout_rng`."""
     rngs = {'dropout': dropout_rng} if train else {}
-    return self.module(train).apply({'params': params}, *self.model_inputs(batch), rngs=rngs)
+    module = self.module(train) if module is None else module
+    return module.apply({'params': params}, *self.model_inputs(batch), rngs=rngs)
 
   def init(self, rng: Array, batch: Batch):
     """Boxed (logically partitioned) parameters."""
@@ -121,9 +124,8 @@ class Task:
     if not self.cfg.logits_chunk:
       logits_BTV = self.logits(params, batch, train, dropout_rng)
       return cross_entropy_sums(logits_BTV, targets_BT, weights_BT, self.z_loss)
-    rngs = {'dropout': dropout_rng} if train else {}
-    h_BTD = self.module(train).clone(return_hidden=True).apply(
-        {'params': params}, *self.model_inputs(batch), rngs=rngs)
+    h_BTD = self.apply(params, batch, train, dropout_rng,
+                       module=self.module(train).clone(return_hidden=True))
     head = TokenHead(self.cfg, deterministic=not train)
     head_params = {'params': {k: params[k] for k in ('token_embed', 'head') if k in params}}
 
