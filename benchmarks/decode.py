@@ -49,6 +49,7 @@ from inference.quantize import dequantize
 from inference.sampling import Sampling
 from interop import weights
 from interop.families import gpt2
+from models.layers import split_qkv
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
@@ -108,7 +109,8 @@ def program_from_flags() -> Program:
 
 def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
   """(new tokens [B, new_tokens], best seconds of 3 after a warm-up) of transformers'
-  greedy GPT2LMHeadModel.generate on our model's weights (int8 ones dequantized, so
+  greedy GPT2LMHeadModel.generate on our model's weights as `prepare` left them (the
+  joined query, key and value split again; int8 ones dequantized, so
   both compute with the same values), float32, eager PyTorch on every core. No eos
   token: generate runs all max_new_tokens steps, as ours with eos_id=-1 does (a
   min_new_tokens would instead forbid one real token)."""
@@ -118,7 +120,7 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
   fields = {k: v for k, v in gpt2.hf_config(cfg).items() if k != 'model_type'}
   config = transformers.GPT2Config(**fields, bos_token_id=None, eos_token_id=None,
                                    pad_token_id=0)
-  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(params)),
+  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(split_qkv(params, cfg))),
                           cfg.scan_layers)
   torch.set_num_threads(os.cpu_count())
   model = transformers.GPT2LMHeadModel(config).eval()

@@ -74,10 +74,12 @@ def matvec_chain(rows: int, inputs: int, outputs: int, transposed: bool, megabyt
 def decode_matrices(cfg) -> list[tuple[int, int, bool, int]]:
   """(inputs, outputs, stored transposed, how many) of each weight matrix a decode step
   of `cfg` multiplies (a decoder's, or an encoder-decoder's decoder with its
-  cross-attention's query and output; the cross keys and values are cached)."""
+  cross-attention's query and output; the cross keys and values are cached), with
+  self-attention's query, key and value joined as decoding joins them
+  (models/layers.py `fuse_qkv`)."""
   d, heads, kv = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   layers = cfg.num_decoder_layers or cfg.num_layers
-  attention = [(d, heads, False, 1), (d, kv, False, 2), (heads, d, False, 1)]
+  attention = [(d, heads + 2 * kv, False, 1), (heads, d, False, 1)]
   if cfg.arch == 'encoder_decoder':
     attention += [(d, heads, False, 1), (heads, d, False, 1)]
   mlp = [(d, cfg.d_ff, False, 2 if cfg.gated_mlp else 1), (cfg.d_ff, d, False, 1)]

@@ -17,6 +17,7 @@ import numpy as np
 from inference.quantize import for_decoding, quantize_int8
 from inference.sampling import Sampling, penalize_repeats, sample
 from models.config import ModelConfig
+from models.layers import fuse_qkv
 from models.transformer import resize_cache
 
 Array = jax.Array
@@ -67,13 +68,17 @@ class Request:
 
 def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantize: str):
   """(task, params, ids [B, P], real [B, P]) ready for a decoding loop, after checking
-  the request: layers unrolled, weights quantized if asked, prompts left-padded."""
+  the request: layers unrolled, weights quantized if asked, each self-attention's
+  query, key and value kernels joined into one (models/layers.py `fuse_qkv`: a step
+  reads them in one product), prompts left-padded. The params returned are new arrays
+  wherever they differ from those given (unrolled layers, int8, the joined kernels)."""
   task.check_prompts(prompts, max_new_tokens)
   if quantize not in ('none', 'int8'):
     raise ValueError(f'--quantize={quantize} is not one of none, int8.')
   cfg, params = unrolled_layers(task.cfg, params)
   if quantize == 'int8':
     params = quantize_int8(params)
+  params = fuse_qkv(params)
   return (dataclasses.replace(task, cfg=cfg), params) + left_pad(prompts)
 
 

@@ -25,7 +25,7 @@ _INPUT_AXES = {'out': 2}
 # Modules of models/layers.py that read int8 weights themselves (Dense by the names
 # its callers give it, an untied output projection included; Embed): their matrices
 # stay int8 while decoding.
-_READS_INT8 = ('query', 'key', 'value', 'out', 'up', 'gate', 'down', 'lm_head', 'token_embed')
+_READS_INT8 = ('query', 'key', 'value', 'qkv', 'out', 'up', 'gate', 'down', 'lm_head', 'token_embed')
 
 
 def _names(path) -> list[str]:

@@ -338,6 +338,59 @@ def grouped_attention(q_BTNK: Array, k_HSK: Array, v_HSK: Array, mask_B1TS: Arra
   return jnp.transpose(out_HQK.reshape(B, G, R, T, K), (0, 3, 1, 2, 4)).reshape(B, T, N, K)
 
 
+FUSED_QKV = 'qkv'
+
+
+def fuse_qkv(params):
+  """The params tree with each self-attention's query, key and value projections joined
+  into one, FUSED_QKV (kernel [D, N + 2G, K], bias [N + 2G, K]: the three concatenated
+  over heads), which Attention then computes as one product and splits.
+
+  For decoding: a step multiplies one row per sequence by every weight, and on XLA:CPU
+  one [D, (N + 2G) K] matrix-vector product reads its weights at about twice the rate of
+  three [D, N K]-sized ones (benchmarks/RESULTS.md). Only plain projections are joined
+  (kernel, optional bias; int8 or not): a LoRA-adapted layer, a scanned stack's layer
+  axis or cross-attention (whose keys and values read the encoder) stay as they are."""
+  def join(tree):
+    if not isinstance(tree, Mapping) or is_int8(tree):
+      return tree
+    tree = {name: join(sub) for name, sub in tree.items()}
+    attention = tree.get('self_attention')
+    if isinstance(attention, Mapping) and _joinable(attention):
+      parts = [attention[name] for name in ('query', 'key', 'value')]
+      joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-2), *parts)
+      tree['self_attention'] = {FUSED_QKV: joined, **{
+          name: sub for name, sub in attention.items() if name not in ('query', 'key', 'value')}}
+    return tree
+
+  def _joinable(attention) -> bool:
+    parts = [attention.get(name) for name in ('query', 'key', 'value')]
+    if not all(isinstance(p, Mapping) for p in parts):
+      return False
+    names = set(parts[0])
+    kernel = parts[0].get('kernel')
+    kernel = kernel['int8'] if is_int8(kernel) else kernel
+    return ('kernel' in names and names <= {'kernel', 'bias'} and kernel.ndim == 3
+            and all(set(p) == names for p in parts))
+
+  return join(params)
+
+
+def split_qkv(params, cfg: ModelConfig):
+  """fuse_qkv undone: each FUSED_QKV back into query, key and value (for code that reads
+  the model's own layout, such as a weight export)."""
+  if not isinstance(params, Mapping) or is_int8(params):
+    return params
+  tree = {name: split_qkv(sub, cfg) for name, sub in params.items()}
+  joined = tree.pop(FUSED_QKV, None)
+  if joined is None:
+    return tree
+  bounds = (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads)
+  for i, name in enumerate(('query', 'key', 'value')):
+    tree[name] = jax.tree.map(lambda x, i=i: jnp.split(x, bounds, axis=-2)[i], joined)
+  return tree
+
+
 def attention_scale(cfg: ModelConfig) -> float:
   """What q.k is multiplied by: 1/sqrt(head_dim) unless the model says otherwise (T5: 1)."""
   return cfg.attention_scale or cfg.head_dim ** -0.5
@@ -365,7 +418,12 @@ class Attention(nn.Module):
     N, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std = INIT_STD
     projection = functools.partial(dense, cfg, deterministic=self.deterministic)
-    q_BTNK = projection((N, K), -1, ('embed', 'heads', 'kv'), std, 'query', 'q')(x_BTD)
+    fused = not self.cross and self.has_variable('params', FUSED_QKV)
+    if fused:  # decoding's one product for all three (fuse_qkv)
+      qkv_BTHK = projection((N + 2 * G, K), -1, ('embed', None, 'kv'), std, FUSED_QKV)(x_BTD)
+      q_BTNK, k_BSGK, v_BSGK = jnp.split(qkv_BTHK, (N, N + G), axis=2)
+    else:
+      q_BTNK = projection((N, K), -1, ('embed', 'heads', 'kv'), std, 'query', 'q')(x_BTD)
     if self.use_rope:
       q_BTNK = apply_rope(q_BTNK, positions_BT, cfg.rope_theta)
     cross_cache = self.cross and cfg.decode
@@ -373,9 +431,10 @@ class Attention(nn.Module):
       k_HSK = self.get_variable('cache', 'cross_key')
       v_HSK = self.get_variable('cache', 'cross_value')
     else:
-      kv_BSD = kv_BSD if self.cross else x_BTD
-      k_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key', 'k')(kv_BSD)
-      v_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value', 'v')(kv_BSD)
+      if not fused:
+        kv_BSD = kv_BSD if self.cross else x_BTD
+        k_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'key', 'k')(kv_BSD)
+        v_BSGK = projection((G, K), -1, ('embed', 'kv_heads', 'kv'), std, 'value', 'v')(kv_BSD)
       if self.use_rope:
         k_BSGK = apply_rope(k_BSGK, positions_BT, cfg.rope_theta)
       if not cross_cache and cache_index is None:  # training, scoring, an encoder

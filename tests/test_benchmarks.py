@@ -16,6 +16,7 @@ import tasks
 from benchmarks import Program, matvec, op_table, roofline
 from configs import bench_cpu
 from models import ModelConfig
+from models.layers import fuse_qkv
 
 
 def _tiny(**model):
@@ -173,14 +174,14 @@ def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
 ])
 def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields):
   """Every matrix the step multiplies, once, as (inputs, outputs, stored transposed): a
-  decoder's kernels and tied table; an encoder-decoder's decoder kernels and head,
-  without the cross-attention's key and value kernels (their products are cached) and
-  the encoder."""
+  decoder's kernels (self-attention's query, key and value joined, as decoding joins
+  them) and tied table; an encoder-decoder's decoder kernels and head, without the
+  cross-attention's key and value kernels (their products are cached) and the encoder."""
   cfg = ModelConfig(arch=arch, vocab_size=64, num_layers=2, num_heads=4, head_dim=8,
                     d_model=32, d_ff=48, max_len=16, scan_layers=False,
                     **{'num_kv_heads': 4, **fields})
   task = tasks.for_model(cfg)
-  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
+  params = fuse_qkv(nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8))))
   expected = collections.Counter()
   for path, x in jax.tree_util.tree_leaves_with_path(params):
     names = [getattr(p, 'key', '') for p in path]

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from inference.generate import generate
+from inference.quantize import quantize_int8
 from inference.sampling import Sampling, filter_logits, sample
 from models import ModelConfig
+from models.layers import FUSED_QKV, fuse_qkv, split_qkv
 import tasks
 
 from conftest import decoding_params
@@ -90,6 +92,43 @@ def test_a_cache_grown_in_steps_decodes_as_one_of_full_length(changes, monkeypat
                else _greedy_without_cache)
   assert calls  # traced anew with the short lengths, not taken from the jit cache
   assert cached == [reference(task, params, p, 11) for p in PROMPTS]
+
+
+def _paths(params) -> list[str]:
+  return ['/'.join(p.key for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+@pytest.mark.parametrize('changes', [
+    dict(use_bias=True, position='rope'), dict(ENCODER_DECODER, use_bias=True),
+    dict(position='learned', num_kv_heads=4)])
+@pytest.mark.parametrize('int8', [False, True])
+def test_fused_qkv_computes_what_the_three_projections_do(changes, int8):
+  """Decoding joins each self-attention's query, key and value (grouped-query heads,
+  biases, int8 values and scales alike); cross-attention keeps its own. The model then
+  computes the same logits from the joined tree."""
+  cfg = dataclasses.replace(TINY, scan_layers=False, **changes)
+  task, params = _params(cfg)
+  params = quantize_int8(params) if int8 else params
+  fused = fuse_qkv(params)
+  paths = _paths(fused)
+  layers = cfg.num_layers * (2 if cfg.arch == 'encoder_decoder' else 1)
+  assert len({p.rsplit(f'/{FUSED_QKV}/', 1)[0] for p in paths if f'/{FUSED_QKV}/' in p}) == layers
+  assert not any('self_attention/query' in p or 'self_attention/key' in p for p in paths)
+  assert any('cross_attention/key' in p for p in paths) == (cfg.arch == 'encoder_decoder')
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 2, cfg.vocab_size)
+  batch = {name: tokens if name.endswith('inputs') else x
+           for name, x in task.example_batch(2, 16).items()}
+  np.testing.assert_allclose(_logits(task)(fused, batch), _logits(task)(params, batch),
+                             rtol=1e-5, atol=1e-5)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, split_qkv(fused, cfg), params))
+
+
+def test_fused_qkv_leaves_adapted_and_scanned_projections_alone():
+  lora = dataclasses.replace(TINY, scan_layers=False, lora_rank=2, lora_targets=('q', 'v'))
+  scanned = dataclasses.replace(TINY, scan_layers=True)
+  for cfg in (lora, scanned):
+    params = decoding_params(cfg)[1]
+    assert _paths(fuse_qkv(params)) == _paths(params)
 
 
 def test_rows_stop_at_their_own_eos():
