@@ -1,7 +1,7 @@
 """Greedy decoding throughput of the GPT peer shape with random weights: one JSON line.
 
 python -m benchmarks.decode --json --batch=1 --new_tokens=128 [--arch=encoder_decoder]
-    [--quantize=int8] [--compare=hf] [--matvec]
+    [--quantize=int8] [--compare=hf|qkv] [--matvec]
 
 Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt (a T5 has
 6 such layers on each side and reads the prompt with its encoder); reports
@@ -26,6 +26,12 @@ measured here), and the cache slots it reads (the whole grown cache,
 roofline.mean_cache_slots) at the read bandwidth: matvec_floor_step_s and
 matvec_roofline_share = that floor / the measured step time.
 
+--compare=qkv also times the same generation with the other layout of each
+self-attention's query, key and value kernels than `prepare` chose (qkv_joined: it joins
+them for one row per step; models/layers.py `fuse_qkv`, `split_qkv`), the two taking
+turns: other_qkv_tokens_per_s, speedup_vs_other_qkv and other_qkv_tokens_agree (the share
+of tokens both chose).
+
 --compare=hf builds the same model, with the same weights (interop's GPT-2 layout), as
 `transformers`' GPT2LMHeadModel in float32 and times its greedy `generate` (eager
 PyTorch on every core, best of 3 after a warm-up): hf_tokens_per_s, speedup_vs_hf, and
@@ -49,7 +55,7 @@ from inference.quantize import dequantize
 from inference.sampling import Sampling
 from interop import weights
 from interop.families import gpt2
-from models.layers import split_qkv
+from models.layers import FUSED_QKV, fuse_qkv, split_qkv
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
@@ -62,8 +68,10 @@ _ARCH = flags.DEFINE_enum('arch', 'decoder', ['decoder', 'encoder_decoder'],
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'], 'Weight quantization.')
 # allow_override: benchmarks/train_step.py has a --compare and a --json of its own, and
 # benchmarks/profile.py imports both.
-_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'hf'],
-                             "hf: also time transformers' generate on the same model.",
+_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'hf', 'qkv'],
+                             "hf: also time transformers' generate on the same model; qkv: also "
+                             "our generation with self-attention's query, key and value kernels "
+                             "joined where prepare left them apart, or apart where it joined them.",
                              allow_override=True)
 _MATVEC = flags.DEFINE_bool(
     'matvec', False, 'Also report the step time floor at the rates XLA\'s dot reads each '
@@ -140,6 +148,12 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
   return tokens[:, ids_BP.shape[1]:].numpy(), best_seconds({'hf': run}, warm_up=False)[0]['hf']
 
 
+def qkv_joined(params) -> bool:
+  """Whether `prepare` joined self-attention's query, key and value (models/layers.py)."""
+  return any(FUSED_QKV in [getattr(p, 'key', '') for p in path]
+             for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
 def main(argv):
   del argv
   batch, new_tokens, prompt_len = _BATCH.value, _NEW_TOKENS.value, _PROMPT_LEN.value
@@ -159,7 +173,12 @@ def main(argv):
   memory = whole.compiled.memory_analysis()
   peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  seconds, _ = best_seconds({'first': first.run, 'whole': whole.run})
+  runs = {'first': first.run, 'whole': whole.run}
+  joined = qkv_joined(inputs[0])
+  if _COMPARE.value == 'qkv':
+    other = split_qkv(inputs[0], task.cfg) if joined else fuse_qkv(inputs[0])
+    runs['other_qkv'] = generation((other,) + inputs[1:], options, new_tokens).run
+  seconds, outputs = best_seconds(runs)
   first_token_s, total_s = seconds['first'], seconds['whole']
   bandwidth = roofline.measure_memory_bandwidth()
   bytes_per_step = roofline.decode_bytes_per_step(task.cfg, inputs[0], batch, prompt_len,
@@ -174,13 +193,19 @@ def main(argv):
             'total_s': total_s, 'tokens_per_s': tokens_per_s,
             'peak_bytes': peak_bytes, 'bytes_per_step': bytes_per_step,
             'achieved_bytes_per_s': achieved, 'memory_bandwidth_bytes_per_s': bandwidth,
-            'roofline_share': achieved / bandwidth}
+            'roofline_share': achieved / bandwidth, 'qkv_joined': joined}
   if _MATVEC.value:
     read_slots = roofline.mean_cache_slots(task.cfg, prompt_len, new_tokens, grown_cache=True)
     cache_bytes = batch * roofline.kv_bytes(task.cfg, read_slots)
-    floor_s = matvec.step_seconds_at_matvec_rates(task.cfg, batch, cache_bytes, bandwidth)
+    floor_s = matvec.step_seconds_at_matvec_rates(task.cfg, batch, joined, cache_bytes,
+                                                  bandwidth)
     result.update(matvec_floor_step_s=floor_s,
                   matvec_roofline_share=floor_s * new_tokens / total_s)
+  if _COMPARE.value == 'qkv':
+    result.update(other_qkv_tokens_per_s=batch * new_tokens / seconds['other_qkv'],
+                  speedup_vs_other_qkv=seconds['other_qkv'] / total_s,
+                  other_qkv_tokens_agree=float(np.mean(np.asarray(outputs['whole'])
+                                                       == np.asarray(outputs['other_qkv']))))
   if _COMPARE.value == 'hf':
     hf_tokens, hf_s = hf_generate(task, inputs[0], inputs[1], new_tokens)
     ours = np.asarray(whole.run())

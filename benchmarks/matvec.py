@@ -71,15 +71,16 @@ def matvec_chain(rows: int, inputs: int, outputs: int, transposed: bool, megabyt
   return chain, matrices
 
 
-def decode_matrices(cfg) -> list[tuple[int, int, bool, int]]:
+def decode_matrices(cfg, qkv_joined: bool) -> list[tuple[int, int, bool, int]]:
   """(inputs, outputs, stored transposed, how many) of each weight matrix a decode step
   of `cfg` multiplies (a decoder's, or an encoder-decoder's decoder with its
   cross-attention's query and output; the cross keys and values are cached), with
-  self-attention's query, key and value joined as decoding joins them
-  (models/layers.py `fuse_qkv`)."""
+  self-attention's query, key and value as one matrix if `qkv_joined` (models/layers.py
+  `fuse_qkv`; inference/generate.py `prepare` joins them for one row per step)."""
   d, heads, kv = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   layers = cfg.num_decoder_layers or cfg.num_layers
-  attention = [(d, heads + 2 * kv, False, 1), (heads, d, False, 1)]
+  attention = ([(d, heads + 2 * kv, False, 1)] if qkv_joined
+               else [(d, heads, False, 1), (d, kv, False, 2)]) + [(heads, d, False, 1)]
   if cfg.arch == 'encoder_decoder':
     attention += [(d, heads, False, 1), (heads, d, False, 1)]
   mlp = [(d, cfg.d_ff, False, 2 if cfg.gated_mlp else 1), (cfg.d_ff, d, False, 1)]
@@ -91,13 +92,13 @@ def decode_matrices(cfg) -> list[tuple[int, int, bool, int]]:
   return [key + (n,) for key, n in shapes.items()]
 
 
-def step_seconds_at_matvec_rates(cfg, rows: int, other_bytes: float, bandwidth: float,
-                                 window_seconds: float = 0.25) -> float:
+def step_seconds_at_matvec_rates(cfg, rows: int, qkv_joined: bool, other_bytes: float,
+                                 bandwidth: float, window_seconds: float = 0.25) -> float:
   """The decode step's floor when its float32 weights are read at the rate XLA's dot
   reaches for each of their shapes at `rows` rows (measured here), and `other_bytes`
   (the key/value cache) at the streaming `bandwidth`."""
   seconds = other_bytes / bandwidth
-  for inputs, outputs, transposed, count in decode_matrices(cfg):
+  for inputs, outputs, transposed, count in decode_matrices(cfg, qkv_joined):
     rate = matvec_bytes_per_s(rows, inputs, outputs, transposed, window_seconds=window_seconds)
     seconds += count * inputs * outputs * 4 / rate
   return seconds

@@ -66,19 +66,25 @@ class Request:
   draft: object = dataclasses.field(default=None, compare=False)
 
 
-def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantize: str):
+def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantize: str,
+            rows_per_prompt: int = 1):
   """(task, params, ids [B, P], real [B, P]) ready for a decoding loop, after checking
-  the request: layers unrolled, weights quantized if asked, each self-attention's
-  query, key and value kernels joined into one (models/layers.py `fuse_qkv`: a step
-  reads them in one product), prompts left-padded. The params returned are new arrays
-  wherever they differ from those given (unrolled layers, int8, the joined kernels)."""
+  the request: layers unrolled, weights quantized if asked, prompts left-padded.
+
+  Where a step decodes one row (one prompt, `rows_per_prompt` 1; beam search has a row
+  per beam), each self-attention's query, key and value kernels are joined into one
+  (models/layers.py `fuse_qkv`), so a step reads them in one matrix-vector product:
+  1.07-1.14x the tokens/s at batch 1 on XLA:CPU, but 0.90-0.98x at batch 8, where XLA
+  runs the three products side by side on its cores (benchmarks/RESULTS.md). The params
+  returned are new arrays wherever they differ from those given."""
   task.check_prompts(prompts, max_new_tokens)
   if quantize not in ('none', 'int8'):
     raise ValueError(f'--quantize={quantize} is not one of none, int8.')
   cfg, params = unrolled_layers(task.cfg, params)
   if quantize == 'int8':
     params = quantize_int8(params)
-  params = fuse_qkv(params)
+  if len(prompts) * rows_per_prompt == 1:
+    params = fuse_qkv(params)
   return (dataclasses.replace(task, cfg=cfg), params) + left_pad(prompts)
 
 

@@ -172,16 +172,18 @@ def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
     ('decoder', dict(num_kv_heads=2, gated_mlp=True)),
     ('encoder_decoder', dict(tie_embeddings=False)),
 ])
-def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields):
+@pytest.mark.parametrize('joined', [False, True])
+def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields, joined):
   """Every matrix the step multiplies, once, as (inputs, outputs, stored transposed): a
-  decoder's kernels (self-attention's query, key and value joined, as decoding joins
-  them) and tied table; an encoder-decoder's decoder kernels and head, without the
+  decoder's kernels (self-attention's query, key and value joined or not, as `prepare`
+  leaves them) and tied table; an encoder-decoder's decoder kernels and head, without the
   cross-attention's key and value kernels (their products are cached) and the encoder."""
   cfg = ModelConfig(arch=arch, vocab_size=64, num_layers=2, num_heads=4, head_dim=8,
                     d_model=32, d_ff=48, max_len=16, scan_layers=False,
                     **{'num_kv_heads': 4, **fields})
   task = tasks.for_model(cfg)
-  params = fuse_qkv(nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8))))
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
+  params = fuse_qkv(params) if joined else params
   expected = collections.Counter()
   for path, x in jax.tree_util.tree_leaves_with_path(params):
     names = [getattr(p, 'key', '') for p in path]
@@ -194,4 +196,4 @@ def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields
     elif names[-1] == 'embedding' and cfg.tie_embeddings:  # [V, D]
       expected[x.shape[1], x.shape[0], True] += 1
   assert sum(expected.values()) > 4
-  assert {(i, o, t): n for i, o, t, n in matvec.decode_matrices(cfg)} == dict(expected)
+  assert {(i, o, t): n for i, o, t, n in matvec.decode_matrices(cfg, joined)} == dict(expected)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inference.generate import generate
+from inference.generate import generate, prepare
 from inference.quantize import quantize_int8
 from inference.sampling import Sampling, filter_logits, sample
 from models import ModelConfig
@@ -129,6 +129,23 @@ def test_fused_qkv_leaves_adapted_and_scanned_projections_alone():
   for cfg in (lora, scanned):
     params = decoding_params(cfg)[1]
     assert _paths(fuse_qkv(params)) == _paths(params)
+
+
+@pytest.mark.parametrize('changes', [{}, ENCODER_DECODER])
+def test_one_row_per_step_decodes_with_the_joined_kernels(changes):
+  """prepare joins query, key and value for one prompt (a scanned stack once unrolled),
+  not for several or for beams; one prompt then decodes as the full-sequence reference."""
+  cfg = dataclasses.replace(TINY, **changes)
+  task, params = _params(cfg)
+  def joined(prompts, **kwargs):
+    prepared = prepare(task, params, prompts, 10, 'none', **kwargs)[1]
+    return any(f'/{FUSED_QKV}/' in p for p in _paths(prepared))
+  assert joined(PROMPTS[:1])
+  assert not joined(PROMPTS) and not joined(PROMPTS[:1], rows_per_prompt=4)
+  reference = (_greedy_encoder_decoder_without_cache if cfg.arch == 'encoder_decoder'
+               else _greedy_without_cache)
+  for prompt in PROMPTS[::2]:
+    assert generate(task, params, [prompt], 10, eos_id=-1) == [reference(task, params, prompt, 10)]
 
 
 def test_rows_stop_at_their_own_eos():
