@@ -92,4 +92,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_huge_pages()  # first: JAX is not loaded yet (the modes import it)
   app.run(main)

@@ -56,6 +56,7 @@ from inference.sampling import Sampling
 from interop import weights
 from interop.families import gpt2
 from models.layers import FUSED_QKV, fuse_qkv, split_qkv
+from train import runtime
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Tokens generated per prompt.')
@@ -216,4 +217,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_huge_pages()
   app.run(main)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import roofline
-from train import flops
+from train import flops, runtime
 
 _ROWS = flags.DEFINE_integer('rows', 1, 'Rows multiplied at once (the decode batch).')
 _SHAPES = flags.DEFINE_list('shapes', ['384x384', '384x1536', '1536x384', '384x8192t'],
@@ -123,4 +123,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_huge_pages()
   app.run(main)

@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from train import runtime
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run.', required=True)
 _STEPS = flags.DEFINE_integer('steps', 100, 'Training steps of each short run (0: none).')
 _PROBE_EVERY = flags.DEFINE_integer('probe_every', 10, 'Steps between gradient probes.')
@@ -206,4 +208,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_huge_pages()
   app.run(main)

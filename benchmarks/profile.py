@@ -19,6 +19,7 @@ import tempfile
 from absl import app, flags
 
 from benchmarks import decode, op_table, train_step
+from train import runtime
 
 _BENCH = flags.DEFINE_enum('bench', 'train_step', ['train_step', 'decode'],
                            'The benchmark whose compiled function to profile.')
@@ -47,4 +48,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_huge_pages()
   app.run(main)

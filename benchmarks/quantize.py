@@ -8,6 +8,8 @@ import json
 import jax
 from absl import app, flags
 
+from train import runtime
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run.', required=True)
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line.')
 
@@ -38,4 +40,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_huge_pages()
   app.run(main)

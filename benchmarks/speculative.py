@@ -27,6 +27,7 @@ from benchmarks import best_seconds, peer_config
 from inference.generate import decode_tokens, prepare
 from inference.sampling import Sampling
 from inference.speculative import check_models, speculative_tokens
+from train import runtime
 
 _TARGET_WORKDIR = flags.DEFINE_string('target_workdir', None, 'A trained decoder run (default: '
                                       'random weights of the peer shape, 8 layers).')
@@ -114,4 +115,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  runtime.reexec_with_huge_pages()
   app.run(main)

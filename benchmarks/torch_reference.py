@@ -7,9 +7,21 @@ a tanh-GELU MLP, a final LayerNorm and the output projection tied to the token e
 train/optimizer.py) and global-norm clipping. Parameters are named as GPT-2's in
 `transformers`, so `load_params` copies ours in through interop's GPT-2 layout, and the
 reference computes our model's loss (tests/test_benchmarks.py checks loss and gradients).
+
+`measure_in_own_process` times it in a child process (`python -m
+benchmarks.torch_reference FILE`) that runs with 4 KB pages: our commands restart
+themselves with glibc's malloc asking for huge pages (train/runtime.py), which makes
+XLA's steps faster but this reference's slower (benchmarks/RESULTS.md), so each is
+timed as it runs best.
 """
+import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +155,38 @@ def measure(model: GPT, train, inputs_BT: np.ndarray, targets_BT: np.ndarray,
     step()
   step_s = (time.perf_counter() - start) / steps
   return {'tokens_per_s': ids.numel() / step_s, 'step_s': step_s, 'first_loss': first_loss}
+
+
+def measure_in_own_process(model: GPT, train, inputs_BT: np.ndarray, targets_BT: np.ndarray,
+                           steps: int) -> dict:
+  """`measure` of `model` (its weights as they are now) in a new process whose glibc
+  malloc uses 4 KB pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0)."""
+  train_fields = {k: train[k] for k in ('lr', 'b1', 'b2', 'weight_decay', 'grad_clip')}
+  job = {'cfg': dataclasses.asdict(model.cfg), 'train': train_fields, 'steps': steps,
+         'state': model.state_dict(), 'inputs': np.asarray(inputs_BT),
+         'targets': np.asarray(targets_BT)}
+  tunables = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':')
+              if t and not t.startswith('glibc.malloc.hugetlb=')]
+  env = {**os.environ, 'GLIBC_TUNABLES': ':'.join(tunables + ['glibc.malloc.hugetlb=0'])}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as directory:
+    path = os.path.join(directory, 'job.pt')
+    torch.save(job, path)
+    out = subprocess.run([sys.executable, '-m', 'benchmarks.torch_reference', path], cwd=root,
+                         env=env, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f'The PyTorch reference failed:\n{out.stderr[-2000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_job(path: str) -> dict:
+  job = torch.load(path, weights_only=False)
+  cfg = ModelConfig(**job['cfg'])
+  model = GPT(cfg)
+  model.load_state_dict(job['state'])
+  return measure(model, types.SimpleNamespace(**job['train']), job['inputs'], job['targets'],
+                 job['steps'])
+
+
+if __name__ == '__main__':
+  print(json.dumps(_run_job(sys.argv[1])), flush=True)
