@@ -80,12 +80,15 @@ def main(argv):
     ((task, params), (draft_task, draft_params)), prompt = _random_models(
         _PROMPT_LEN.value + new + max(draft_counts))
   check_models(task, draft_task, [prompt], new, max(draft_counts))
-  task, params, ids, real = prepare(task, params, [prompt], new, 'none')  # as generate() does
+  # As generate() and speculative.generate() prepare them: one row per step for plain
+  # greedy and the draft, several for the target's checks.
+  _, plain_params, _, _ = prepare(task, params, [prompt], new, 'none')
+  task, params, ids, real = prepare(task, params, [prompt], new, 'none', rows=2)
   draft_task, draft_params, _, _ = prepare(draft_task, draft_params, [prompt], new, 'none')
   greedy = Sampling(temperature=0.0)
   key = jax.random.key(0)
-  runs = {'plain': lambda: decode_tokens(params, ids, real, key, task=task, max_new_tokens=new,
-                                         sampling=greedy, eos_id=-1),
+  runs = {'plain': lambda: decode_tokens(plain_params, ids, real, key, task=task,
+                                         max_new_tokens=new, sampling=greedy, eos_id=-1),
           'draft': lambda: decode_tokens(draft_params, ids, real, key, task=draft_task,
                                          max_new_tokens=new, sampling=greedy, eos_id=-1)}
   for k in draft_counts:

@@ -161,7 +161,7 @@ def measure_in_own_process(model: GPT, train, inputs_BT: np.ndarray, targets_BT:
                            steps: int) -> dict:
   """`measure` of `model` (its weights as they are now) in a new process whose glibc
   malloc uses 4 KB pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0)."""
-  train_fields = {k: train[k] for k in ('lr', 'b1', 'b2', 'weight_decay', 'grad_clip')}
+  train_fields = {k: getattr(train, k) for k in ('lr', 'b1', 'b2', 'weight_decay', 'grad_clip')}
   job = {'cfg': dataclasses.asdict(model.cfg), 'train': train_fields, 'steps': steps,
          'state': model.state_dict(), 'inputs': np.asarray(inputs_BT),
          'targets': np.asarray(targets_BT)}

@@ -105,7 +105,8 @@ def generate(lm: Task, params, tokenizer: Tokenizer, prompts: list[list[int]],
         progress.update(len(chunk))
     return outputs
   # prepare() checks every prompt and unrolls scanned layers once for all batches.
-  decoder, params, _, _ = generate_lib.prepare(decoder, params, prompts, max_new_tokens, 'none')
+  decoder, params, _, _ = generate_lib.prepare(decoder, params, prompts, max_new_tokens, 'none',
+                                               rows=batch_size)
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     filled = chunk + [chunk[0]] * (batch_size - len(chunk))  # dropped below

@@ -106,7 +106,7 @@ def beam_search(task, params, prompts: list[list[int]], max_new_tokens: int,
   if beam_size < 1:
     raise ValueError(f'--beam_size={beam_size} must be at least 1.')
   task, params, ids, real = prepare(task, params, prompts, max_new_tokens, quantize,
-                                    rows_per_prompt=beam_size)
+                                    rows=len(prompts) * beam_size)
   tokens, lengths = _beam_search(params, ids, real, task=task, max_new_tokens=max_new_tokens,
                                  beam_size=beam_size, eos_id=eos_id,
                                  length_penalty=length_penalty)

@@ -67,23 +67,25 @@ class Request:
 
 
 def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantize: str,
-            rows_per_prompt: int = 1):
+            rows: int | None = None):
   """(task, params, ids [B, P], real [B, P]) ready for a decoding loop, after checking
   the request: layers unrolled, weights quantized if asked, prompts left-padded.
 
-  Where a step decodes one row (one prompt, `rows_per_prompt` 1; beam search has a row
-  per beam), each self-attention's query, key and value kernels are joined into one
-  (models/layers.py `fuse_qkv`), so a step reads them in one matrix-vector product:
-  1.07-1.14x the tokens/s at batch 1 on XLA:CPU, but 0.90-0.98x at batch 8, where XLA
-  runs the three products side by side on its cores (benchmarks/RESULTS.md). The params
-  returned are new arrays wherever they differ from those given."""
+  Where each step decodes one row (`rows`, the rows a step decodes: one per prompt by
+  default; beam search has one per beam, a speculative target K + 1), each
+  self-attention's query, key and value kernels are joined into one (models/layers.py
+  `fuse_qkv`), so a step reads them in one matrix-vector product: 1.07-1.14x the
+  tokens/s at batch 1 on XLA:CPU, but 0.90-0.99x at batch 8, where XLA runs the three
+  products side by side on its cores (benchmarks/RESULTS.md). The params returned are
+  new arrays wherever they differ from those given: while the caller keeps its own,
+  unscanned float weights' query, key and value exist twice."""
   task.check_prompts(prompts, max_new_tokens)
   if quantize not in ('none', 'int8'):
     raise ValueError(f'--quantize={quantize} is not one of none, int8.')
   cfg, params = unrolled_layers(task.cfg, params)
   if quantize == 'int8':
     params = quantize_int8(params)
-  if len(prompts) * rows_per_prompt == 1:
+  if (len(prompts) if rows is None else rows) == 1:
     params = fuse_qkv(params)
   return (dataclasses.replace(task, cfg=cfg), params) + left_pad(prompts)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import is_int8
+from models.layers import FUSED_QKV, is_int8
 
 # Kernels with more than one input axis, by module name: attention's output projection
 # contracts heads and head_dim ([N, K, D], models/layers.py Attention). Others: axis 0.
@@ -25,7 +25,8 @@ _INPUT_AXES = {'out': 2}
 # Modules of models/layers.py that read int8 weights themselves (Dense by the names
 # its callers give it, an untied output projection included; Embed): their matrices
 # stay int8 while decoding.
-_READS_INT8 = ('query', 'key', 'value', 'qkv', 'out', 'up', 'gate', 'down', 'lm_head', 'token_embed')
+_READS_INT8 = ('query', 'key', 'value', FUSED_QKV, 'out', 'up', 'gate', 'down', 'lm_head',
+               'token_embed')
 
 
 def _names(path) -> list[str]:

@@ -215,9 +215,11 @@ def generate(task, params, draft: Draft, prompts: list[list[int]], max_new_token
   sampling.check()
   check_request(sampling, draft.num_tokens)
   check_models(task, draft.task, prompts, max_new_tokens, draft.num_tokens)
-  task, params, ids, real = prepare(task, params, prompts, max_new_tokens, quantize)
+  # One prompt at a time: the draft decodes one row per step, the target checks K + 1.
+  task, params, ids, real = prepare(task, params, prompts, max_new_tokens, quantize,
+                                    rows=draft.num_tokens + 1)
   draft_task, draft_params, _, _ = prepare(draft.task, draft.params, prompts, max_new_tokens,
-                                           quantize)
+                                           quantize, rows=1)
   results = []
   for row in range(len(prompts)):
     out, counts = speculative_tokens(

@@ -2,7 +2,8 @@
 
 Shape letters used in names and einsums:
   B batch, T query length, S key length, D d_model, N query heads,
-  G key/value heads (grouped-query attention), K head dim, F MLP hidden, V vocab.
+  G key/value heads (grouped-query attention), K head dim, F MLP hidden, V vocab,
+  J = N + 2G heads of query, key and value joined (fuse_qkv).
 
 Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads',
 'kv', 'mlp'); `train/sharding.py` maps them to mesh axes. Parameters live in
@@ -339,41 +340,51 @@ def grouped_attention(q_BTNK: Array, k_HSK: Array, v_HSK: Array, mask_B1TS: Arra
 
 
 FUSED_QKV = 'qkv'
+_QKV = ('query', 'key', 'value')
 
 
 def fuse_qkv(params):
   """The params tree with each self-attention's query, key and value projections joined
-  into one, FUSED_QKV (kernel [D, N + 2G, K], bias [N + 2G, K]: the three concatenated
+  into one, FUSED_QKV (kernel [D, J, K], bias [J, K], J = N + 2G: the three concatenated
   over heads), which Attention then computes as one product and splits.
 
-  For decoding: a step multiplies one row per sequence by every weight, and on XLA:CPU
-  one [D, (N + 2G) K] matrix-vector product reads its weights at about twice the rate of
-  three [D, N K]-sized ones (benchmarks/RESULTS.md). Only plain projections are joined
-  (kernel, optional bias; int8 or not): a LoRA-adapted layer, a scanned stack's layer
-  axis or cross-attention (whose keys and values read the encoder) stay as they are."""
+  For decoding one row per step: on XLA:CPU one [D, J K] matrix-vector product reads
+  its weights at about 1.6 times the rate of three [D, N K]-sized ones
+  (benchmarks/RESULTS.md). Only plain projections on one device are joined (kernel,
+  optional bias; int8 or not): a LoRA-adapted layer, a scanned stack's layer axis,
+  cross-attention (whose keys and values read the encoder) and kernels sharded over
+  devices (whose heads' shards would no longer line up with the split) stay apart."""
   def join(tree):
     if not isinstance(tree, Mapping) or is_int8(tree):
       return tree
     tree = {name: join(sub) for name, sub in tree.items()}
     attention = tree.get('self_attention')
-    if isinstance(attention, Mapping) and _joinable(attention):
-      parts = [attention[name] for name in ('query', 'key', 'value')]
+    if isinstance(attention, Mapping) and joinable(attention):
+      parts = [attention[name] for name in _QKV]
       joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-2), *parts)
       tree['self_attention'] = {FUSED_QKV: joined, **{
-          name: sub for name, sub in attention.items() if name not in ('query', 'key', 'value')}}
+          name: sub for name, sub in attention.items() if name not in _QKV}}
     return tree
 
-  def _joinable(attention) -> bool:
-    parts = [attention.get(name) for name in ('query', 'key', 'value')]
+  def joinable(attention) -> bool:
+    parts = [attention.get(name) for name in _QKV]
     if not all(isinstance(p, Mapping) for p in parts):
       return False
     names = set(parts[0])
     kernel = parts[0].get('kernel')
     kernel = kernel['int8'] if is_int8(kernel) else kernel
     return ('kernel' in names and names <= {'kernel', 'bias'} and kernel.ndim == 3
-            and all(set(p) == names for p in parts))
+            and all(set(p) == names for p in parts)
+            and all(_on_one_device(x) for x in jax.tree.leaves(parts)))
 
   return join(params)
+
+
+def _on_one_device(x) -> bool:
+  try:
+    return len(x.sharding.device_set) == 1
+  except AttributeError:  # a host array
+    return True
 
 
 def split_qkv(params, cfg: ModelConfig):
@@ -386,7 +397,7 @@ def split_qkv(params, cfg: ModelConfig):
   if joined is None:
     return tree
   bounds = (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads)
-  for i, name in enumerate(('query', 'key', 'value')):
+  for i, name in enumerate(_QKV):
     tree[name] = jax.tree.map(lambda x, i=i: jnp.split(x, bounds, axis=-2)[i], joined)
   return tree
 
@@ -420,8 +431,8 @@ class Attention(nn.Module):
     projection = functools.partial(dense, cfg, deterministic=self.deterministic)
     fused = not self.cross and self.has_variable('params', FUSED_QKV)
     if fused:  # decoding's one product for all three (fuse_qkv)
-      qkv_BTHK = projection((N + 2 * G, K), -1, ('embed', None, 'kv'), std, FUSED_QKV)(x_BTD)
-      q_BTNK, k_BSGK, v_BSGK = jnp.split(qkv_BTHK, (N, N + G), axis=2)
+      qkv_BTJK = projection((N + 2 * G, K), -1, ('embed', None, 'kv'), std, FUSED_QKV)(x_BTD)
+      q_BTNK, k_BSGK, v_BSGK = jnp.split(qkv_BTJK, (N, N + G), axis=2)
     else:
       q_BTNK = projection((N, K), -1, ('embed', 'heads', 'kv'), std, 'query', 'q')(x_BTD)
     if self.use_rope:

@@ -63,6 +63,23 @@ def test_torch_reference_computes_our_loss_and_gradients(model):
                              np.asarray(grads['token_embed']['embedding']), atol=1e-6, rtol=1e-4)
 
 
+def test_torch_reference_in_its_own_process_trains_the_model_it_was_given():
+  """The child process (4 KB pages) starts from the parent's weights: its first loss is
+  the loss of those weights on the batch."""
+  torch = pytest.importorskip('torch')
+  from benchmarks import torch_reference
+  config, cfg, task = _tiny()
+  params = nn.unbox(task.init(jax.random.key(1), task.example_batch(1, 16)))
+  reference = torch_reference.load_params(torch_reference.GPT(cfg), params)
+  rng = np.random.default_rng(1)
+  inputs, targets = (rng.integers(0, 256, (3, 16)) for _ in range(2))
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(inputs), torch.from_numpy(targets)).item()
+  result = torch_reference.measure_in_own_process(reference, config.train, inputs, targets, 1)
+  assert result['tokens_per_s'] > 0
+  assert abs(result['first_loss'] - expected) <= 1e-5
+
+
 def test_torch_reference_refuses_what_it_cannot_build():
   pytest.importorskip('torch')
   from benchmarks import torch_reference

@@ -472,8 +472,8 @@ def test_beam_search_batches_are_padded_to_a_few_widths(tokenizer, monkeypatch):
   from inference import beam
   prepare, widths = beam.prepare, []
 
-  def recording(*args):
-    made = prepare(*args)
+  def recording(*args, **kwargs):
+    made = prepare(*args, **kwargs)
     widths.append(made[2].shape)
     return made
 

@@ -123,25 +123,51 @@ def test_fused_qkv_computes_what_the_three_projections_do(changes, int8):
   assert jax.tree.all(jax.tree.map(jnp.array_equal, split_qkv(fused, cfg), params))
 
 
-def test_fused_qkv_leaves_adapted_and_scanned_projections_alone():
-  lora = dataclasses.replace(TINY, scan_layers=False, lora_rank=2, lora_targets=('q', 'v'))
-  scanned = dataclasses.replace(TINY, scan_layers=True)
-  for cfg in (lora, scanned):
-    params = decoding_params(cfg)[1]
-    assert _paths(fuse_qkv(params)) == _paths(params)
+@pytest.mark.parametrize('changes, joins', [
+    (dict(lora_rank=2, lora_targets=('q', 'v')), False),
+    (dict(lora_rank=2, lora_targets=('k',)), False),
+    (dict(lora_rank=2, lora_targets=('o',)), True), (dict(scan_layers=True), False)])
+def test_fused_qkv_leaves_adapted_and_scanned_projections_alone(changes, joins):
+  """An adapter on any of query, key or value, or a scanned stack, keeps the three apart;
+  one on the output projection does not."""
+  cfg = dataclasses.replace(TINY, **{'scan_layers': False, **changes})
+  task, params = decoding_params(cfg)
+  fused = fuse_qkv(params)
+  assert (_paths(fused) != _paths(params)) == joins
+  if joins:
+    batch = {**task.example_batch(2, 16), 'inputs': jnp.arange(32).reshape(2, 16) + 3}
+    np.testing.assert_allclose(_logits(task)(fused, batch), _logits(task)(params, batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_keeps_kernels_sharded_over_devices_apart():
+  class Sharded:  # a kernel whose shards lie on two devices
+    ndim = 3
+    sharding = type('Sharding', (), {'device_set': {0, 1}})()
+  tree = {'self_attention': {name: {'kernel': Sharded()} for name in ('query', 'key', 'value')}}
+  assert fuse_qkv(tree) == tree
+
+
+def test_int8_joined_kernel_stays_int8_while_decoding():
+  from inference.quantize import for_decoding
+  from models.layers import is_int8
+  params = fuse_qkv(quantize_int8(_params(dataclasses.replace(TINY, scan_layers=False))[1]))
+  leaf = for_decoding(params)['decoder']['layer_0']['self_attention'][FUSED_QKV]['kernel']
+  assert is_int8(leaf)
 
 
 @pytest.mark.parametrize('changes', [{}, ENCODER_DECODER])
 def test_one_row_per_step_decodes_with_the_joined_kernels(changes):
-  """prepare joins query, key and value for one prompt (a scanned stack once unrolled),
-  not for several or for beams; one prompt then decodes as the full-sequence reference."""
+  """prepare joins query, key and value for one row per step (one prompt by default; a
+  scanned stack once unrolled), not for several; one prompt then decodes as the
+  full-sequence reference."""
   cfg = dataclasses.replace(TINY, **changes)
   task, params = _params(cfg)
   def joined(prompts, **kwargs):
     prepared = prepare(task, params, prompts, 10, 'none', **kwargs)[1]
     return any(f'/{FUSED_QKV}/' in p for p in _paths(prepared))
   assert joined(PROMPTS[:1])
-  assert not joined(PROMPTS) and not joined(PROMPTS[:1], rows_per_prompt=4)
+  assert not joined(PROMPTS) and not joined(PROMPTS[:1], rows=4) and joined(PROMPTS, rows=1)
   reference = (_greedy_encoder_decoder_without_cache if cfg.arch == 'encoder_decoder'
                else _greedy_without_cache)
   for prompt in PROMPTS[::2]:

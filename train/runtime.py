@@ -8,15 +8,18 @@ import sys
 from absl import logging
 
 HUGE_PAGE_TUNABLE = 'glibc.malloc.hugetlb'
+RESTARTED = 'LLM_RESTARTED_FOR_HUGE_PAGES'  # set in the new start: never restart twice
 _THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
 def huge_page_tunables(environ, glibc_version: str, thp_mode: str) -> str | None:
   """The GLIBC_TUNABLES that make glibc's malloc ask for transparent huge pages, or None
-  where it already says (either way: `glibc.malloc.hugetlb=0` opts out), where glibc is
-  older than 2.35 (no such tunable) or the kernel gives no huge pages (thp_mode 'never')."""
+  where it already says (either way: `glibc.malloc.hugetlb=0` opts out), where this
+  process is such a new start already, where glibc is older than 2.35 (no such tunable)
+  or the kernel gives no huge pages (thp_mode 'never')."""
   tunables = environ.get('GLIBC_TUNABLES', '')
-  if HUGE_PAGE_TUNABLE in tunables or thp_mode not in ('always', 'madvise'):
+  if (HUGE_PAGE_TUNABLE in tunables or RESTARTED in environ
+      or thp_mode not in ('always', 'madvise')):
     return None
   try:
     major, minor = (int(n) for n in glibc_version.split('.')[:2])
@@ -42,9 +45,11 @@ def reexec_with_huge_pages() -> None:
 
   XLA:CPU allocates a step's temporaries afresh on every call (1.7 GB for the CPU peer
   config's train step): with 4 KB pages that is 424,000 page faults and 0.9 s of kernel
-  time per 3 s step; with 2 MB pages, 1,200 faults, and the step runs 1.13-1.28x faster
-  (benchmarks/RESULTS.md). glibc reads its tunables only when a process starts, hence
-  the new start; call this first thing, before JAX loads."""
+  time per 3 s step; with 2 MB pages, 1,200 faults, and the benchmark's step runs
+  1.09-1.14x faster (benchmarks/RESULTS.md; measured on XLA:CPU only). glibc reads its
+  tunables only when a process starts, hence the new start: call this as early as
+  possible (main.py calls it before JAX loads; a benchmark, which has imported JAX by
+  then, pays that import twice)."""
   if not sys.platform.startswith('linux') or not sys.executable:
     return
   try:
@@ -58,7 +63,7 @@ def reexec_with_huge_pages() -> None:
   sys.stderr.flush()
   try:
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:],
-              {**os.environ, 'GLIBC_TUNABLES': tunables})
+              {**os.environ, 'GLIBC_TUNABLES': tunables, RESTARTED: '1'})
   except OSError:  # not restartable here: carry on with the pages it has
     pass
 
