@@ -40,7 +40,6 @@ same model; bfloat16 weights or float rounding on near-tied random logits can lo
 """
 import importlib.util
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -119,34 +118,22 @@ def program_from_flags() -> Program:
 def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
   """(new tokens [B, new_tokens], best seconds of 3 after a warm-up) of transformers'
   greedy GPT2LMHeadModel.generate on our model's weights as `prepare` left them (the
-  joined query, key and value split again; int8 ones dequantized, so
-  both compute with the same values), float32, eager PyTorch on every core. No eos
-  token: generate runs all max_new_tokens steps, as ours with eos_id=-1 does (a
-  min_new_tokens would instead forbid one real token)."""
+  joined query, key and value split again; int8 ones dequantized, so both compute with
+  the same values), float32, eager PyTorch on every core, in a process of its own with
+  4 KB pages (benchmarks/torch_reference.py `in_own_process`). No eos token: generate
+  runs all max_new_tokens steps, as ours with eos_id=-1 does (a min_new_tokens would
+  instead forbid one real token)."""
   import torch
-  import transformers
+  from benchmarks import torch_reference
   cfg = task.cfg
   fields = {k: v for k, v in gpt2.hf_config(cfg).items() if k != 'model_type'}
-  config = transformers.GPT2Config(**fields, bos_token_id=None, eos_token_id=None,
-                                   pad_token_id=0)
   tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(split_qkv(params, cfg))),
                           cfg.scan_layers)
-  torch.set_num_threads(os.cpu_count())
-  model = transformers.GPT2LMHeadModel(config).eval()
-  missing, unexpected = model.load_state_dict(
-      {name: torch.from_numpy(np.asarray(x, np.float32)) for name, x in tensors.items()},
-      strict=False)
-  if unexpected or set(missing) - {'lm_head.weight'}:  # lm_head is tied to wte
-    raise RuntimeError(f'GPT2LMHeadModel state mismatch: missing {missing}, '
-                       f'unexpected {unexpected}.')
-  input_ids = torch.from_numpy(np.asarray(ids_BP, np.int64))
-
-  def run():
-    with torch.inference_mode():
-      return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                            max_new_tokens=new_tokens, do_sample=False)
-  tokens = run()  # warm-up
-  return tokens[:, ids_BP.shape[1]:].numpy(), best_seconds({'hf': run}, warm_up=False)[0]['hf']
+  result = torch_reference.in_own_process({
+      'kind': 'generate', 'new_tokens': new_tokens, 'ids': np.asarray(ids_BP),
+      'config': {**fields, 'bos_token_id': None, 'eos_token_id': None, 'pad_token_id': 0},
+      'state': {name: torch.from_numpy(np.asarray(x, np.float32)) for name, x in tensors.items()}})
+  return np.asarray(result['tokens']), result['seconds']
 
 
 def qkv_joined(params) -> bool:

@@ -83,7 +83,8 @@ def main(argv):
   # As generate() and speculative.generate() prepare them: one row per step for plain
   # greedy and the draft, several for the target's checks.
   _, plain_params, _, _ = prepare(task, params, [prompt], new, 'none')
-  task, params, ids, real = prepare(task, params, [prompt], new, 'none', rows=2)
+  task, params, ids, real = prepare(task, params, [prompt], new, 'none',
+                                    rows=max(draft_counts) + 1)
   draft_task, draft_params, _, _ = prepare(draft_task, draft_params, [prompt], new, 'none')
   greedy = Sampling(temperature=0.0)
   key = jax.random.key(0)

@@ -8,11 +8,11 @@ train/optimizer.py) and global-norm clipping. Parameters are named as GPT-2's in
 `transformers`, so `load_params` copies ours in through interop's GPT-2 layout, and the
 reference computes our model's loss (tests/test_benchmarks.py checks loss and gradients).
 
-`measure_in_own_process` times it in a child process (`python -m
-benchmarks.torch_reference FILE`) that runs with 4 KB pages: our commands restart
-themselves with glibc's malloc asking for huge pages (train/runtime.py), which makes
-XLA's steps faster but this reference's slower (benchmarks/RESULTS.md), so each is
-timed as it runs best.
+`in_own_process` times it (and benchmarks/decode.py's `transformers` generate) in a
+child process (`python -m benchmarks.torch_reference FILE`) that runs with 4 KB pages:
+our commands restart themselves with glibc's malloc asking for huge pages
+(train/runtime.py), which makes XLA's steps faster but PyTorch's slower
+(benchmarks/RESULTS.md), so each is timed as it runs best.
 """
 import dataclasses
 import json
@@ -159,12 +159,18 @@ def measure(model: GPT, train, inputs_BT: np.ndarray, targets_BT: np.ndarray,
 
 def measure_in_own_process(model: GPT, train, inputs_BT: np.ndarray, targets_BT: np.ndarray,
                            steps: int) -> dict:
-  """`measure` of `model` (its weights as they are now) in a new process whose glibc
-  malloc uses 4 KB pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0)."""
+  """`measure` of `model` (its weights as they are now) in a process of its own with 4 KB
+  pages (`in_own_process`)."""
   train_fields = {k: getattr(train, k) for k in ('lr', 'b1', 'b2', 'weight_decay', 'grad_clip')}
-  job = {'cfg': dataclasses.asdict(model.cfg), 'train': train_fields, 'steps': steps,
-         'state': model.state_dict(), 'inputs': np.asarray(inputs_BT),
-         'targets': np.asarray(targets_BT)}
+  return in_own_process({'kind': 'train', 'cfg': dataclasses.asdict(model.cfg),
+                         'train': train_fields, 'steps': steps, 'state': model.state_dict(),
+                         'inputs': np.asarray(inputs_BT), 'targets': np.asarray(targets_BT)})
+
+
+def in_own_process(job: dict) -> dict:
+  """What `_JOBS[job['kind']]` returns for `job`, run in a new process whose glibc malloc
+  uses 4 KB pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0, the user's other tunables kept),
+  where PyTorch runs faster than with the huge pages our commands ask for."""
   tunables = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':')
               if t and not t.startswith('glibc.malloc.hugetlb=')]
   env = {**os.environ, 'GLIBC_TUNABLES': ':'.join(tunables + ['glibc.malloc.hugetlb=0'])}
@@ -179,14 +185,38 @@ def measure_in_own_process(model: GPT, train, inputs_BT: np.ndarray, targets_BT:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _run_job(path: str) -> dict:
-  job = torch.load(path, weights_only=False)
-  cfg = ModelConfig(**job['cfg'])
-  model = GPT(cfg)
+def _train_job(job: dict) -> dict:
+  model = GPT(ModelConfig(**job['cfg']))
   model.load_state_dict(job['state'])
   return measure(model, types.SimpleNamespace(**job['train']), job['inputs'], job['targets'],
                  job['steps'])
 
 
+def _generate_job(job: dict) -> dict:
+  """{'tokens': new tokens [B, new_tokens], 'seconds': best of 3 after a warm-up} of
+  transformers' greedy GPT2LMHeadModel.generate, eager, on every core."""
+  import transformers
+  from benchmarks import best_seconds
+  torch.set_num_threads(os.cpu_count())
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**job['config'])).eval()
+  missing, unexpected = model.load_state_dict(job['state'], strict=False)
+  if unexpected or set(missing) - {'lm_head.weight'}:  # lm_head is tied to wte
+    raise RuntimeError(f'GPT2LMHeadModel state mismatch: missing {missing}, '
+                       f'unexpected {unexpected}.')
+  input_ids = torch.from_numpy(np.asarray(job['ids'], np.int64))
+
+  def run():
+    with torch.inference_mode():
+      return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                            max_new_tokens=job['new_tokens'], do_sample=False)
+  tokens = run()  # warm-up
+  seconds = best_seconds({'hf': run}, warm_up=False)[0]['hf']
+  return {'tokens': tokens[:, input_ids.shape[1]:].tolist(), 'seconds': seconds}
+
+
+_JOBS = {'train': _train_job, 'generate': _generate_job}
+
+
 if __name__ == '__main__':
-  print(json.dumps(_run_job(sys.argv[1])), flush=True)
+  job = torch.load(sys.argv[1], weights_only=False)
+  print(json.dumps(_JOBS[job['kind']](job)), flush=True)

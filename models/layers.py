@@ -351,9 +351,9 @@ def fuse_qkv(params):
   For decoding one row per step: on XLA:CPU one [D, J K] matrix-vector product reads
   its weights at about 1.6 times the rate of three [D, N K]-sized ones
   (benchmarks/RESULTS.md). Only plain projections on one device are joined (kernel,
-  optional bias; int8 or not): a LoRA-adapted layer, a scanned stack's layer axis,
-  cross-attention (whose keys and values read the encoder) and kernels sharded over
-  devices (whose heads' shards would no longer line up with the split) stay apart."""
+  optional bias; int8 or not), outside jit: a LoRA-adapted layer, a scanned stack's
+  layer axis, cross-attention (whose keys and values read the encoder) and kernels split
+  over devices (whose heads' shards would no longer line up with the split) stay apart."""
   def join(tree):
     if not isinstance(tree, Mapping) or is_int8(tree):
       return tree
@@ -381,10 +381,12 @@ def fuse_qkv(params):
 
 
 def _on_one_device(x) -> bool:
-  try:
-    return len(x.sharding.device_set) == 1
-  except AttributeError:  # a host array
-    return True
+  """Whether x lies whole on each device it is on: a host array, one device's or a full
+  copy on each. (Inside jit nothing says where a value lies, so there it is no.)"""
+  if isinstance(x, jax.core.Tracer):
+    return False
+  sharding = getattr(x, 'sharding', None)
+  return sharding is None or len(sharding.device_set) == 1 or sharding.is_fully_replicated
 
 
 def split_qkv(params, cfg: ModelConfig):

@@ -485,6 +485,20 @@ def test_beam_search_batches_are_padded_to_a_few_widths(tokenizer, monkeypatch):
   assert set(widths) == {(3, 16)}  # two prompts and the filler row, one bucket
 
 
+def test_greedy_batches_of_one_row_decode_with_joined_kernels(tokenizer, monkeypatch):
+  """Evaluation decodes chunks padded to its batch: one row per step joins query, key
+  and value (inference/generate.py prepare), a batch of two does not."""
+  from inference import generate as generate_lib
+  joins = []
+  monkeypatch.setattr(generate_lib, 'fuse_qkv', lambda params: joins.append(1) or params)
+  task, params = decoding_params(_cfg('decoder'))
+  prompts = [list(range(110, 110 + n)) for n in (3, 5, 9)]
+  for batch_size, expected in [(1, 1), (2, 0)]:
+    joins.clear()
+    scoring.generate(task, params, tokenizer, prompts, 2, 0, batch_size, (tokenizer.eos_id,))
+    assert len(joins) == expected
+
+
 # --- built-in tasks -------------------------------------------------------------------
 def test_built_ins_score_held_out_chapters_and_show_training_chapters():
   held_out = bible_tasks.held_out_chapters()

@@ -132,20 +132,36 @@ def test_fused_qkv_leaves_adapted_and_scanned_projections_alone(changes, joins):
   one on the output projection does not."""
   cfg = dataclasses.replace(TINY, **{'scan_layers': False, **changes})
   task, params = decoding_params(cfg)
+  # Adapters that change the output (lora_b starts at zero).
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (jax.random.normal(jax.random.key(len(path)), x.shape) * 0.5
+                       if path[-1].key == 'lora_b' else x), params)
   fused = fuse_qkv(params)
   assert (_paths(fused) != _paths(params)) == joins
   if joins:
     batch = {**task.example_batch(2, 16), 'inputs': jnp.arange(32).reshape(2, 16) + 3}
+    unadapted = jax.tree.map(lambda x: x, params)
+    unadapted['decoder']['layer_0']['self_attention']['out']['lora_b'] *= 0
+    assert not np.allclose(_logits(task)(unadapted, batch), _logits(task)(params, batch),
+                           atol=1e-3)  # the adapter counts
     np.testing.assert_allclose(_logits(task)(fused, batch), _logits(task)(params, batch),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)
 
 
-def test_fused_qkv_keeps_kernels_sharded_over_devices_apart():
-  class Sharded:  # a kernel whose shards lie on two devices
-    ndim = 3
-    sharding = type('Sharding', (), {'device_set': {0, 1}})()
-  tree = {'self_attention': {name: {'kernel': Sharded()} for name in ('query', 'key', 'value')}}
-  assert fuse_qkv(tree) == tree
+def test_fused_qkv_keeps_kernels_split_over_devices_or_traced_apart():
+  """A kernel whose shards lie on two devices, or one inside jit (where nothing says
+  where it lies), is not joined; one copied whole to each device is."""
+  def kernels(replicated):
+    sharding = type('Sharding', (), {'device_set': {0, 1}, 'is_fully_replicated': replicated})
+    kernel = type('Kernel', (), {'ndim': 3, 'sharding': sharding()})
+    return {'self_attention': {name: {'kernel': kernel()} for name in ('query', 'key', 'value')}}
+  split = kernels(replicated=False)
+  assert fuse_qkv(split) == split
+  with pytest.raises(TypeError):  # tried to join the copies (the fakes cannot be joined)
+    fuse_qkv(kernels(replicated=True))
+  params = _params(dataclasses.replace(TINY, scan_layers=False))[1]
+  assert _paths(jax.jit(fuse_qkv)(params)) == _paths(params)
+  assert _paths(fuse_qkv(params)) != _paths(params)
 
 
 def test_int8_joined_kernel_stays_int8_while_decoding():
@@ -172,6 +188,24 @@ def test_one_row_per_step_decodes_with_the_joined_kernels(changes):
                else _greedy_without_cache)
   for prompt in PROMPTS[::2]:
     assert generate(task, params, [prompt], 10, eos_id=-1) == [reference(task, params, prompt, 10)]
+
+
+def test_each_decoding_path_joins_for_the_rows_its_steps_decode(monkeypatch):
+  """One row per step joins query, key and value: plain decoding of one prompt and a
+  speculative draft; beams and a speculative target's K + 1 tokens do not."""
+  from inference import beam, generate as generate_lib, speculative
+  joins = []
+  monkeypatch.setattr(generate_lib, 'fuse_qkv', lambda params: joins.append(1) or params)
+  task, params = _params(dataclasses.replace(TINY, scan_layers=False))
+  def count(run):
+    joins.clear()
+    run()
+    return len(joins)
+  assert count(lambda: generate(task, params, PROMPTS[:1], 2, eos_id=-1)) == 1
+  assert count(lambda: generate(task, params, PROMPTS, 2, eos_id=-1)) == 0
+  assert count(lambda: beam.beam_search(task, params, PROMPTS[:1], 2, beam_size=2)) == 0
+  draft = speculative.Draft(task, params, 2)
+  assert count(lambda: speculative.generate(task, params, draft, PROMPTS[:2], 2)) == 1
 
 
 def test_rows_stop_at_their_own_eos():

@@ -8,18 +8,16 @@ import sys
 from absl import logging
 
 HUGE_PAGE_TUNABLE = 'glibc.malloc.hugetlb'
-RESTARTED = 'LLM_RESTARTED_FOR_HUGE_PAGES'  # set in the new start: never restart twice
+RESTARTED = 'LLM_RESTARTED_FOR_HUGE_PAGES'  # set for the new start: it never restarts again
 _THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
 def huge_page_tunables(environ, glibc_version: str, thp_mode: str) -> str | None:
   """The GLIBC_TUNABLES that make glibc's malloc ask for transparent huge pages, or None
-  where it already says (either way: `glibc.malloc.hugetlb=0` opts out), where this
-  process is such a new start already, where glibc is older than 2.35 (no such tunable)
-  or the kernel gives no huge pages (thp_mode 'never')."""
+  where it already says (either way: `glibc.malloc.hugetlb=0` opts out), where glibc is
+  older than 2.35 (no such tunable) or the kernel gives no huge pages (thp_mode 'never')."""
   tunables = environ.get('GLIBC_TUNABLES', '')
-  if (HUGE_PAGE_TUNABLE in tunables or RESTARTED in environ
-      or thp_mode not in ('always', 'madvise')):
+  if HUGE_PAGE_TUNABLE in tunables or thp_mode not in ('always', 'madvise'):
     return None
   try:
     major, minor = (int(n) for n in glibc_version.split('.')[:2])
@@ -50,6 +48,8 @@ def reexec_with_huge_pages() -> None:
   tunables only when a process starts, hence the new start: call this as early as
   possible (main.py calls it before JAX loads; a benchmark, which has imported JAX by
   then, pays that import twice)."""
+  if os.environ.pop(RESTARTED, None) is not None:  # this is the new start (its children
+    return  # inherit the tunable, not the marker)
   if not sys.platform.startswith('linux') or not sys.executable:
     return
   try:
