@@ -31,15 +31,8 @@ PROBE = ('from train import runtime; runtime.reexec_with_huge_pages(); import os
          'sys.argv[1:])')
 
 
-def _glibc_version() -> str:
-  try:
-    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
-  except (ValueError, OSError, AttributeError):
-    return 'none'
-  return version if libc == 'glibc' else 'none'
-
-
-@pytest.mark.skipif(runtime.huge_page_tunables({}, _glibc_version(), runtime._thp_mode()) is None
+@pytest.mark.skipif(runtime.huge_page_tunables({}, runtime.glibc_version(), runtime._thp_mode())
+                    is None
                     or not sys.platform.startswith('linux'),
                     reason='no glibc huge page tunable or no transparent huge pages here')
 def test_a_command_restarts_once_with_its_arguments_and_tunables():

@@ -28,6 +28,15 @@ def huge_page_tunables(environ, glibc_version: str, thp_mode: str) -> str | None
   return ':'.join(filter(None, [tunables, f'{HUGE_PAGE_TUNABLE}=1']))
 
 
+def glibc_version() -> str:
+  """This process's glibc version ('2.36'), or 'none' under another C library."""
+  try:
+    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
+  except (ValueError, OSError, AttributeError):
+    return 'none'
+  return version if libc == 'glibc' else 'none'
+
+
 def _thp_mode() -> str:
   """The kernel's transparent huge page mode: 'always', 'madvise' or 'never'."""
   try:
@@ -52,11 +61,7 @@ def reexec_with_huge_pages() -> None:
     return  # inherit the tunable, not the marker)
   if not sys.platform.startswith('linux') or not sys.executable:
     return
-  try:
-    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
-  except (ValueError, OSError, AttributeError):
-    return
-  tunables = huge_page_tunables(os.environ, version, _thp_mode()) if libc == 'glibc' else None
+  tunables = huge_page_tunables(os.environ, glibc_version(), _thp_mode())
   if tunables is None:
     return
   sys.stdout.flush()
