@@ -34,6 +34,7 @@ from interop import weights
 from interop.families import gpt2, needs_problems
 from models.config import ModelConfig
 from models.layers import attention_scale
+from train import runtime
 
 # GPT-2's Conv1D weights are [in, out]; nn.Linear keeps [out, in].
 _CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
@@ -169,11 +170,10 @@ def measure_in_own_process(model: GPT, train, inputs_BT: np.ndarray, targets_BT:
 
 def in_own_process(job: dict) -> dict:
   """What `_JOBS[job['kind']]` returns for `job`, run in a new process whose glibc malloc
-  uses 4 KB pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0, the user's other tunables kept),
-  where PyTorch runs faster than with the huge pages our commands ask for."""
-  tunables = [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':')
-              if t and not t.startswith('glibc.malloc.hugetlb=')]
-  env = {**os.environ, 'GLIBC_TUNABLES': ':'.join(tunables + ['glibc.malloc.hugetlb=0'])}
+  does not ask for huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=0, the user's other
+  tunables kept; 4 KB pages where the kernel's mode is 'madvise'), where PyTorch runs
+  faster than with the huge pages our commands ask for."""
+  env = {**os.environ, 'GLIBC_TUNABLES': runtime.tunables_with(os.environ, 0)}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with tempfile.TemporaryDirectory() as directory:
     path = os.path.join(directory, 'job.pt')

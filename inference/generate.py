@@ -74,9 +74,9 @@ def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantiz
   Where each step decodes one row (`rows`: rows of activations per call, batch x tokens;
   one per prompt by default; beam search has one per beam, a speculative target K + 1), each
   self-attention's query, key and value kernels are joined into one (models/layers.py
-  `fuse_qkv`), so a step reads them in one matrix-vector product: 1.07-1.14x the
-  tokens/s at batch 1 on XLA:CPU, but 0.90-0.99x at batch 8, where XLA runs the three
-  products side by side on its cores (benchmarks/RESULTS.md). The params returned are
+  `fuse_qkv`), so a step reads them in one matrix-vector product: faster at batch 1 on
+  XLA:CPU, but not at batch 8, where XLA runs the three products side by side on its
+  cores (benchmarks/RESULTS.md has both). The params returned are
   new arrays wherever they differ from those given: joined while the caller keeps its
   own unscanned float weights, query, key and value exist twice."""
   task.check_prompts(prompts, max_new_tokens)

@@ -348,9 +348,9 @@ def fuse_qkv(params):
   into one, FUSED_QKV (kernel [D, J, K], bias [J, K], J = N + 2G: the three concatenated
   over heads), which Attention then computes as one product and splits.
 
-  For decoding one row per step: on XLA:CPU one [D, J K] matrix-vector product reads
-  its weights at about 1.6 times the rate of three [D, N K]-sized ones
-  (benchmarks/RESULTS.md). Only plain projections on one device are joined (kernel,
+  For decoding one row per step: on XLA:CPU each small matrix-vector product pays a
+  fixed cost, so one [D, J K] product reads its weights faster than three [D, N K]-sized
+  ones (benchmarks/RESULTS.md). Only plain projections on one device are joined (kernel,
   optional bias; int8 or not), outside jit: a LoRA-adapted layer, a scanned stack's
   layer axis, cross-attention (whose keys and values read the encoder) and kernels split
   over devices (whose heads' shards would no longer line up with the split) stay apart."""

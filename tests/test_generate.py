@@ -151,14 +151,17 @@ def test_fused_qkv_leaves_adapted_and_scanned_projections_alone(changes, joins):
 def test_fused_qkv_keeps_kernels_split_over_devices_or_traced_apart():
   """A kernel whose shards lie on two devices, or one inside jit (where nothing says
   where it lies), is not joined; one copied whole to each device is."""
-  def kernels(replicated):
-    sharding = type('Sharding', (), {'device_set': {0, 1}, 'is_fully_replicated': replicated})
-    kernel = type('Kernel', (), {'ndim': 3, 'sharding': sharding()})
-    return {'self_attention': {name: {'kernel': kernel()} for name in ('query', 'key', 'value')}}
-  split = kernels(replicated=False)
+  from models.layers import _on_one_device
+  def kernel(devices, replicated):
+    sharding = type('Sharding', (), {'device_set': set(range(devices)),
+                                     'is_fully_replicated': replicated})
+    return type('Kernel', (), {'ndim': 3, 'sharding': sharding()})()
+  assert not _on_one_device(kernel(2, replicated=False))
+  assert _on_one_device(kernel(2, replicated=True)) and _on_one_device(kernel(1, False))
+  assert _on_one_device(np.zeros(3)) and _on_one_device(jnp.zeros(3))
+  split = {'self_attention': {name: {'kernel': kernel(2, False)}
+                              for name in ('query', 'key', 'value')}}
   assert fuse_qkv(split) == split
-  with pytest.raises(TypeError):  # tried to join the copies (the fakes cannot be joined)
-    fuse_qkv(kernels(replicated=True))
   params = _params(dataclasses.replace(TINY, scan_layers=False))[1]
   assert _paths(jax.jit(fuse_qkv)(params)) == _paths(params)
   assert _paths(fuse_qkv(params)) != _paths(params)

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize('environ, version, thp, expected', [
     ({}, '2.36', 'madvise', 'glibc.malloc.hugetlb=1'),
-    ({}, '2.35', 'always', 'glibc.malloc.hugetlb=1'),
+    ({}, '2.35', 'madvise', 'glibc.malloc.hugetlb=1'),
+    ({}, '2.36', 'always', None),  # huge pages given unasked: glibc ignores the ask
     ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, '2.36', 'madvise',
      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'),  # the user's tunables kept
     ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, '2.36', 'madvise', None),  # opted out
@@ -49,12 +50,30 @@ def test_a_command_restarts_once_with_its_arguments_and_tunables():
   assert out.stdout.startswith('glibc.malloc.hugetlb=0 ')
 
 
-def test_the_new_start_never_restarts_again(monkeypatch):
-  """Even where the tunable did not survive (an environment-scrubbing wrapper), the marker
-  stops a second restart, and is gone afterwards."""
+def test_a_start_restarts_once_and_the_new_start_never_again(monkeypatch):
+  """On a host that allows it, a start restarts with the tunable and the marker; the new
+  start, even where the tunable did not survive (an environment-scrubbing wrapper), does
+  not restart again and drops the marker."""
   calls = []
   monkeypatch.setattr(os, 'execve', lambda *args: calls.append(args))
-  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  monkeypatch.setattr(sys, 'platform', 'linux')
+  monkeypatch.setattr(runtime, 'glibc_version', lambda: '2.36')
+  monkeypatch.setattr(runtime, '_thp_mode', lambda: 'madvise')
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2')
+  monkeypatch.delenv(runtime.RESTARTED, raising=False)
+  runtime.reexec_with_huge_pages()
+  (_, argv, env), = calls
+  assert argv[1:] == sys.orig_argv[1:]
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  assert env[runtime.RESTARTED] == '1'
+  calls.clear()
+  monkeypatch.delenv('GLIBC_TUNABLES')
   monkeypatch.setenv(runtime.RESTARTED, '1')
   runtime.reexec_with_huge_pages()
   assert not calls and runtime.RESTARTED not in os.environ
+
+
+def test_tunables_with_sets_the_huge_page_tunable_and_keeps_the_rest():
+  environ = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2'}
+  assert runtime.tunables_with(environ, 0) == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0'
+  assert runtime.tunables_with({}, 0) == 'glibc.malloc.hugetlb=0'

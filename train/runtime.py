@@ -15,9 +15,9 @@ _THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 def huge_page_tunables(environ, glibc_version: str, thp_mode: str) -> str | None:
   """The GLIBC_TUNABLES that make glibc's malloc ask for transparent huge pages, or None
   where it already says (either way: `glibc.malloc.hugetlb=0` opts out), where glibc is
-  older than 2.35 (no such tunable) or the kernel gives no huge pages (thp_mode 'never')."""
-  tunables = environ.get('GLIBC_TUNABLES', '')
-  if HUGE_PAGE_TUNABLE in tunables or thp_mode not in ('always', 'madvise'):
+  older than 2.35 (no such tunable) or the kernel does not give huge pages on request
+  (thp_mode 'madvise'; under 'always' it gives them unasked and glibc ignores the ask)."""
+  if HUGE_PAGE_TUNABLE in environ.get('GLIBC_TUNABLES', '') or thp_mode != 'madvise':
     return None
   try:
     major, minor = (int(n) for n in glibc_version.split('.')[:2])
@@ -25,7 +25,14 @@ def huge_page_tunables(environ, glibc_version: str, thp_mode: str) -> str | None
     return None
   if (major, minor) < (2, 35):
     return None
-  return ':'.join(filter(None, [tunables, f'{HUGE_PAGE_TUNABLE}=1']))
+  return tunables_with(environ, 1)
+
+
+def tunables_with(environ, hugetlb: int) -> str:
+  """environ's GLIBC_TUNABLES with glibc.malloc.hugetlb set to `hugetlb`, the rest kept."""
+  kept = [t for t in environ.get('GLIBC_TUNABLES', '').split(':')
+          if t and not t.startswith(f'{HUGE_PAGE_TUNABLE}=')]
+  return ':'.join(kept + [f'{HUGE_PAGE_TUNABLE}={hugetlb}'])
 
 
 def glibc_version() -> str:
@@ -50,13 +57,12 @@ def reexec_with_huge_pages() -> None:
   """Starts this command again, at once, with glibc's malloc asking for transparent huge
   pages (where glibc and the kernel allow it and GLIBC_TUNABLES does not already say).
 
-  XLA:CPU allocates a step's temporaries afresh on every call (1.7 GB for the CPU peer
-  config's train step): with 4 KB pages that is 424,000 page faults and 0.9 s of kernel
-  time per 3 s step; with 2 MB pages, 1,200 faults, and the benchmark's step runs
-  1.09-1.14x faster (benchmarks/RESULTS.md; measured on XLA:CPU only). glibc reads its
-  tunables only when a process starts, hence the new start: call this as early as
-  possible (main.py calls it before JAX loads; a benchmark, which has imported JAX by
-  then, pays that import twice)."""
+  XLA:CPU allocates a step's temporaries afresh on every call, and faulting them in 4 KB
+  at a time costs a large share of a training step in kernel time; 2 MB pages take 512
+  times fewer faults (benchmarks/RESULTS.md has the measurements, on XLA:CPU only).
+  glibc reads its tunables only when a process starts, hence the new start: call this
+  as early as possible (main.py calls it before JAX loads; a benchmark, which has
+  imported JAX by then, pays that import twice)."""
   if os.environ.pop(RESTARTED, None) is not None:  # this is the new start (its children
     return  # inherit the tunable, not the marker)
   if not sys.platform.startswith('linux') or not sys.executable:
