@@ -92,8 +92,15 @@ def test_the_whole_logits_never_exist_when_chunked(arch):
 def test_chunks_are_balanced_so_padding_is_under_one_position_per_chunk(length, chunk,
                                                                          expected):
   assert losses.balanced_chunk(length, chunk) == expected
-  chunks = -(-length // expected)
-  assert chunks * expected - length < chunks
+
+
+def test_balanced_chunks_never_exceed_the_field_nor_add_chunks_or_padding():
+  for length in range(1, 300):
+    for chunk in (1, 3, 5, 16, 64, 256):
+      balanced = losses.balanced_chunk(length, chunk)
+      chunks = -(-length // balanced)
+      assert balanced <= chunk and chunks == -(-length // min(chunk, length))
+      assert chunks * balanced - length < chunks, (length, chunk)
 
 
 def test_lora_dropout_in_the_head_draws_a_new_mask_for_each_chunk():
