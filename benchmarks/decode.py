@@ -1,7 +1,7 @@
 """Greedy decoding throughput of the GPT peer shape with random weights: one JSON line.
 
 python -m benchmarks.decode --json --batch=1 --new_tokens=128 [--arch=encoder_decoder]
-    [--quantize=int8] [--compare=hf|qkv] [--matvec]
+    [--quantize=int8] [--compare=hf|qkv|down|embedding] [--matvec]
 
 Vocab 8192, 6 layers, 6 heads, d_model 384 (d_ff 1536), a 32-token prompt (a T5 has
 6 such layers on each side and reads the prompt with its encoder); reports
@@ -26,11 +26,13 @@ measured here), and the cache slots it reads (the whole grown cache,
 roofline.mean_cache_slots) at the read bandwidth: matvec_floor_step_s and
 matvec_roofline_share = that floor / the measured step time.
 
---compare=qkv also times the same generation with the other layout of each
-self-attention's query, key and value kernels than `prepare` chose (qkv_joined: it joins
-them for one row per step; models/layers.py `fuse_qkv`, `split_qkv`), the two taking
-turns: other_qkv_tokens_per_s, speedup_vs_other_qkv and other_qkv_tokens_agree (the share
-of tokens both chose).
+The layouts `prepare` chose for the weights (models/layers.py) are reported: qkv_joined
+(each self-attention's query, key and value kernels as one, `fuse_qkv`; for one row per
+step), down_transposed (each MLP's output projection stored [D, F], `transpose_down`; for
+one row per step) and embedding_transposed (a tied embedding stored [D, V],
+`transpose_embedding`). --compare=qkv|down|embedding also times the same generation with
+that one layout the other way, the two taking turns: other_NAME_tokens_per_s,
+speedup_vs_other_NAME and other_NAME_tokens_agree (the share of tokens both chose).
 
 --compare=hf builds the same model, with the same weights (interop's GPT-2 layout), as
 `transformers`' GPT2LMHeadModel in float32 and times its greedy `generate` (eager
@@ -40,6 +42,7 @@ same model; bfloat16 weights or float rounding on near-tied random logits can lo
 """
 import importlib.util
 import json
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -54,7 +57,9 @@ from inference.quantize import dequantize
 from inference.sampling import Sampling
 from interop import weights
 from interop.families import gpt2
-from models.layers import FUSED_QKV, fuse_qkv, split_qkv
+from models.layers import (FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL, fuse_qkv,
+                           split_qkv, transpose_down, transpose_embedding, untranspose_down,
+                           untranspose_embedding)
 from train import runtime
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
@@ -68,10 +73,10 @@ _ARCH = flags.DEFINE_enum('arch', 'decoder', ['decoder', 'encoder_decoder'],
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'], 'Weight quantization.')
 # allow_override: benchmarks/train_step.py has a --compare and a --json of its own, and
 # benchmarks/profile.py imports both.
-_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'hf', 'qkv'],
-                             "hf: also time transformers' generate on the same model; qkv: also "
-                             "our generation with self-attention's query, key and value kernels "
-                             "joined where prepare left them apart, or apart where it joined them.",
+_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'hf', 'qkv', 'embedding', 'down'],
+                             "hf: also time transformers' generate on the same model; qkv, down, "
+                             "embedding: also our generation with that weight layout the other "
+                             "way than prepare chose (see the module docstring).",
                              allow_override=True)
 _MATVEC = flags.DEFINE_bool(
     'matvec', False, 'Also report the step time floor at the rates XLA\'s dot reads each '
@@ -117,8 +122,8 @@ def program_from_flags() -> Program:
 
 def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
   """(new tokens [B, new_tokens], best seconds of 3 after a warm-up) of transformers'
-  greedy GPT2LMHeadModel.generate on our model's weights as `prepare` left them (the
-  joined query, key and value split again; int8 ones dequantized, so both compute with
+  greedy GPT2LMHeadModel.generate on our model's weights as `prepare` left them (in the
+  model's own layout again, `model_layout`; int8 ones dequantized, so both compute with
   the same values), float32, eager PyTorch on every core, in a process of its own with
   4 KB pages (benchmarks/torch_reference.py `in_own_process`). No eos token: generate
   runs all max_new_tokens steps, as ours with eos_id=-1 does (a min_new_tokens would
@@ -127,7 +132,7 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
   from benchmarks import torch_reference
   cfg = task.cfg
   fields = {k: v for k, v in gpt2.hf_config(cfg).items() if k != 'model_type'}
-  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(split_qkv(params, cfg))),
+  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(model_layout(params, cfg))),
                           cfg.scan_layers)
   result = torch_reference.in_own_process({
       'kind': 'generate', 'new_tokens': new_tokens, 'ids': np.asarray(ids_BP),
@@ -136,10 +141,37 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
   return np.asarray(result['tokens']), result['seconds']
 
 
-def qkv_joined(params) -> bool:
-  """Whether `prepare` joined self-attention's query, key and value (models/layers.py)."""
-  return any(FUSED_QKV in [getattr(p, 'key', '') for p in path]
-             for path, _ in jax.tree_util.tree_leaves_with_path(params))
+class Layout(NamedTuple):
+  """A weight layout `prepare` may choose (models/layers.py)."""
+  marker: str  # the param name it introduces
+  field: str  # the JSON field that says whether `prepare` chose it
+  to: Callable  # (params, cfg) -> params in it
+  back: Callable  # (params, cfg) -> params in the model's own layout
+
+
+# --compare=NAME.
+LAYOUTS = {
+    'qkv': Layout(FUSED_QKV, 'qkv_joined', lambda params, cfg: fuse_qkv(params), split_qkv),
+    'down': Layout(TRANSPOSED_KERNEL, 'down_transposed',
+                   lambda params, cfg: transpose_down(params),
+                   lambda params, cfg: untranspose_down(params)),
+    'embedding': Layout(TRANSPOSED_EMBEDDING, 'embedding_transposed',
+                        lambda params, cfg: transpose_embedding(params),
+                        lambda params, cfg: untranspose_embedding(params)),
+}
+
+
+def model_layout(params, cfg):
+  """The params in the model's own layout, whatever `prepare` chose (for an export)."""
+  for layout in LAYOUTS.values():
+    params = layout.back(params, cfg)
+  return params
+
+
+def other_layout(name: str, params, cfg):
+  """The params with layout `name` (LAYOUTS) the other way than `prepare` chose."""
+  layout = LAYOUTS[name]
+  return (layout.back if matvec.has_param(params, layout.marker) else layout.to)(params, cfg)
 
 
 def main(argv):
@@ -162,10 +194,10 @@ def main(argv):
   peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   runs = {'first': first.run, 'whole': whole.run}
-  joined = qkv_joined(inputs[0])
-  if _COMPARE.value == 'qkv':
-    other = split_qkv(inputs[0], task.cfg) if joined else fuse_qkv(inputs[0])
-    runs['other_qkv'] = generation((other,) + inputs[1:], options, new_tokens).run
+  other = f'other_{_COMPARE.value}'
+  if _COMPARE.value in LAYOUTS:
+    other_params = other_layout(_COMPARE.value, inputs[0], task.cfg)
+    runs[other] = generation((other_params,) + inputs[1:], options, new_tokens).run
   seconds, outputs = best_seconds(runs)
   first_token_s, total_s = seconds['first'], seconds['whole']
   bandwidth = roofline.measure_memory_bandwidth()
@@ -181,19 +213,22 @@ def main(argv):
             'total_s': total_s, 'tokens_per_s': tokens_per_s,
             'peak_bytes': peak_bytes, 'bytes_per_step': bytes_per_step,
             'achieved_bytes_per_s': achieved, 'memory_bandwidth_bytes_per_s': bandwidth,
-            'roofline_share': achieved / bandwidth, 'qkv_joined': joined}
+            'roofline_share': achieved / bandwidth,
+            **{layout.field: matvec.has_param(inputs[0], layout.marker)
+               for layout in LAYOUTS.values()}}
   if _MATVEC.value:
     read_slots = roofline.mean_cache_slots(task.cfg, prompt_len, new_tokens, grown_cache=True)
     cache_bytes = batch * roofline.kv_bytes(task.cfg, read_slots)
-    floor_s = matvec.step_seconds_at_matvec_rates(task.cfg, batch, joined, cache_bytes,
+    floor_s = matvec.step_seconds_at_matvec_rates(task.cfg, inputs[0], batch, cache_bytes,
                                                   bandwidth)
     result.update(matvec_floor_step_s=floor_s,
                   matvec_roofline_share=floor_s * new_tokens / total_s)
-  if _COMPARE.value == 'qkv':
-    result.update(other_qkv_tokens_per_s=batch * new_tokens / seconds['other_qkv'],
-                  speedup_vs_other_qkv=seconds['other_qkv'] / total_s,
-                  other_qkv_tokens_agree=float(np.mean(np.asarray(outputs['whole'])
-                                                       == np.asarray(outputs['other_qkv']))))
+  if _COMPARE.value in LAYOUTS:
+    result.update({
+        f'{other}_tokens_per_s': batch * new_tokens / seconds[other],
+        f'speedup_vs_{other}': seconds[other] / total_s,
+        f'{other}_tokens_agree': float(np.mean(np.asarray(outputs['whole'])
+                                               == np.asarray(outputs[other])))})
   if _COMPARE.value == 'hf':
     hf_tokens, hf_s = hf_generate(task, inputs[0], inputs[1], new_tokens)
     ours = np.asarray(whole.run())

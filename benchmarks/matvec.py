@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import roofline
+from models.layers import FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL
 from train import flops, runtime
 
 _ROWS = flags.DEFINE_integer('rows', 1, 'Rows multiplied at once (the decode batch).')
@@ -71,34 +72,44 @@ def matvec_chain(rows: int, inputs: int, outputs: int, transposed: bool, megabyt
   return chain, matrices
 
 
-def decode_matrices(cfg, qkv_joined: bool) -> list[tuple[int, int, bool, int]]:
+def has_param(params, name: str) -> bool:
+  """Whether any path of the params tree names `name` (e.g. a layout `prepare` chose)."""
+  return any(name in [getattr(p, 'key', '') for p in path]
+             for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
+def decode_matrices(cfg, params) -> list[tuple[int, int, bool, int]]:
   """(inputs, outputs, stored transposed, how many) of each weight matrix a decode step
   of `cfg` multiplies (a decoder's, or an encoder-decoder's decoder with its
-  cross-attention's query and output; the cross keys and values are cached), with
-  self-attention's query, key and value as one matrix if `qkv_joined` (models/layers.py
-  `fuse_qkv`; inference/generate.py `prepare` joins them for one row per step)."""
+  cross-attention's query and output; the cross keys and values are cached), in the
+  layouts inference/generate.py `prepare` chose for `params` (models/layers.py):
+  self-attention's query, key and value as one matrix (`fuse_qkv`), the MLP's output
+  projection stored [D, F] (`transpose_down`), a tied embedding stored [D, V] rather than
+  [V, D] (`transpose_embedding`)."""
   d, heads, kv = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   layers = cfg.num_decoder_layers or cfg.num_layers
-  attention = ([(d, heads + 2 * kv, False, 1)] if qkv_joined
+  attention = ([(d, heads + 2 * kv, False, 1)] if has_param(params, FUSED_QKV)
                else [(d, heads, False, 1), (d, kv, False, 2)]) + [(heads, d, False, 1)]
   if cfg.arch == 'encoder_decoder':
     attention += [(d, heads, False, 1), (heads, d, False, 1)]
-  mlp = [(d, cfg.d_ff, False, 2 if cfg.gated_mlp else 1), (cfg.d_ff, d, False, 1)]
+  mlp = [(d, cfg.d_ff, False, 2 if cfg.gated_mlp else 1),
+         (cfg.d_ff, d, has_param(params, TRANSPOSED_KERNEL), 1)]
   shapes = {}
   for i, o, t, n in attention + mlp:
     shapes[i, o, t] = shapes.get((i, o, t), 0) + n * layers
-  head = (d, cfg.vocab_size, cfg.tie_embeddings)  # a tied table is stored [V, D]
+  head = (d, cfg.vocab_size,
+          cfg.tie_embeddings and not has_param(params, TRANSPOSED_EMBEDDING))
   shapes[head] = shapes.get(head, 0) + 1
   return [key + (n,) for key, n in shapes.items()]
 
 
-def step_seconds_at_matvec_rates(cfg, rows: int, qkv_joined: bool, other_bytes: float,
-                                 bandwidth: float, window_seconds: float = 0.25) -> float:
-  """The decode step's floor when its float32 weights are read at the rate XLA's dot
-  reaches for each of their shapes at `rows` rows (measured here), and `other_bytes`
-  (the key/value cache) at the streaming `bandwidth`."""
+def step_seconds_at_matvec_rates(cfg, params, rows: int, other_bytes: float, bandwidth: float,
+                                 window_seconds: float = 0.25) -> float:
+  """The decode step's floor when its float32 weights (`params` as `prepare` left them)
+  are read at the rate XLA's dot reaches for each of their shapes at `rows` rows
+  (measured here), and `other_bytes` (the key/value cache) at the streaming `bandwidth`."""
   seconds = other_bytes / bandwidth
-  for inputs, outputs, transposed, count in decode_matrices(cfg, qkv_joined):
+  for inputs, outputs, transposed, count in decode_matrices(cfg, params):
     rate = matvec_bytes_per_s(rows, inputs, outputs, transposed, window_seconds=window_seconds)
     seconds += count * inputs * outputs * 4 / rate
   return seconds

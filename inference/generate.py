@@ -17,7 +17,7 @@ import numpy as np
 from inference.quantize import for_decoding, quantize_int8
 from inference.sampling import Sampling, penalize_repeats, sample
 from models.config import ModelConfig
-from models.layers import fuse_qkv
+from models.layers import fuse_qkv, transpose_down, transpose_embedding
 from models.transformer import resize_cache
 
 Array = jax.Array
@@ -76,9 +76,11 @@ def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantiz
   self-attention's query, key and value kernels are joined into one (models/layers.py
   `fuse_qkv`), so a step reads them in one matrix-vector product: faster at batch 1 on
   XLA:CPU, but not at batch 8, where XLA runs the three products side by side on its
-  cores (benchmarks/RESULTS.md has both). The params returned are
-  new arrays wherever they differ from those given: joined while the caller keeps its
-  own unscanned float weights, query, key and value exist twice."""
+  cores (benchmarks/RESULTS.md has both). A tied output projection's embedding is stored
+  transposed, [D, V] (`transpose_embedding`), which XLA:CPU multiplies a few rows by
+  faster at every batch size measured. The params returned are new arrays wherever they
+  differ from those given: while the caller keeps its own unscanned float weights, the
+  joined query, key and value and a transposed embedding exist twice."""
   task.check_prompts(prompts, max_new_tokens)
   if quantize not in ('none', 'int8'):
     raise ValueError(f'--quantize={quantize} is not one of none, int8.')
@@ -86,7 +88,9 @@ def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantiz
   if quantize == 'int8':
     params = quantize_int8(params)
   if (len(prompts) if rows is None else rows) == 1:
-    params = fuse_qkv(params)
+    params = transpose_down(fuse_qkv(params))
+  if cfg.tie_embeddings:
+    params = transpose_embedding(params)
   return (dataclasses.replace(task, cfg=cfg), params) + left_pad(prompts)
 
 

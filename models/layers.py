@@ -58,15 +58,24 @@ def _weight(value, x: Array, dtype) -> Array:
 
 
 class Embed(nn.Module):
-  """Token embedding; `attend` reuses it as the output projection when tied."""
+  """Token embedding; `attend` reuses it as the output projection when tied. Stored
+  [V, D], or [D, V] under TRANSPOSED_EMBEDDING where decoding put it (transpose_embedding)."""
   cfg: ModelConfig
 
   def setup(self):
+    self.transposed = self.has_variable('params', TRANSPOSED_EMBEDDING)
+    if self.transposed:
+      self.embedding = self.param(TRANSPOSED_EMBEDDING, param_init(INIT_STD, ('embed', 'vocab')),
+                                  (self.cfg.d_model, self.cfg.vocab_size), self.cfg.param_dtype)
+      return
     self.embedding = _int8_param(
         self, 'embedding', param_init(INIT_STD, ('vocab', 'embed')),
         (self.cfg.vocab_size, self.cfg.d_model), self.cfg.param_dtype)
 
   def __call__(self, ids_BT: Array) -> Array:
+    if self.transposed:  # columns [D, B, T]
+      table_DV = jnp.asarray(self.embedding, self.cfg.dtype)
+      return jnp.moveaxis(jnp.take(table_DV, ids_BT, axis=1), 0, -1)
     if is_int8(self.embedding):  # int8 rows times their scales
       rows_BTD = jnp.take(self.embedding['int8'], ids_BT, axis=0).astype(jnp.float32)
       return (rows_BTD * jnp.take(self.embedding['scale'], ids_BT, axis=0)).astype(self.cfg.dtype)
@@ -74,8 +83,76 @@ class Embed(nn.Module):
     return jnp.take(table_VD, ids_BT, axis=0)
 
   def attend(self, x_BTD: Array) -> Array:
+    if self.transposed:
+      return jnp.einsum('BTD,DV->BTV', x_BTD, jnp.asarray(self.embedding, self.cfg.dtype))
     table_VD = _weight(self.embedding, x_BTD, self.cfg.dtype)
     return jnp.einsum('BTD,VD->BTV', x_BTD, table_VD)
+
+
+TRANSPOSED_EMBEDDING = 'embedding_DV'
+TRANSPOSED_KERNEL = 'kernel_transposed'  # a Dense kernel stored [outputs..., inputs...]
+
+
+def transpose_embedding(params):
+  """The params tree with each float token embedding [V, D] (on one device) stored
+  transposed, [D, V] under TRANSPOSED_EMBEDDING, for decoding with a tied output
+  projection: XLA:CPU's product of a few rows reads a [D, V] matrix faster than the
+  [V, D] one it contracts over its minor axis (benchmarks/RESULTS.md), and a lookup of a
+  few ids reads columns as cheaply as rows. int8 embeddings (their scales are per row)
+  and sharded ones stay as they are. `untranspose_embedding` undoes it."""
+  def walk(tree):
+    if not isinstance(tree, Mapping) or is_int8(tree):
+      return tree
+    tree = {name: walk(sub) for name, sub in tree.items()}
+    embed = tree.get('token_embed')
+    if (isinstance(embed, Mapping) and set(embed) == {'embedding'}
+        and not is_int8(embed['embedding']) and _on_one_device(embed['embedding'])):
+      tree['token_embed'] = {TRANSPOSED_EMBEDDING: jnp.transpose(embed['embedding'])}
+    return tree
+  return walk(params)
+
+
+def transpose_down(params):
+  """The params tree with each MLP's output projection 'down' (kernel [F, D], int8 or
+  not, on one device) stored transposed, [D, F] under TRANSPOSED_KERNEL, for decoding
+  one row per step: XLA:CPU's matrix-vector product reads a matrix with few outputs
+  faster when each output's weights are contiguous, but at 8 rows the [F, D] one faster
+  (benchmarks/RESULTS.md). LoRA-adapted layers and scanned stacks stay as they are;
+  `untranspose_down` undoes it."""
+  def walk(tree):
+    if not isinstance(tree, Mapping) or is_int8(tree):
+      return tree
+    tree = {name: walk(sub) for name, sub in tree.items()}
+    down = tree.get('down')
+    if not isinstance(down, Mapping) or not {'kernel'} <= set(down) <= {'kernel', 'bias'}:
+      return tree
+    parts = down['kernel'] if is_int8(down['kernel']) else {'kernel': down['kernel']}
+    if all(x.ndim == 2 and _on_one_device(x) for x in parts.values()):
+      transposed = jax.tree.map(jnp.transpose, down['kernel'])
+      tree['down'] = {**{k: v for k, v in down.items() if k != 'kernel'},
+                      TRANSPOSED_KERNEL: transposed}
+    return tree
+  return walk(params)
+
+
+def untranspose_down(params):
+  """transpose_down undone: the model's own [F, D] kernels (for a weight export)."""
+  if not isinstance(params, Mapping) or is_int8(params):
+    return params
+  tree = {name: untranspose_down(sub) for name, sub in params.items()}
+  if TRANSPOSED_KERNEL in tree:
+    tree['kernel'] = jax.tree.map(jnp.transpose, tree.pop(TRANSPOSED_KERNEL))
+  return tree
+
+
+def untranspose_embedding(params):
+  """transpose_embedding undone: the model's own [V, D] layout (for a weight export)."""
+  if not isinstance(params, Mapping) or is_int8(params):
+    return params
+  tree = {name: untranspose_embedding(sub) for name, sub in params.items()}
+  if TRANSPOSED_EMBEDDING in tree:
+    tree['embedding'] = jnp.transpose(tree.pop(TRANSPOSED_EMBEDDING))
+  return tree
 
 
 def sinusoidal_positions(positions_BT: Array, d_model: int) -> Array:
@@ -177,14 +254,22 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg, n = self.cfg, self.num_input_axes
-    kernel = _int8_param(self, 'kernel', param_init(self.stddev, self.names),
-                         x.shape[-n:] + self.features, cfg.param_dtype)
-    # The MLP's input projections in 2-D products (contract_inputs), except under a remat
-    # policy (the policies name dot_general, which a custom VJP hides) and with LoRA (kept
-    # on autodiff's products: not measured with adapters).
-    two_d = self.lora_target == 'mlp_in' and cfg.remat == 'none' and not cfg.lora_rank
-    product = contract_inputs if two_d else _contract
-    y = product(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype), n)
+    if self.has_variable('params', TRANSPOSED_KERNEL):  # decoding's layout (transpose_down)
+      kernel = _int8_param(self, TRANSPOSED_KERNEL, param_init(self.stddev, self.names[::-1]),
+                           self.features + x.shape[-n:], cfg.param_dtype)
+      outputs = len(self.features)
+      contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(outputs, outputs + n)))
+      y = jax.lax.dot_general(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype),
+                              (contract, ((), ())))
+    else:
+      kernel = _int8_param(self, 'kernel', param_init(self.stddev, self.names),
+                           x.shape[-n:] + self.features, cfg.param_dtype)
+      # The MLP's input projections in 2-D products (contract_inputs), except under a remat
+      # policy (the policies name dot_general, which a custom VJP hides) and with LoRA (kept
+      # on autodiff's products: not measured with adapters).
+      two_d = self.lora_target == 'mlp_in' and cfg.remat == 'none' and not cfg.lora_rank
+      product = contract_inputs if two_d else _contract
+      y = product(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype), n)
     if self.lora_target and lora.adapted(self, self.lora_target):
       y = y + lora.delta(self, x, n, self.names, self.features, self.deterministic)
     if cfg.use_bias and self.bias:

@@ -16,7 +16,8 @@ import tasks
 from benchmarks import Program, matvec, op_table, roofline
 from configs import bench_cpu
 from models import ModelConfig
-from models.layers import fuse_qkv
+from models.layers import (TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL, fuse_qkv, transpose_down,
+                           transpose_embedding)
 
 
 def _tiny(**model):
@@ -189,18 +190,23 @@ def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
     ('decoder', dict(num_kv_heads=2, gated_mlp=True)),
     ('encoder_decoder', dict(tie_embeddings=False)),
 ])
-@pytest.mark.parametrize('joined', [False, True])
-def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields, joined):
-  """Every matrix the step multiplies, once, as (inputs, outputs, stored transposed): a
-  decoder's kernels (self-attention's query, key and value joined or not, as `prepare`
-  leaves them) and tied table; an encoder-decoder's decoder kernels and head, without the
+@pytest.mark.parametrize('layouts', [(), ('qkv', 'down'), ('embedding',),
+                                     ('qkv', 'down', 'embedding')])
+def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields, layouts):
+  """Every matrix the step multiplies, once, as (inputs, outputs, stored transposed), in
+  the layouts of the params given: a decoder's kernels (self-attention's query, key and
+  value joined or not; the MLP's output projection [F, D] or [D, F]) and tied table ([V,
+  D] or [D, V]); an encoder-decoder's decoder kernels and head, without the
   cross-attention's key and value kernels (their products are cached) and the encoder."""
   cfg = ModelConfig(arch=arch, vocab_size=64, num_layers=2, num_heads=4, head_dim=8,
                     d_model=32, d_ff=48, max_len=16, scan_layers=False,
                     **{'num_kv_heads': 4, **fields})
   task = tasks.for_model(cfg)
   params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
-  params = fuse_qkv(params) if joined else params
+  for change, name in ((fuse_qkv, 'qkv'), (transpose_down, 'down'),
+                       (transpose_embedding, 'embedding')):  # as `prepare`: a tied one only
+    if name in layouts and (name != 'embedding' or cfg.tie_embeddings):
+      params = change(params)
   expected = collections.Counter()
   for path, x in jax.tree_util.tree_leaves_with_path(params):
     names = [getattr(p, 'key', '') for p in path]
@@ -210,7 +216,34 @@ def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields
     if names[-1] == 'kernel':  # attention's output [N, K, D]; the rest [D, ...]
       inputs = math.prod(x.shape[:-1]) if names[-2] == 'out' else x.shape[0]
       expected[inputs, x.size // inputs, False] += 1
+    elif names[-1] == TRANSPOSED_KERNEL:  # [D, F]
+      expected[x.shape[1], x.shape[0], True] += 1
     elif names[-1] == 'embedding' and cfg.tie_embeddings:  # [V, D]
       expected[x.shape[1], x.shape[0], True] += 1
+    elif names[-1] == TRANSPOSED_EMBEDDING:  # [D, V]
+      expected[x.shape[0], x.shape[1], False] += 1
   assert sum(expected.values()) > 4
-  assert {(i, o, t): n for i, o, t, n in matvec.decode_matrices(cfg, joined)} == dict(expected)
+  matrices = matvec.decode_matrices(cfg, params)
+  assert {(i, o, t): n for i, o, t, n in matrices} == dict(expected)
+
+
+def test_decode_layouts_toggle_and_export_in_the_model_layout():
+  """The decode benchmark's --compare=NAME params are `prepare`'s with that one layout the
+  other way (each way round), and model_layout (what --compare=hf exports) undoes every
+  layout `prepare` chose, exactly."""
+  from benchmarks import decode
+  from inference.generate import prepare
+  cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                    d_model=32, d_ff=48, max_len=16, scan_layers=False)
+  task = tasks.for_model(cfg)
+  params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
+  for prompts in ([[3, 4]], [[3, 4], [5, 6]]):
+    prepared = prepare(task, params, prompts, 4, 'none')[1]
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, decode.model_layout(prepared, cfg), params))
+    chosen = {name: matvec.has_param(prepared, layout.marker)
+              for name, layout in decode.LAYOUTS.items()}
+    assert chosen == {'qkv': len(prompts) == 1, 'down': len(prompts) == 1, 'embedding': True}
+    for name in decode.LAYOUTS:
+      other = decode.other_layout(name, prepared, cfg)
+      assert {n: matvec.has_param(other, layout.marker)
+              for n, layout in decode.LAYOUTS.items()} == {**chosen, name: not chosen[name]}

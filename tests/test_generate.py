@@ -11,7 +11,9 @@ from inference.generate import generate, prepare
 from inference.quantize import quantize_int8
 from inference.sampling import Sampling, filter_logits, sample
 from models import ModelConfig
-from models.layers import FUSED_QKV, fuse_qkv, split_qkv
+from models.layers import (FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL, fuse_qkv,
+                           split_qkv, transpose_down, transpose_embedding, untranspose_down,
+                           untranspose_embedding)
 import tasks
 
 from conftest import decoding_params
@@ -177,14 +179,16 @@ def test_int8_joined_kernel_stays_int8_while_decoding():
 
 @pytest.mark.parametrize('changes', [{}, ENCODER_DECODER])
 def test_one_row_per_step_decodes_with_the_joined_kernels(changes):
-  """prepare joins query, key and value for one row per step (one prompt by default; a
-  scanned stack once unrolled), not for several; one prompt then decodes as the
-  full-sequence reference."""
+  """prepare joins query, key and value and transposes the MLP's output projection for
+  one row per step (one prompt by default; a scanned stack once unrolled), not for
+  several; one prompt then decodes as the full-sequence reference."""
   cfg = dataclasses.replace(TINY, **changes)
   task, params = _params(cfg)
   def joined(prompts, **kwargs):
-    prepared = prepare(task, params, prompts, 10, 'none', **kwargs)[1]
-    return any(f'/{FUSED_QKV}/' in p for p in _paths(prepared))
+    paths = _paths(prepare(task, params, prompts, 10, 'none', **kwargs)[1])
+    fused = any(f'/{FUSED_QKV}/' in p for p in paths)
+    assert fused == any(p.endswith(f'/down/{TRANSPOSED_KERNEL}') for p in paths)
+    return fused
   assert joined(PROMPTS[:1])
   assert not joined(PROMPTS) and not joined(PROMPTS[:1], rows=4) and joined(PROMPTS, rows=1)
   reference = (_greedy_encoder_decoder_without_cache if cfg.arch == 'encoder_decoder'
@@ -209,6 +213,67 @@ def test_each_decoding_path_joins_for_the_rows_its_steps_decode(monkeypatch):
   assert count(lambda: beam.beam_search(task, params, PROMPTS[:1], 2, beam_size=2)) == 0
   draft = speculative.Draft(task, params, 2)
   assert count(lambda: speculative.generate(task, params, draft, PROMPTS[:2], 2)) == 1
+
+
+@pytest.mark.parametrize('changes', [
+    {}, ENCODER_DECODER, dict(position='learned', tied_output_scale=True)])
+def test_transposed_embedding_computes_what_the_model_layout_does(changes):
+  """Decoding stores a tied embedding [D, V]: the model computes the same logits from it
+  (its lookups and its output projection), and untranspose_embedding gives back the
+  [V, D] table exactly. An int8 embedding, and one inside jit, stay [V, D]."""
+  cfg = dataclasses.replace(TINY, scan_layers=False, **changes)
+  task, params = _params(cfg)
+  transposed = transpose_embedding(params)
+  assert 'token_embed/' + TRANSPOSED_EMBEDDING in _paths(transposed)
+  assert not any(p.endswith('token_embed/embedding') for p in _paths(transposed))
+  assert transposed['token_embed'][TRANSPOSED_EMBEDDING].shape == (cfg.d_model, cfg.vocab_size)
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 2, cfg.vocab_size)
+  batch = {name: tokens if name.endswith('inputs') else x
+           for name, x in task.example_batch(2, 16).items()}
+  np.testing.assert_allclose(_logits(task)(transposed, batch), _logits(task)(params, batch),
+                             rtol=1e-5, atol=1e-5)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, untranspose_embedding(transposed), params))
+  int8 = quantize_int8(params)
+  assert _paths(transpose_embedding(int8)) == _paths(int8)
+  assert _paths(jax.jit(transpose_embedding)(params)) == _paths(params)
+
+
+@pytest.mark.parametrize('changes', [
+    dict(use_bias=True), ENCODER_DECODER, dict(lora_rank=2, lora_targets=('mlp_out',)),
+    dict(lora_rank=2, lora_targets=('mlp_in',))])
+@pytest.mark.parametrize('int8', [False, True])
+def test_transposed_down_computes_what_the_model_layout_does(changes, int8):
+  """One-row decoding stores each MLP's output projection [D, F] (biases, gated MLPs,
+  int8 values and scales alike): the same logits, and untranspose_down gives back the
+  model's layout exactly. A LoRA-adapted one stays [F, D]; so does one inside jit."""
+  cfg = dataclasses.replace(TINY, scan_layers=False, **changes)
+  task, params = _params(cfg)
+  params = quantize_int8(params) if int8 else params
+  transposed = transpose_down(params)
+  adapted = 'mlp_out' in cfg.lora_targets and cfg.lora_rank > 0
+  layers = cfg.num_layers * (2 if cfg.arch == 'encoder_decoder' else 1)
+  downs = [p for p in _paths(transposed) if f'/down/{TRANSPOSED_KERNEL}' in p]
+  assert len({p.split('/down/')[0] for p in downs}) == (0 if adapted else layers)
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 2, cfg.vocab_size)
+  batch = {name: tokens if name.endswith('inputs') else x
+           for name, x in task.example_batch(2, 16).items()}
+  np.testing.assert_allclose(_logits(task)(transposed, batch), _logits(task)(params, batch),
+                             rtol=1e-5, atol=1e-5)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, untranspose_down(transposed), params))
+  assert _paths(jax.jit(transpose_down)(params)) == _paths(params)
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_prepare_transposes_a_tied_embedding_for_any_batch(tied):
+  """prepare transposes the embedding that is also the output projection, for one prompt
+  or several; an untied one (only looked up) stays. Either decodes as the reference."""
+  cfg = dataclasses.replace(TINY, tie_embeddings=tied)
+  task, params = _params(cfg)
+  for prompts in (PROMPTS[:1], PROMPTS):
+    prepared = prepare(task, params, prompts, 10, 'none')[1]
+    assert ('token_embed/' + TRANSPOSED_EMBEDDING in _paths(prepared)) == tied
+  assert generate(task, params, PROMPTS, 10, eos_id=-1) == [
+      _greedy_without_cache(task, params, p, 10) for p in PROMPTS]
 
 
 def test_rows_stop_at_their_own_eos():
