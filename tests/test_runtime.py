@@ -73,6 +73,23 @@ def test_a_start_restarts_once_and_the_new_start_never_again(monkeypatch):
   assert not calls and runtime.RESTARTED not in os.environ
 
 
+def test_a_program_read_from_standard_input_does_not_restart(monkeypatch):
+  """`python - < main.py` has consumed its program: a new start would read nothing."""
+  calls = []
+  monkeypatch.setattr(os, 'execve', lambda *args: calls.append(args))
+  monkeypatch.setattr(sys, 'platform', 'linux')
+  monkeypatch.setattr(runtime, 'glibc_version', lambda: '2.36')
+  monkeypatch.setattr(runtime, '_thp_mode', lambda: 'madvise')
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  monkeypatch.delenv(runtime.RESTARTED, raising=False)
+  monkeypatch.setattr(sys, 'argv', ['-'])
+  runtime.reexec_with_huge_pages()
+  assert not calls
+  monkeypatch.setattr(sys, 'argv', ['main.py'])
+  runtime.reexec_with_huge_pages()
+  assert len(calls) == 1
+
+
 def test_tunables_with_sets_the_huge_page_tunable_and_keeps_the_rest():
   environ = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2'}
   assert runtime.tunables_with(environ, 0) == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0'
