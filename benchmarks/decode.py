@@ -26,7 +26,7 @@ measured here), and the cache slots it reads (the whole grown cache,
 roofline.mean_cache_slots) at the read bandwidth: matvec_floor_step_s and
 matvec_roofline_share = that floor / the measured step time.
 
-The layouts `prepare` chose for the weights (models/layers.py) are reported: qkv_joined
+The layouts `prepare` chose for the weights (models/layouts.py) are reported: qkv_joined
 (each self-attention's query, key and value kernels as one, `fuse_qkv`; for one row per
 step), down_transposed (each MLP's output projection stored [D, F], `transpose_down`; for
 one row per step) and embedding_transposed (a tied embedding stored [D, V],
@@ -57,9 +57,8 @@ from inference.quantize import dequantize
 from inference.sampling import Sampling
 from interop import weights
 from interop.families import gpt2
-from models.layers import (FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL, fuse_qkv,
-                           split_qkv, transpose_down, transpose_embedding, untranspose_down,
-                           untranspose_embedding)
+from models import layouts
+from models.layers import FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL
 from train import runtime
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
@@ -123,7 +122,7 @@ def program_from_flags() -> Program:
 def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
   """(new tokens [B, new_tokens], best seconds of 3 after a warm-up) of transformers'
   greedy GPT2LMHeadModel.generate on our model's weights as `prepare` left them (in the
-  model's own layout again, `model_layout`; int8 ones dequantized, so both compute with
+  model's own layout again, models/layouts.py `model_layout`; int8 ones dequantized, so both compute with
   the same values), float32, eager PyTorch on every core, in a process of its own with
   4 KB pages (benchmarks/torch_reference.py `in_own_process`). No eos token: generate
   runs all max_new_tokens steps, as ours with eos_id=-1 does (a min_new_tokens would
@@ -132,7 +131,7 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
   from benchmarks import torch_reference
   cfg = task.cfg
   fields = {k: v for k, v in gpt2.hf_config(cfg).items() if k != 'model_type'}
-  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(model_layout(params, cfg))),
+  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(layouts.model_layout(params, cfg))),
                           cfg.scan_layers)
   result = torch_reference.in_own_process({
       'kind': 'generate', 'new_tokens': new_tokens, 'ids': np.asarray(ids_BP),
@@ -142,30 +141,24 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
 
 
 class Layout(NamedTuple):
-  """A weight layout `prepare` may choose (models/layers.py)."""
+  """A weight layout `prepare` may choose (models/layouts.py)."""
   marker: str  # the param name it introduces
   field: str  # the JSON field that says whether `prepare` chose it
   to: Callable  # (params, cfg) -> params in it
-  back: Callable  # (params, cfg) -> params in the model's own layout
+  back: Callable  # (params, cfg) -> params without it
 
 
 # --compare=NAME.
 LAYOUTS = {
-    'qkv': Layout(FUSED_QKV, 'qkv_joined', lambda params, cfg: fuse_qkv(params), split_qkv),
+    'qkv': Layout(FUSED_QKV, 'qkv_joined', lambda params, cfg: layouts.fuse_qkv(params),
+                  layouts.split_qkv),
     'down': Layout(TRANSPOSED_KERNEL, 'down_transposed',
-                   lambda params, cfg: transpose_down(params),
-                   lambda params, cfg: untranspose_down(params)),
+                   lambda params, cfg: layouts.transpose_down(params),
+                   lambda params, cfg: layouts.untranspose_down(params)),
     'embedding': Layout(TRANSPOSED_EMBEDDING, 'embedding_transposed',
-                        lambda params, cfg: transpose_embedding(params),
-                        lambda params, cfg: untranspose_embedding(params)),
+                        lambda params, cfg: layouts.transpose_embedding(params),
+                        lambda params, cfg: layouts.untranspose_embedding(params)),
 }
-
-
-def model_layout(params, cfg):
-  """The params in the model's own layout, whatever `prepare` chose (for an export)."""
-  for layout in LAYOUTS.values():
-    params = layout.back(params, cfg)
-  return params
 
 
 def other_layout(name: str, params, cfg):

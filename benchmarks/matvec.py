@@ -82,7 +82,7 @@ def decode_matrices(cfg, params) -> list[tuple[int, int, bool, int]]:
   """(inputs, outputs, stored transposed, how many) of each weight matrix a decode step
   of `cfg` multiplies (a decoder's, or an encoder-decoder's decoder with its
   cross-attention's query and output; the cross keys and values are cached), in the
-  layouts inference/generate.py `prepare` chose for `params` (models/layers.py):
+  layouts inference/generate.py `prepare` chose for `params` (models/layouts.py):
   self-attention's query, key and value as one matrix (`fuse_qkv`), the MLP's output
   projection stored [D, F] (`transpose_down`), a tied embedding stored [D, V] rather than
   [V, D] (`transpose_embedding`)."""

@@ -17,7 +17,7 @@ import numpy as np
 from inference.quantize import for_decoding, quantize_int8
 from inference.sampling import Sampling, penalize_repeats, sample
 from models.config import ModelConfig
-from models.layers import fuse_qkv, transpose_down, transpose_embedding
+from models.layouts import fuse_qkv, transpose_down, transpose_embedding
 from models.transformer import resize_cache
 
 Array = jax.Array
@@ -71,16 +71,15 @@ def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantiz
   """(task, params, ids [B, P], real [B, P]) ready for a decoding loop, after checking
   the request: layers unrolled, weights quantized if asked, prompts left-padded.
 
-  Where each step decodes one row (`rows`: rows of activations per call, batch x tokens;
-  one per prompt by default; beam search has one per beam, a speculative target K + 1), each
-  self-attention's query, key and value kernels are joined into one (models/layers.py
-  `fuse_qkv`), so a step reads them in one matrix-vector product: faster at batch 1 on
-  XLA:CPU, but not at batch 8, where XLA runs the three products side by side on its
-  cores (benchmarks/RESULTS.md has both). A tied output projection's embedding is stored
-  transposed, [D, V] (`transpose_embedding`), which XLA:CPU multiplies a few rows by
-  faster at every batch size measured. The params returned are new arrays wherever they
-  differ from those given: while the caller keeps its own unscanned float weights, the
-  joined query, key and value and a transposed embedding exist twice."""
+  The weights are laid out as a decode step reads them fastest (models/layouts.py has
+  the why; benchmarks/RESULTS.md the measurements). Where each step decodes one row
+  (`rows`: rows of activations per call, batch x tokens; one per prompt by default; beam
+  search has one per beam, a speculative target K + 1), each self-attention's query, key
+  and value kernels are joined into one and each MLP's output projection is stored [D,
+  F]; at several rows both stay as they are. A tied output projection's embedding is
+  stored [D, V] at any batch. The params returned are new arrays wherever they differ
+  from those given: while the caller keeps its own unscanned float weights, the changed
+  ones exist twice."""
   task.check_prompts(prompts, max_new_tokens)
   if quantize not in ('none', 'int8'):
     raise ValueError(f'--quantize={quantize} is not one of none, int8.')

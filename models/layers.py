@@ -3,7 +3,7 @@
 Shape letters used in names and einsums:
   B batch, T query length, S key length, D d_model, N query heads,
   G key/value heads (grouped-query attention), K head dim, F MLP hidden, V vocab,
-  J = N + 2G heads of query, key and value joined (fuse_qkv).
+  J = N + 2G heads of query, key and value joined (models/layouts.py fuse_qkv).
 
 Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv_heads',
 'kv', 'mlp'); `train/sharding.py` maps them to mesh axes. Parameters live in
@@ -59,7 +59,8 @@ def _weight(value, x: Array, dtype) -> Array:
 
 class Embed(nn.Module):
   """Token embedding; `attend` reuses it as the output projection when tied. Stored
-  [V, D], or [D, V] under TRANSPOSED_EMBEDDING where decoding put it (transpose_embedding)."""
+  [V, D], or [D, V] under TRANSPOSED_EMBEDDING where decoding put it
+  (models/layouts.py)."""
   cfg: ModelConfig
 
   def setup(self):
@@ -89,70 +90,10 @@ class Embed(nn.Module):
     return jnp.einsum('BTD,VD->BTV', x_BTD, table_VD)
 
 
-TRANSPOSED_EMBEDDING = 'embedding_DV'
+# Decoding's layouts of the weights (models/layouts.py), which the modules read as given:
+FUSED_QKV = 'qkv'  # self-attention's query, key and value kernels joined: [D, J, K]
+TRANSPOSED_EMBEDDING = 'embedding_DV'  # a token embedding stored [D, V]
 TRANSPOSED_KERNEL = 'kernel_transposed'  # a Dense kernel stored [outputs..., inputs...]
-
-
-def transpose_embedding(params):
-  """The params tree with each float token embedding [V, D] (on one device) stored
-  transposed, [D, V] under TRANSPOSED_EMBEDDING, for decoding with a tied output
-  projection: XLA:CPU's product of a few rows reads a [D, V] matrix faster than the
-  [V, D] one it contracts over its minor axis (benchmarks/RESULTS.md), and a lookup of a
-  few ids reads columns as cheaply as rows. int8 embeddings (their scales are per row)
-  and sharded ones stay as they are. `untranspose_embedding` undoes it."""
-  def walk(tree):
-    if not isinstance(tree, Mapping) or is_int8(tree):
-      return tree
-    tree = {name: walk(sub) for name, sub in tree.items()}
-    embed = tree.get('token_embed')
-    if (isinstance(embed, Mapping) and set(embed) == {'embedding'}
-        and not is_int8(embed['embedding']) and _on_one_device(embed['embedding'])):
-      tree['token_embed'] = {TRANSPOSED_EMBEDDING: jnp.transpose(embed['embedding'])}
-    return tree
-  return walk(params)
-
-
-def transpose_down(params):
-  """The params tree with each MLP's output projection 'down' (kernel [F, D], int8 or
-  not, on one device) stored transposed, [D, F] under TRANSPOSED_KERNEL, for decoding
-  one row per step: XLA:CPU's matrix-vector product reads a matrix with few outputs
-  faster when each output's weights are contiguous, but at 8 rows the [F, D] one faster
-  (benchmarks/RESULTS.md). LoRA-adapted layers and scanned stacks stay as they are;
-  `untranspose_down` undoes it."""
-  def walk(tree):
-    if not isinstance(tree, Mapping) or is_int8(tree):
-      return tree
-    tree = {name: walk(sub) for name, sub in tree.items()}
-    down = tree.get('down')
-    if not isinstance(down, Mapping) or not {'kernel'} <= set(down) <= {'kernel', 'bias'}:
-      return tree
-    parts = down['kernel'] if is_int8(down['kernel']) else {'kernel': down['kernel']}
-    if all(x.ndim == 2 and _on_one_device(x) for x in parts.values()):
-      transposed = jax.tree.map(jnp.transpose, down['kernel'])
-      tree['down'] = {**{k: v for k, v in down.items() if k != 'kernel'},
-                      TRANSPOSED_KERNEL: transposed}
-    return tree
-  return walk(params)
-
-
-def untranspose_down(params):
-  """transpose_down undone: the model's own [F, D] kernels (for a weight export)."""
-  if not isinstance(params, Mapping) or is_int8(params):
-    return params
-  tree = {name: untranspose_down(sub) for name, sub in params.items()}
-  if TRANSPOSED_KERNEL in tree:
-    tree['kernel'] = jax.tree.map(jnp.transpose, tree.pop(TRANSPOSED_KERNEL))
-  return tree
-
-
-def untranspose_embedding(params):
-  """transpose_embedding undone: the model's own [V, D] layout (for a weight export)."""
-  if not isinstance(params, Mapping) or is_int8(params):
-    return params
-  tree = {name: untranspose_embedding(sub) for name, sub in params.items()}
-  if TRANSPOSED_EMBEDDING in tree:
-    tree['embedding'] = jnp.transpose(tree.pop(TRANSPOSED_EMBEDDING))
-  return tree
 
 
 def sinusoidal_positions(positions_BT: Array, d_model: int) -> Array:
@@ -254,7 +195,7 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg, n = self.cfg, self.num_input_axes
-    if self.has_variable('params', TRANSPOSED_KERNEL):  # decoding's layout (transpose_down)
+    if self.has_variable('params', TRANSPOSED_KERNEL):  # decoding's (models/layouts.py)
       kernel = _int8_param(self, TRANSPOSED_KERNEL, param_init(self.stddev, self.names[::-1]),
                            self.features + x.shape[-n:], cfg.param_dtype)
       outputs = len(self.features)
@@ -422,71 +363,6 @@ def grouped_attention(q_BTNK: Array, k_HSK: Array, v_HSK: Array, mask_B1TS: Arra
   probs_HQS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_HSK.dtype).reshape(H, R * T, S)
   out_HQK = jnp.einsum('HQS,HSK->HQK', probs_HQS, v_HSK)
   return jnp.transpose(out_HQK.reshape(B, G, R, T, K), (0, 3, 1, 2, 4)).reshape(B, T, N, K)
-
-
-FUSED_QKV = 'qkv'
-_QKV = ('query', 'key', 'value')
-
-
-def fuse_qkv(params):
-  """The params tree with each self-attention's query, key and value projections joined
-  into one, FUSED_QKV (kernel [D, J, K], bias [J, K], J = N + 2G: the three concatenated
-  over heads), which Attention then computes as one product and splits.
-
-  For decoding one row per step: on XLA:CPU each small matrix-vector product pays a
-  fixed cost, so one [D, J K] product reads its weights faster than three [D, N K]-sized
-  ones (benchmarks/RESULTS.md). Only plain projections on one device are joined (kernel,
-  optional bias; int8 or not), outside jit: a LoRA-adapted layer, a scanned stack's
-  layer axis, cross-attention (whose keys and values read the encoder) and kernels split
-  over devices (whose heads' shards would no longer line up with the split) stay apart."""
-  def join(tree):
-    if not isinstance(tree, Mapping) or is_int8(tree):
-      return tree
-    tree = {name: join(sub) for name, sub in tree.items()}
-    attention = tree.get('self_attention')
-    if isinstance(attention, Mapping) and joinable(attention):
-      parts = [attention[name] for name in _QKV]
-      joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-2), *parts)
-      tree['self_attention'] = {FUSED_QKV: joined, **{
-          name: sub for name, sub in attention.items() if name not in _QKV}}
-    return tree
-
-  def joinable(attention) -> bool:
-    parts = [attention.get(name) for name in _QKV]
-    if not all(isinstance(p, Mapping) for p in parts):
-      return False
-    names = set(parts[0])
-    kernel = parts[0].get('kernel')
-    kernel = kernel['int8'] if is_int8(kernel) else kernel
-    return ('kernel' in names and names <= {'kernel', 'bias'} and kernel.ndim == 3
-            and all(set(p) == names for p in parts)
-            and all(_on_one_device(x) for x in jax.tree.leaves(parts)))
-
-  return join(params)
-
-
-def _on_one_device(x) -> bool:
-  """Whether x lies whole on each device it is on: a host array, one device's or a full
-  copy on each. (Inside jit nothing says where a value lies, so there it is no.)"""
-  if isinstance(x, jax.core.Tracer):
-    return False
-  sharding = getattr(x, 'sharding', None)
-  return sharding is None or len(sharding.device_set) == 1 or sharding.is_fully_replicated
-
-
-def split_qkv(params, cfg: ModelConfig):
-  """fuse_qkv undone: each FUSED_QKV back into query, key and value (for code that reads
-  the model's own layout, such as a weight export)."""
-  if not isinstance(params, Mapping) or is_int8(params):
-    return params
-  tree = {name: split_qkv(sub, cfg) for name, sub in params.items()}
-  joined = tree.pop(FUSED_QKV, None)
-  if joined is None:
-    return tree
-  bounds = (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads)
-  for i, name in enumerate(_QKV):
-    tree[name] = jax.tree.map(lambda x, i=i: jnp.split(x, bounds, axis=-2)[i], joined)
-  return tree
 
 
 def attention_scale(cfg: ModelConfig) -> float:

@@ -16,8 +16,9 @@ import tasks
 from benchmarks import Program, matvec, op_table, roofline
 from configs import bench_cpu
 from models import ModelConfig
-from models.layers import (TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL, fuse_qkv, transpose_down,
-                           transpose_embedding)
+from models.layers import TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL
+from models import layouts
+from models.layouts import fuse_qkv, transpose_down, transpose_embedding
 
 
 def _tiny(**model):
@@ -229,8 +230,8 @@ def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields
 
 def test_decode_layouts_toggle_and_export_in_the_model_layout():
   """The decode benchmark's --compare=NAME params are `prepare`'s with that one layout the
-  other way (each way round), and model_layout (what --compare=hf exports) undoes every
-  layout `prepare` chose, exactly."""
+  other way (each way round), and models/layouts.py `model_layout` (what --compare=hf
+  exports) undoes every layout `prepare` chose, exactly."""
   from benchmarks import decode
   from inference.generate import prepare
   cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -239,7 +240,7 @@ def test_decode_layouts_toggle_and_export_in_the_model_layout():
   params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
   for prompts in ([[3, 4]], [[3, 4], [5, 6]]):
     prepared = prepare(task, params, prompts, 4, 'none')[1]
-    assert jax.tree.all(jax.tree.map(jnp.array_equal, decode.model_layout(prepared, cfg), params))
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, layouts.model_layout(prepared, cfg), params))
     chosen = {name: matvec.has_param(prepared, layout.marker)
               for name, layout in decode.LAYOUTS.items()}
     assert chosen == {'qkv': len(prompts) == 1, 'down': len(prompts) == 1, 'embedding': True}

@@ -11,9 +11,9 @@ from inference.generate import generate, prepare
 from inference.quantize import quantize_int8
 from inference.sampling import Sampling, filter_logits, sample
 from models import ModelConfig
-from models.layers import (FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL, fuse_qkv,
-                           split_qkv, transpose_down, transpose_embedding, untranspose_down,
-                           untranspose_embedding)
+from models.layers import FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL
+from models.layouts import (fuse_qkv, split_qkv, transpose_down, transpose_embedding,
+                            untranspose_down, untranspose_embedding)
 import tasks
 
 from conftest import decoding_params
@@ -153,7 +153,7 @@ def test_fused_qkv_leaves_adapted_and_scanned_projections_alone(changes, joins):
 def test_fused_qkv_keeps_kernels_split_over_devices_or_traced_apart():
   """A kernel whose shards lie on two devices, or one inside jit (where nothing says
   where it lies), is not joined; one copied whole to each device is."""
-  from models.layers import _on_one_device
+  from models.layouts import _on_one_device
   def kernel(devices, replicated):
     sharding = type('Sharding', (), {'device_set': set(range(devices)),
                                      'is_fully_replicated': replicated})
