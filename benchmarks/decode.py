@@ -122,17 +122,17 @@ def program_from_flags() -> Program:
 def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
   """(new tokens [B, new_tokens], best seconds of 3 after a warm-up) of transformers'
   greedy GPT2LMHeadModel.generate on our model's weights as `prepare` left them (in the
-  model's own layout again, models/layouts.py `model_layout`; int8 ones dequantized, so both compute with
-  the same values), float32, eager PyTorch on every core, in a process of its own with
-  4 KB pages (benchmarks/torch_reference.py `in_own_process`). No eos token: generate
-  runs all max_new_tokens steps, as ours with eos_id=-1 does (a min_new_tokens would
-  instead forbid one real token)."""
+  model's own layout again, models/layouts.py `model_layout`; int8 ones dequantized, so
+  both compute with the same values), float32, eager PyTorch on every core, in a process
+  of its own with 4 KB pages (benchmarks/torch_reference.py `in_own_process`). No eos
+  token: generate runs all max_new_tokens steps, as ours with eos_id=-1 does (a
+  min_new_tokens would instead forbid one real token)."""
   import torch
   from benchmarks import torch_reference
   cfg = task.cfg
   fields = {k: v for k, v in gpt2.hf_config(cfg).items() if k != 'model_type'}
-  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(dequantize(layouts.model_layout(params, cfg))),
-                          cfg.scan_layers)
+  own_layout = dequantize(layouts.model_layout(params, cfg))
+  tensors = weights.to_hf(gpt2.layout(cfg), jax.device_get(own_layout), cfg.scan_layers)
   result = torch_reference.in_own_process({
       'kind': 'generate', 'new_tokens': new_tokens, 'ids': np.asarray(ids_BP),
       'config': {**fields, 'bos_token_id': None, 'eos_token_id': None, 'pad_token_id': 0},
@@ -162,9 +162,15 @@ LAYOUTS = {
 
 
 def other_layout(name: str, params, cfg):
-  """The params with layout `name` (LAYOUTS) the other way than `prepare` chose."""
+  """The params with layout `name` (LAYOUTS) the other way than `prepare` chose; an error
+  where these weights have no other way (e.g. an int8 embedding stays [V, D])."""
   layout = LAYOUTS[name]
-  return (layout.back if matvec.has_param(params, layout.marker) else layout.to)(params, cfg)
+  chosen = layouts.has_param(params, layout.marker)
+  other = (layout.back if chosen else layout.to)(params, cfg)
+  if layouts.has_param(other, layout.marker) == chosen:
+    raise app.UsageError(f'--compare={name}: these weights have one layout only (int8, '
+                         'sharded or adapted ones stay as they are); compare another way.')
+  return other
 
 
 def main(argv):
@@ -207,7 +213,7 @@ def main(argv):
             'peak_bytes': peak_bytes, 'bytes_per_step': bytes_per_step,
             'achieved_bytes_per_s': achieved, 'memory_bandwidth_bytes_per_s': bandwidth,
             'roofline_share': achieved / bandwidth,
-            **{layout.field: matvec.has_param(inputs[0], layout.marker)
+            **{layout.field: layouts.has_param(inputs[0], layout.marker)
                for layout in LAYOUTS.values()}}
   if _MATVEC.value:
     read_slots = roofline.mean_cache_slots(task.cfg, prompt_len, new_tokens, grown_cache=True)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import roofline
+from models import layouts
 from models.layers import FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL
 from train import flops, runtime
 
@@ -72,12 +73,6 @@ def matvec_chain(rows: int, inputs: int, outputs: int, transposed: bool, megabyt
   return chain, matrices
 
 
-def has_param(params, name: str) -> bool:
-  """Whether any path of the params tree names `name` (e.g. a layout `prepare` chose)."""
-  return any(name in [getattr(p, 'key', '') for p in path]
-             for path, _ in jax.tree_util.tree_leaves_with_path(params))
-
-
 def decode_matrices(cfg, params) -> list[tuple[int, int, bool, int]]:
   """(inputs, outputs, stored transposed, how many) of each weight matrix a decode step
   of `cfg` multiplies (a decoder's, or an encoder-decoder's decoder with its
@@ -88,17 +83,17 @@ def decode_matrices(cfg, params) -> list[tuple[int, int, bool, int]]:
   [V, D] (`transpose_embedding`)."""
   d, heads, kv = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   layers = cfg.num_decoder_layers or cfg.num_layers
-  attention = ([(d, heads + 2 * kv, False, 1)] if has_param(params, FUSED_QKV)
+  attention = ([(d, heads + 2 * kv, False, 1)] if layouts.has_param(params, FUSED_QKV)
                else [(d, heads, False, 1), (d, kv, False, 2)]) + [(heads, d, False, 1)]
   if cfg.arch == 'encoder_decoder':
     attention += [(d, heads, False, 1), (heads, d, False, 1)]
   mlp = [(d, cfg.d_ff, False, 2 if cfg.gated_mlp else 1),
-         (cfg.d_ff, d, has_param(params, TRANSPOSED_KERNEL), 1)]
+         (cfg.d_ff, d, layouts.has_param(params, TRANSPOSED_KERNEL), 1)]
   shapes = {}
   for i, o, t, n in attention + mlp:
     shapes[i, o, t] = shapes.get((i, o, t), 0) + n * layers
   head = (d, cfg.vocab_size,
-          cfg.tie_embeddings and not has_param(params, TRANSPOSED_EMBEDDING))
+          cfg.tie_embeddings and not layouts.has_param(params, TRANSPOSED_EMBEDDING))
   shapes[head] = shapes.get(head, 0) + 1
   return [key + (n,) for key, n in shapes.items()]
 

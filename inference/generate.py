@@ -71,26 +71,34 @@ def prepare(task, params, prompts: list[list[int]], max_new_tokens: int, quantiz
   """(task, params, ids [B, P], real [B, P]) ready for a decoding loop, after checking
   the request: layers unrolled, weights quantized if asked, prompts left-padded.
 
-  The weights are laid out as a decode step reads them fastest (models/layouts.py has
-  the why; benchmarks/RESULTS.md the measurements). Where each step decodes one row
-  (`rows`: rows of activations per call, batch x tokens; one per prompt by default; beam
-  search has one per beam, a speculative target K + 1), each self-attention's query, key
-  and value kernels are joined into one and each MLP's output projection is stored [D,
-  F]; at several rows both stay as they are. A tied output projection's embedding is
-  stored [D, V] at any batch. The params returned are new arrays wherever they differ
-  from those given: while the caller keeps its own unscanned float weights, the changed
-  ones exist twice."""
+  On a CPU the weights are laid out as a decode step reads them fastest (models/layouts.py
+  has the why; benchmarks/RESULTS.md the measurements, on XLA:CPU only). Where each step
+  decodes one row (`rows`: rows of activations per call, batch x tokens; one per prompt by
+  default; beam search has one per beam, a speculative target K + 1), each
+  self-attention's query, key and value kernels are joined into one and each MLP's output
+  projection is stored [D, F]; at several rows both stay as they are (a one-row decode's
+  prefill and encoder then read the one-row layout). A tied float embedding is stored [D,
+  V] at any batch. Weights split over devices, int8 embeddings and LoRA-adapted layers
+  stay as they are. The params returned are new arrays wherever they differ from those
+  given: while the caller keeps its own unscanned float weights, the changed ones exist
+  twice (on an accelerator, whose memory that would take, nothing changes)."""
   task.check_prompts(prompts, max_new_tokens)
   if quantize not in ('none', 'int8'):
     raise ValueError(f'--quantize={quantize} is not one of none, int8.')
   cfg, params = unrolled_layers(task.cfg, params)
   if quantize == 'int8':
     params = quantize_int8(params)
-  if (len(prompts) if rows is None else rows) == 1:
-    params = transpose_down(fuse_qkv(params))
-  if cfg.tie_embeddings:
-    params = transpose_embedding(params)
+  if lays_out_for_speed():
+    if (len(prompts) if rows is None else rows) == 1:
+      params = transpose_down(fuse_qkv(params))
+    if cfg.tie_embeddings:
+      params = transpose_embedding(params)
   return (dataclasses.replace(task, cfg=cfg), params) + left_pad(prompts)
+
+
+def lays_out_for_speed() -> bool:
+  """Whether `prepare` lays the weights out for speed: on XLA:CPU, where it was measured."""
+  return jax.default_backend() == 'cpu'
 
 
 class Decoding(NamedTuple):

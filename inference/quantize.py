@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import FUSED_QKV, is_int8
+from models.layers import FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL, is_int8
 
 # Kernels with more than one input axis, by module name: attention's output projection
 # contracts heads and head_dim ([N, K, D], models/layers.py Attention). Others: axis 0.
@@ -37,6 +37,9 @@ def quantize_int8(params):
   """The params tree with every matrix replaced by {'int8': q, 'scale': s}."""
   def quantize(path, w):
     names = _names(path)
+    if names[-1] in (TRANSPOSED_KERNEL, TRANSPOSED_EMBEDDING):
+      raise ValueError(f"{'/'.join(names)} is in a decoding layout; quantize the model's own "
+                       'layout (models/layouts.py model_layout), as prepare does.')
     if w.ndim < 2 or names[-1] not in ('kernel', 'embedding'):
       return w
     stacked = int('layers' in names)  # a scanned stack leads with its layer axis

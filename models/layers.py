@@ -178,7 +178,8 @@ class Norm(nn.Module):
 
 class Dense(nn.Module):
   """x times a kernel over x's last `num_input_axes` axes, plus an optional bias. The
-  kernel's axes are `names` (input axes first) and the bias's the output axes, so each
+  kernel's axes are `names` (input axes first; output axes first where decoding stored
+  it under TRANSPOSED_KERNEL, models/layouts.py) and the bias's the output axes, so each
   finds its mesh axis. (Flax's DenseGeneral initialises a flattened kernel, whose
   names cannot be checked against a mesh for kernels of more than two axes.)
   `lora_target` names the layer among LORA_TARGETS: a LoRA adapter attaches there when
@@ -196,7 +197,8 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg, n = self.cfg, self.num_input_axes
     if self.has_variable('params', TRANSPOSED_KERNEL):  # decoding's (models/layouts.py)
-      kernel = _int8_param(self, TRANSPOSED_KERNEL, param_init(self.stddev, self.names[::-1]),
+      kernel = _int8_param(self, TRANSPOSED_KERNEL,
+                           param_init(self.stddev, self.names[n:] + self.names[:n]),
                            self.features + x.shape[-n:], cfg.param_dtype)
       outputs = len(self.features)
       contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(outputs, outputs + n)))

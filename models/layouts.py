@@ -127,6 +127,12 @@ def untranspose_embedding(params):
   return _each_scope(params, untranspose)
 
 
+def has_param(params, name: str) -> bool:
+  """Whether any path of the params tree names `name` (e.g. one of these layouts')."""
+  return any(name in [getattr(p, 'key', '') for p in path]
+             for path, _ in jax.tree_util.tree_leaves_with_path(params))
+
+
 def model_layout(params, cfg: ModelConfig):
   """The params in the model's own layout, whichever of these layouts they are in."""
   return untranspose_embedding(untranspose_down(split_qkv(params, cfg)))

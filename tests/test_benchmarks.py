@@ -191,9 +191,9 @@ def test_matvec_reads_every_matrix_of_the_chain_in_either_layout():
     ('decoder', dict(num_kv_heads=2, gated_mlp=True)),
     ('encoder_decoder', dict(tie_embeddings=False)),
 ])
-@pytest.mark.parametrize('layouts', [(), ('qkv', 'down'), ('embedding',),
-                                     ('qkv', 'down', 'embedding')])
-def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields, layouts):
+@pytest.mark.parametrize('chosen', [(), ('qkv', 'down'), ('embedding',),
+                                    ('qkv', 'down', 'embedding')])
+def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields, chosen):
   """Every matrix the step multiplies, once, as (inputs, outputs, stored transposed), in
   the layouts of the params given: a decoder's kernels (self-attention's query, key and
   value joined or not; the MLP's output projection [F, D] or [D, F]) and tied table ([V,
@@ -206,7 +206,7 @@ def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields
   params = nn.unbox(task.init(jax.random.key(0), task.example_batch(1, 8)))
   for change, name in ((fuse_qkv, 'qkv'), (transpose_down, 'down'),
                        (transpose_embedding, 'embedding')):  # as `prepare`: a tied one only
-    if name in layouts and (name != 'embedding' or cfg.tie_embeddings):
+    if name in chosen and (name != 'embedding' or cfg.tie_embeddings):
       params = change(params)
   expected = collections.Counter()
   for path, x in jax.tree_util.tree_leaves_with_path(params):
@@ -232,8 +232,10 @@ def test_decode_layouts_toggle_and_export_in_the_model_layout():
   """The decode benchmark's --compare=NAME params are `prepare`'s with that one layout the
   other way (each way round), and models/layouts.py `model_layout` (what --compare=hf
   exports) undoes every layout `prepare` chose, exactly."""
+  from absl import app
   from benchmarks import decode
   from inference.generate import prepare
+  from inference.quantize import quantize_int8
   cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                     d_model=32, d_ff=48, max_len=16, scan_layers=False)
   task = tasks.for_model(cfg)
@@ -241,10 +243,15 @@ def test_decode_layouts_toggle_and_export_in_the_model_layout():
   for prompts in ([[3, 4]], [[3, 4], [5, 6]]):
     prepared = prepare(task, params, prompts, 4, 'none')[1]
     assert jax.tree.all(jax.tree.map(jnp.array_equal, layouts.model_layout(prepared, cfg), params))
-    chosen = {name: matvec.has_param(prepared, layout.marker)
+    int8 = prepare(task, params, prompts, 4, 'int8')[1]
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, layouts.model_layout(int8, cfg),
+                                     quantize_int8(params)))
+    with pytest.raises(app.UsageError, match='one layout only'):  # an int8 table stays [V, D]
+      decode.other_layout('embedding', int8, cfg)
+    chosen = {name: layouts.has_param(prepared, layout.marker)
               for name, layout in decode.LAYOUTS.items()}
     assert chosen == {'qkv': len(prompts) == 1, 'down': len(prompts) == 1, 'embedding': True}
     for name in decode.LAYOUTS:
       other = decode.other_layout(name, prepared, cfg)
-      assert {n: matvec.has_param(other, layout.marker)
+      assert {n: layouts.has_param(other, layout.marker)
               for n, layout in decode.LAYOUTS.items()} == {**chosen, name: not chosen[name]}

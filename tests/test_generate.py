@@ -169,12 +169,34 @@ def test_fused_qkv_keeps_kernels_split_over_devices_or_traced_apart():
   assert _paths(fuse_qkv(params)) != _paths(params)
 
 
-def test_int8_joined_kernel_stays_int8_while_decoding():
+def test_int8_joined_and_transposed_kernels_stay_int8_while_decoding():
   from inference.quantize import for_decoding
   from models.layers import is_int8
-  params = fuse_qkv(quantize_int8(_params(dataclasses.replace(TINY, scan_layers=False))[1]))
-  leaf = for_decoding(params)['decoder']['layer_0']['self_attention'][FUSED_QKV]['kernel']
-  assert is_int8(leaf)
+  quantized = quantize_int8(_params(dataclasses.replace(TINY, scan_layers=False))[1])
+  layer = for_decoding(transpose_down(fuse_qkv(quantized)))['decoder']['layer_0']
+  assert is_int8(layer['self_attention'][FUSED_QKV]['kernel'])
+  assert is_int8(layer['mlp']['down'][TRANSPOSED_KERNEL])
+
+
+def test_layouts_leave_weights_split_over_devices_alone():
+  """A down kernel or an embedding whose shards lie on two devices keeps its layout."""
+  def array(shape):
+    sharding = type('Sharding', (), {'device_set': {0, 1}, 'is_fully_replicated': False})
+    return type('Array', (), {'ndim': len(shape), 'shape': shape, 'sharding': sharding()})()
+  split = {'mlp': {'down': {'kernel': array((8, 4))}},
+           'token_embed': {'embedding': array((16, 4))}}
+  assert transpose_down(split) == split and transpose_embedding(split) == split
+
+
+def test_prepare_keeps_the_model_layout_off_a_cpu(monkeypatch):
+  """The layouts were measured on XLA:CPU; elsewhere the weights stay as the model lays
+  them out (their copies would take accelerator memory)."""
+  from inference import generate as generate_lib
+  task, params = _params(dataclasses.replace(TINY, scan_layers=False))
+  monkeypatch.setattr(generate_lib, 'lays_out_for_speed', lambda: False)
+  assert _paths(prepare(task, params, PROMPTS[:1], 10, 'none')[1]) == _paths(params)
+  monkeypatch.setattr(generate_lib, 'lays_out_for_speed', lambda: True)
+  assert _paths(prepare(task, params, PROMPTS[:1], 10, 'none')[1]) != _paths(params)
 
 
 @pytest.mark.parametrize('changes', [{}, ENCODER_DECODER])

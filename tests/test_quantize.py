@@ -78,14 +78,16 @@ def _compiled(task, params, ids, real):
     {}, dict(tie_embeddings=False),
     dict(arch='encoder_decoder', position='relative', activation='silu', gated_mlp=True, num_layers=2)])
 def test_int8_decoding_peaks_below_float32_and_decodes_the_same(changes):
-  """Int8 weights stay int8 inside the decode loop: each matrix is dequantized where it
-  is used, so the compiled program's peak (weights, cache, temporaries) is well below
-  float32's, not above it (a float copy of every weight beside the int8 ones, whether
-  made before the loop or hoisted out of it by XLA). And the tokens are those of
-  float32 decoding with the weights that int8 represents."""
-  task, params = _params(dataclasses.replace(WIDE, **changes))
-  task, float_params, ids, real = prepare(task, params, PROMPTS, 8, 'none')
-  int8_params = jax.jit(quantize_int8)(float_params)  # as prepare(..., 'int8') makes them
+  """Int8 weights (the tied output projection's too) stay int8 inside the decode loop:
+  each matrix is dequantized where it is used, so the compiled program's peak (weights,
+  cache, temporaries) is well below float32's, not above it (a float copy of every
+  weight beside the int8 ones, whether made before the loop or hoisted out of it by
+  XLA). And the tokens are those of float32 decoding with the weights that int8
+  represents."""
+  model, params = _params(dataclasses.replace(WIDE, **changes))
+  task, float_params, ids, real = prepare(model, params, PROMPTS, 8, 'none')
+  int8_params = prepare(model, params, PROMPTS, 8, 'int8')[1]
+  assert set(int8_params['token_embed']['embedding']) == {'int8', 'scale'}  # still [V, D]
   float32, float32_peak = _compiled(task, float_params, ids, real)
   int8, int8_peak = _compiled(task, int8_params, ids, real)
   float32_weights = sum(x.nbytes for x in jax.tree.leaves(float_params))
@@ -96,5 +98,14 @@ def test_int8_decoding_peaks_below_float32_and_decodes_the_same(changes):
   key = jax.random.key(0)
   tokens = np.asarray(int8(int8_params, ids, real, key))
   assert len({int(t) for t in tokens.ravel()}) > 2  # not a degenerate repetition
-  np.testing.assert_array_equal(tokens, np.asarray(float32(jax.jit(dequantize)(int8_params), ids,
-                                                           real, key)))
+  represented = jax.jit(dequantize)(int8_params)  # float, the table [V, D] as int8's
+  np.testing.assert_array_equal(
+      tokens, np.asarray(_compiled(task, represented, ids, real)[0](represented, ids, real, key)))
+
+
+def test_quantizing_a_decoding_layout_says_to_quantize_the_model_layout():
+  """A [D, F] or [D, V] weight would get its scales over the wrong axis."""
+  from models.layouts import transpose_down
+  _, params = _params(dataclasses.replace(TINY, scan_layers=False))
+  with pytest.raises(ValueError, match='model_layout'):
+    quantize_int8(transpose_down(params))

@@ -74,7 +74,8 @@ def test_a_start_restarts_once_and_the_new_start_never_again(monkeypatch):
 
 
 def test_a_program_read_from_standard_input_does_not_restart(monkeypatch):
-  """`python - < main.py` has consumed its program: a new start would read nothing."""
+  """`python - < main.py` or `python < main.py` has consumed its program: a new start
+  would read nothing."""
   calls = []
   monkeypatch.setattr(os, 'execve', lambda *args: calls.append(args))
   monkeypatch.setattr(sys, 'platform', 'linux')
@@ -82,9 +83,10 @@ def test_a_program_read_from_standard_input_does_not_restart(monkeypatch):
   monkeypatch.setattr(runtime, '_thp_mode', lambda: 'madvise')
   monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
   monkeypatch.delenv(runtime.RESTARTED, raising=False)
-  monkeypatch.setattr(sys, 'argv', ['-'])
-  runtime.reexec_with_huge_pages()
-  assert not calls
+  for argv in (['-'], ['']):
+    monkeypatch.setattr(sys, 'argv', argv)
+    runtime.reexec_with_huge_pages()
+    assert not calls
   monkeypatch.setattr(sys, 'argv', ['main.py'])
   runtime.reexec_with_huge_pages()
   assert len(calls) == 1
