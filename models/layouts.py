@@ -2,7 +2,8 @@
 them fastest on XLA:CPU, which the modules of models/layers.py read as given (the names
 FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL there mark them).
 
-inference/generate.py `prepare` chooses them, by the rows a step decodes
+inference/generate.py `prepare` chooses them on XLA:CPU, where they were measured
+(`lays_out_for_speed`; elsewhere the model's own layout stays), by the rows a step decodes
 (benchmarks/RESULTS.md has the measurements both ways):
 - `fuse_qkv`: one row per step reads one [D, N + 2G, K] query/key/value kernel faster
   than three small ones (each small matrix-vector product pays a fixed cost);

@@ -41,6 +41,15 @@ def pytest_unconfigure(config):
   gc.freeze()
 
 
+@pytest.fixture(autouse=True)
+def decoding_layouts_on_any_backend(monkeypatch):
+  """`prepare` lays weights out for speed on a CPU only (inference/generate.py); the tests
+  check those layouts' numerics, which hold on any backend, so they are on wherever the
+  tests run (the CPU rule has its own test)."""
+  from inference import generate
+  monkeypatch.setattr(generate, 'lays_out_for_speed', lambda: True)
+
+
 _SUBJECTS = ['the cat', 'a dog', 'the old king', 'my sister', 'the river', 'a small bird']
 _VERBS = ['sees', 'follows', 'remembers', 'carries', 'finds', 'greets']
 _OBJECTS = ['the bread', 'a stone', 'the morning light', 'its shadow', 'the gate', 'water']

@@ -105,7 +105,8 @@ def test_int8_decoding_peaks_below_float32_and_decodes_the_same(changes):
 
 def test_quantizing_a_decoding_layout_says_to_quantize_the_model_layout():
   """A [D, F] or [D, V] weight would get its scales over the wrong axis."""
-  from models.layouts import transpose_down
+  from models.layouts import transpose_down, transpose_embedding
   _, params = _params(dataclasses.replace(TINY, scan_layers=False))
-  with pytest.raises(ValueError, match='model_layout'):
-    quantize_int8(transpose_down(params))
+  for layout in (transpose_down, transpose_embedding):
+    with pytest.raises(ValueError, match='model_layout'):
+      quantize_int8(layout(params))

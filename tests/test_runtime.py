@@ -83,7 +83,7 @@ def test_a_program_read_from_standard_input_does_not_restart(monkeypatch):
   monkeypatch.setattr(runtime, '_thp_mode', lambda: 'madvise')
   monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
   monkeypatch.delenv(runtime.RESTARTED, raising=False)
-  for argv in (['-'], ['']):
+  for argv in (['-'], [''], []):
     monkeypatch.setattr(sys, 'argv', argv)
     runtime.reexec_with_huge_pages()
     assert not calls

@@ -66,9 +66,9 @@ def reexec_with_huge_pages() -> None:
   if os.environ.pop(RESTARTED, None) is not None:  # this is the new start (its children
     return  # inherit the tunable, not the marker)
   # A program read from standard input (`python - < main.py`, `python < main.py`: argv
-  # ['-'] or ['']) cannot be read again.
+  # ['-'] or ['']) cannot be read again; nor can an embedded interpreter's (argv []).
   if (not sys.platform.startswith('linux') or not sys.executable
-      or sys.argv[:1] in (['-'], [''])):
+      or sys.argv[:1] in ([], ['-'], [''])):
     return
   tunables = huge_page_tunables(os.environ, glibc_version(), _thp_mode())
   if tunables is None:
