@@ -250,7 +250,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   trained = n - int(sum(np.prod(x.shape) for x in jax.tree.leaves(frozen)))
   reference = reference_params(task, params, paths)
   seq_len, batch = config.data.seq_len, config.data.batch_size
-  forward_flops = task.train_flops_per_step(params, batch, seq_len) / 3
+  forward_flops = task.forward_flops_per_step(params, batch, seq_len)
   # As the run counts them (train/loop.py): LoRA's frozen kernels get no weight gradient.
   step_flops = task.train_flops_with_frozen(params, batch, seq_len, frozen)
   tokens_per_step = batch * seq_len

@@ -263,6 +263,11 @@ class Task:
     """Training FLOPs of one step (train/flops.py has the formulas)."""
     raise NotImplementedError
 
+  def forward_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
+    """FLOPs of one forward pass over a step's batch: a third of train_flops_per_step
+    (whose backward costs two forwards)."""
+    return self.train_flops_per_step(params, batch_size, seq_len) / 3
+
   def matmul_param_counts(self, params) -> dict[str, int]:
     """train/flops.py `matmul_param_counts` by part, as this task's FLOPs count them."""
     return flops.matmul_param_counts(params, self.cfg.tie_embeddings)

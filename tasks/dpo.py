@@ -226,6 +226,11 @@ class Preference:
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     return self.train_flops_with_frozen(params, batch_size, seq_len, None)
 
+  def forward_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
+    """The model's forward pass over both sides of each pair (not a third of the step,
+    which also holds the reference's forward)."""
+    return self.side_task(self.cfg).forward_flops_per_step(params, 2 * batch_size, seq_len)
+
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
                               frozen_params) -> float:
     """Both sides of each pair through the policy (sft's step on 2 batch_size sequences,

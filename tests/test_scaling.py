@@ -74,13 +74,21 @@ def _run_config(arch: str) -> ml_collections.ConfigDict:
   return config
 
 
-@pytest.mark.parametrize('arch', ['decoder', 'encoder_decoder'])
-def test_forward_flops_per_token_agree_with_xla_cost_analysis(arch):
+@pytest.mark.parametrize('arch, task_name', [
+    ('decoder', 'pretrain'), ('encoder_decoder', 'pretrain'), ('decoder', 'dpo')])
+def test_forward_flops_per_token_agree_with_xla_cost_analysis(arch, task_name):
+  """One forward pass of the model over a step's sequences (DPO's: both sides of each
+  pair, counted per pair row's token as the rest of its estimate is)."""
   config = _run_config(arch)
   config.model.scan_layers = False  # XLA's cost analysis counts a loop body once
+  if task_name == 'dpo':
+    config.task, config.init_from = 'dpo', 'runs/never_read'  # the estimate reads no source
   result = estimate.estimate(config)
   task = estimate.model_task(config)
-  batch = task.train_batch(config.data.batch_size, config.data.seq_len)
+  rows = config.data.batch_size
+  if task_name == 'dpo':
+    task, rows = task.side_task(task.cfg), 2 * rows
+  batch = task.train_batch(rows, config.data.seq_len)
   params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), estimate.abstract_params(task))
   compiled = jax.jit(task.logits).lower(params, batch).compile()
   analysis = compiled.cost_analysis()
