@@ -260,8 +260,10 @@ class Task:
     raise NotImplementedError
 
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
-    """Training FLOPs of one step (train/flops.py has the formulas)."""
-    raise NotImplementedError
+    """Training FLOPs of one step (train/flops.py has the formulas): each matmul
+    parameter's over the tokens it multiplies (`matmul_tokens`), and attention's
+    products (`attention_products`)."""
+    return self.train_flops_with_frozen(params, batch_size, seq_len, None)
 
   def forward_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     """FLOPs of one forward pass over a step's batch: a third of train_flops_per_step
@@ -277,16 +279,25 @@ class Task:
     multiply: every token, by default."""
     return dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'other'), seq_len)
 
+  def attention_products(self, seq_len: int) -> list[tuple[int, int, int]]:
+    """(layers, queries, keys) per example of each kind of attention the step runs
+    (train/flops.py `attention_train_flops`): the stack's self-attention over every
+    token, by default."""
+    return [(self.cfg.num_layers, seq_len, seq_len)]
+
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
                               frozen_params) -> float:
     """train_flops_per_step when `frozen_params` (a subtree of `params`, or None: LoRA's
     frozen base) get no weight gradient: each of their matmul parameters saves that
     gradient's 2 FLOPs for every token it multiplies (4 of its 6 remain); attention's
     products, which hold no parameters, all stay."""
+    cfg = self.cfg
     frozen = self.matmul_param_counts(frozen_params) if frozen_params else {}
-    tokens = self.matmul_tokens(seq_len)
-    saved = 2.0 * batch_size * sum(n * tokens[part] for part, n in frozen.items())
-    return self.train_flops_per_step(params, batch_size, seq_len) - saved
+    per_example = (flops.matmul_train_flops(self.matmul_param_counts(params),
+                                            self.matmul_tokens(seq_len), frozen)
+                   + flops.attention_train_flops(cfg.num_heads * cfg.head_dim,
+                                                 self.attention_products(seq_len)))
+    return batch_size * per_example
 
   # --- decoding ---------------------------------------------------------------
   def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:

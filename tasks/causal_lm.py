@@ -13,7 +13,6 @@ from input_pipeline.tokenizer import Tokenizer
 from models.losses import example_batch
 from models.transformer import DecoderOnly
 from tasks import base
-from train import flops
 
 Array = jax.Array
 
@@ -90,11 +89,6 @@ class CausalLM(base.Task):
     return {'embedding': cfg.vocab_size * cfg.d_model + base.input_params(cfg),
             'decoder': cfg.num_layers * base.block_params(cfg), 'head': base.head_params(cfg),
             **base.lora_part(cfg, cfg.num_layers)}
-
-  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
-    cfg = self.cfg
-    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
-                                   cfg.num_heads * cfg.head_dim, batch_size, seq_len)
 
   def _text_start(self, tokenizer: Tokenizer, context: list[int]) -> list[int]:
     """Ids before a scored or continued text: bos where the tokenizer starts sequences with

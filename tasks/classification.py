@@ -338,18 +338,9 @@ class Classification(base.Task):
     return flops.matmul_param_counts(params, tie_embeddings=False)  # the embedding: a lookup
 
   def matmul_tokens(self, seq_len: int) -> dict[str, int]:
+    """The stack's matmuls over every token; the pooler and classifier once per
+    sequence; no vocabulary projection (the embedding is a lookup)."""
     return {'encoder': seq_len, 'decoder': seq_len, 'cross_kv': 0, 'other': 1}
-
-  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
-    """The stack's matmuls and attention over every token; the pooler and classifier
-    once per sequence; no vocabulary projection (the embedding is a lookup)."""
-    cfg = self.cfg
-    counts = self.matmul_param_counts(params)
-    body = counts['encoder'] + counts['decoder']
-    per_sequence = (seq_len * flops.flops_per_token(body, cfg.num_layers, seq_len,
-                                                    cfg.num_heads * cfg.head_dim)
-                    + 6.0 * counts['other'])
-    return batch_size * per_sequence
 
   # --- predict ----------------------------------------------------------------
   def predict(self, params, tokenizer: Tokenizer, records: list[dict],

@@ -223,9 +223,6 @@ class Preference:
   def scored_length(self, seq_len: int) -> int:
     return 2 * super().scored_length(seq_len)  # both sides of a pair (per batch row)
 
-  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
-    return self.train_flops_with_frozen(params, batch_size, seq_len, None)
-
   def forward_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     """The model's forward pass over both sides of each pair (not a third of the step,
     which also holds the reference's forward)."""

@@ -17,7 +17,6 @@ from input_pipeline.tokenizer import SpecialIds, Tokenizer
 from models.losses import cross_entropy_sums, example_batch
 from models.transformer import EncoderOnly
 from tasks import base
-from train import flops
 
 
 class MaskedExamples(Examples):
@@ -167,11 +166,6 @@ class MaskedLM(base.Task):
     return {'embedding': cfg.vocab_size * D + base.input_params(cfg),
             'encoder': cfg.num_layers * base.block_params(cfg), 'head': head,
             **base.lora_part(cfg, cfg.num_layers)}
-
-  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
-    cfg = self.cfg
-    return flops.stack_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
-                                   cfg.num_heads * cfg.head_dim, batch_size, seq_len)
 
   def complete(self, params, tokenizer: Tokenizer, prompts: list[str], request: Request,
                on_token: Callable | None = None) -> list[str]:

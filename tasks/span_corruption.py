@@ -18,7 +18,6 @@ from input_pipeline.tokenizer import SpecialIds, Tokenizer
 from models.losses import example_batch
 from models.transformer import EncoderDecoder
 from tasks import base
-from train import flops
 
 Array = jax.Array
 
@@ -139,16 +138,16 @@ class SpanCorruption(base.Task):
 
   def matmul_tokens(self, seq_len: int) -> dict[str, int]:
     """The encoder's (and cross-attention keys' and values') over the inputs, the rest
-    over the targets, as `train_flops_per_step` counts them."""
+    over the targets."""
     targets = self.scored_length(seq_len)
     return {'encoder': seq_len, 'cross_kv': seq_len, 'decoder': targets, 'other': targets}
 
-  def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
-    cfg = self.cfg
-    return flops.encoder_decoder_train_flops(params, cfg.tie_embeddings, cfg.num_layers,
-                                             base.decoder_layers(cfg),
-                                             cfg.num_heads * cfg.head_dim, batch_size, seq_len,
-                                             self.scored_length(seq_len))
+  def attention_products(self, seq_len: int) -> list[tuple[int, int, int]]:
+    """The encoder's self-attention over the inputs, the decoder's over the targets and
+    its cross-attention from the targets to the inputs."""
+    targets, decoder = self.scored_length(seq_len), base.decoder_layers(self.cfg)
+    return [(self.cfg.num_layers, seq_len, seq_len), (decoder, targets, targets),
+            (decoder, targets, seq_len)]
 
   def scoring_pair(self, tokenizer: Tokenizer, context: list[int],
                    continuation: list[int]) -> tuple[list[int], list[int], int]:

@@ -12,6 +12,10 @@ the attention score (Q K^T) and value (P V) matmuls, which grow with context
 length. Their width is that of the queries, N x K (num_heads x head_dim), which
 equals d_model only when head_dim = d_model / num_heads; grouped-query attention
 shares keys and values but every query head still scores and mixes all of them.
+A task (tasks/base.py `train_flops_with_frozen`) applies both terms part by part: each
+part's parameters over the tokens they multiply (an encoder-decoder's encoder over the
+inputs, its decoder over the targets; a classifier head once per sequence), and each
+kind of attention over its own queries and keys.
 
 MFU = achieved tokens/s x flops_per_token / peak FLOP/s of the devices used.
 """
@@ -100,38 +104,21 @@ def matmul_param_count(params, tie_embeddings: bool) -> int:
   return sum(matmul_param_counts(params, tie_embeddings).values())
 
 
-def stack_train_flops(params, tie_embeddings: bool, num_layers: int, attention_width: int,
-                      batch_size: int, seq_len: int) -> float:
-  """Training FLOPs of one step of a single stack (decoder-only or encoder-only):
-  batch x flops_per_token(N_matmul, L, T, N K) x T, with attention_width = N K
-  (num_heads x head_dim)."""
-  n_matmul = matmul_param_count(params, tie_embeddings)
-  return batch_size * seq_len * flops_per_token(n_matmul, num_layers, seq_len, attention_width)
+def matmul_train_flops(counts: dict[str, int], tokens: dict[str, int],
+                       frozen: dict[str, int] | None = None) -> float:
+  """Training FLOPs of the matmul parameters per example: 6 per parameter (`counts`, by
+  part) per token it multiplies (`tokens`, by part); a frozen one (`frozen`: LoRA's
+  base) gets no weight gradient, so 4 of its 6."""
+  frozen = frozen or {}
+  return sum((6.0 * n - 2.0 * frozen.get(part, 0)) * tokens[part] for part, n in counts.items())
 
 
-def encoder_decoder_train_flops(params, tie_embeddings: bool, encoder_layers: int,
-                                decoder_layers: int, attention_width: int, batch_size: int,
-                                inputs_len: int, targets_len: int) -> float:
-  """Training FLOPs of one encoder-decoder step: the encoder's matmuls (and the decoder's
-  cross-attention key and value projections, which read the encoder's outputs) see the
-  S = inputs_len input tokens, the rest of the decoder's and the output head's the
-  T = targets_len target tokens; attention adds 12 (N K) (L_enc S^2 + L_dec (T^2 + T S))
-  per example (encoder self, decoder self and cross), with attention_width = N K
-  (num_heads x head_dim)."""
-  counts = matmul_param_counts(params, tie_embeddings)
-  s, t = inputs_len, targets_len
-  per_example = (6.0 * ((counts['encoder'] + counts['cross_kv']) * s
-                        + (counts['decoder'] + counts['other']) * t)
-                 + 12.0 * attention_width * (encoder_layers * s * s
-                                             + decoder_layers * (t * t + t * s)))
-  return batch_size * per_example
-
-
-def flops_per_token(n_matmul: int, num_layers: int, seq_len: int, attention_width: int) -> float:
-  """Training FLOPs per token: 6 N_matmul + 12 L T (N K), where attention_width = N K
-  is num_heads x head_dim, the width of the queries, keys and values (not d_model:
-  they differ when model.head_dim is set)."""
-  return 6.0 * n_matmul + 12.0 * num_layers * seq_len * attention_width
+def attention_train_flops(attention_width: int,
+                          products: list[tuple[int, int, int]]) -> float:
+  """Training FLOPs of attention's score and value products per example: 12 (N K) per
+  query-key pair of each layer, over `products` (layers, queries, keys) (a stack's
+  self-attention: (L, T, T)), attention_width = N K (num_heads x head_dim)."""
+  return 12.0 * attention_width * sum(layers * q * k for layers, q, k in products)
 
 
 _measured_cpu_peak: float | None = None
