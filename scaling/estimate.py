@@ -2,7 +2,8 @@
 
 Parameters are counted exactly from the config (by family and option) and checked
 against the initialised model's shapes. FLOPs follow train/flops.py (6 N + attention
-for training, a third of that for a forward pass). Memory is the training-memory
+for training, as the run counts them; the forward pass is the task's
+`forward_flops_per_step`, a third of full training's). Memory is the training-memory
 rule of thumb made exact: weights, gradients and AdamW's two moments in the
 parameter dtype (4 + 4 + 8 = 16 bytes per float32 parameter), plus the activations
 at the peak of the backward pass for the configured micro-batch (scaling/activations.py).
@@ -398,8 +399,8 @@ def _fine_tuning_lines(result: dict) -> list[str]:
           f"remat={result['effective_remat']}):",
           f"  {'':<20}{'full':>14}{'LoRA':>14}",
           *(f'  {label:<20}{full:>14}{lora_value:>14}' for label, full, lora_value in rows),
-          "  FLOPs above count a LoRA step as full fine-tuning's (6 N per token, adapters "
-          "included); it skips the frozen weights' gradients, about half the backward's matmuls."]
+          "  FLOPs above count a LoRA step as it runs: the frozen weights get no weight "
+          "gradient (4 of their 6 FLOPs per token remain)."]
 
 
 def report(result: dict) -> str:

@@ -262,7 +262,8 @@ class Task:
   def train_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:
     """Training FLOPs of one step (train/flops.py has the formulas): each matmul
     parameter's over the tokens it multiplies (`matmul_tokens`), and attention's
-    products (`attention_products`)."""
+    products (`attention_products`). It is train_flops_with_frozen with nothing frozen:
+    a task with another step overrides that one."""
     return self.train_flops_with_frozen(params, batch_size, seq_len, None)
 
   def forward_flops_per_step(self, params, batch_size: int, seq_len: int) -> float:

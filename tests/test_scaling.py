@@ -75,7 +75,8 @@ def _run_config(arch: str) -> ml_collections.ConfigDict:
 
 
 @pytest.mark.parametrize('arch, task_name', [
-    ('decoder', 'pretrain'), ('encoder_decoder', 'pretrain'), ('decoder', 'dpo')])
+    ('decoder', 'pretrain'), ('encoder_decoder', 'pretrain'), ('decoder', 'dpo'),
+    ('encoder_decoder', 'dpo')])
 def test_forward_flops_per_token_agree_with_xla_cost_analysis(arch, task_name):
   """One forward pass of the model over a step's sequences (DPO's: both sides of each
   pair, counted per pair row's token as the rest of its estimate is)."""
