@@ -100,6 +100,17 @@ def _paths(params) -> list[str]:
   return ['/'.join(p.key for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
+def _same_model(task, laid_out, params, undone, seed: int) -> None:
+  """The weights in a decoding layout give the model layout's logits on random tokens,
+  and `undone` (that layout undone) gives back `params` exactly."""
+  tokens = jax.random.randint(jax.random.key(seed), (2, 16), 2, task.cfg.vocab_size)
+  batch = {name: tokens if name.endswith('inputs') else x
+           for name, x in task.example_batch(2, 16).items()}
+  np.testing.assert_allclose(_logits(task)(laid_out, batch), _logits(task)(params, batch),
+                             rtol=1e-5, atol=1e-5)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, undone, params))
+
+
 @pytest.mark.parametrize('changes', [
     dict(use_bias=True, position='rope'), dict(ENCODER_DECODER, use_bias=True),
     dict(position='learned', num_kv_heads=4)])
@@ -117,12 +128,7 @@ def test_fused_qkv_computes_what_the_three_projections_do(changes, int8):
   assert len({p.rsplit(f'/{FUSED_QKV}/', 1)[0] for p in paths if f'/{FUSED_QKV}/' in p}) == layers
   assert not any('self_attention/query' in p or 'self_attention/key' in p for p in paths)
   assert any('cross_attention/key' in p for p in paths) == (cfg.arch == 'encoder_decoder')
-  tokens = jax.random.randint(jax.random.key(1), (2, 16), 2, cfg.vocab_size)
-  batch = {name: tokens if name.endswith('inputs') else x
-           for name, x in task.example_batch(2, 16).items()}
-  np.testing.assert_allclose(_logits(task)(fused, batch), _logits(task)(params, batch),
-                             rtol=1e-5, atol=1e-5)
-  assert jax.tree.all(jax.tree.map(jnp.array_equal, split_qkv(fused, cfg), params))
+  _same_model(task, fused, params, split_qkv(fused, cfg), seed=1)
 
 
 @pytest.mark.parametrize('changes, joins', [
@@ -249,12 +255,7 @@ def test_transposed_embedding_computes_what_the_model_layout_does(changes):
   assert 'token_embed/' + TRANSPOSED_EMBEDDING in _paths(transposed)
   assert not any(p.endswith('token_embed/embedding') for p in _paths(transposed))
   assert transposed['token_embed'][TRANSPOSED_EMBEDDING].shape == (cfg.d_model, cfg.vocab_size)
-  tokens = jax.random.randint(jax.random.key(2), (2, 16), 2, cfg.vocab_size)
-  batch = {name: tokens if name.endswith('inputs') else x
-           for name, x in task.example_batch(2, 16).items()}
-  np.testing.assert_allclose(_logits(task)(transposed, batch), _logits(task)(params, batch),
-                             rtol=1e-5, atol=1e-5)
-  assert jax.tree.all(jax.tree.map(jnp.array_equal, untranspose_embedding(transposed), params))
+  _same_model(task, transposed, params, untranspose_embedding(transposed), seed=2)
   int8 = quantize_int8(params)
   assert _paths(transpose_embedding(int8)) == _paths(int8)
   assert _paths(jax.jit(transpose_embedding)(params)) == _paths(params)
@@ -276,12 +277,7 @@ def test_transposed_down_computes_what_the_model_layout_does(changes, int8):
   layers = cfg.num_layers * (2 if cfg.arch == 'encoder_decoder' else 1)
   downs = [p for p in _paths(transposed) if f'/down/{TRANSPOSED_KERNEL}' in p]
   assert len({p.split('/down/')[0] for p in downs}) == (0 if adapted else layers)
-  tokens = jax.random.randint(jax.random.key(3), (2, 16), 2, cfg.vocab_size)
-  batch = {name: tokens if name.endswith('inputs') else x
-           for name, x in task.example_batch(2, 16).items()}
-  np.testing.assert_allclose(_logits(task)(transposed, batch), _logits(task)(params, batch),
-                             rtol=1e-5, atol=1e-5)
-  assert jax.tree.all(jax.tree.map(jnp.array_equal, untranspose_down(transposed), params))
+  _same_model(task, transposed, params, untranspose_down(transposed), seed=3)
   assert _paths(jax.jit(transpose_down)(params)) == _paths(params)
 
 
