@@ -180,7 +180,7 @@ def in_own_process(job: dict) -> dict:
     torch.save(job, path)
     out = subprocess.run([sys.executable, '-m', 'benchmarks.torch_reference', path], cwd=root,
                          env=env, capture_output=True, text=True, check=False)
-  if out.returncode:
+  if out.returncode or not out.stdout.strip():
     raise RuntimeError(f'The PyTorch reference failed:\n{out.stderr[-2000:]}')
   return json.loads(out.stdout.strip().splitlines()[-1])
 

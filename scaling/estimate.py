@@ -3,7 +3,8 @@
 Parameters are counted exactly from the config (by family and option) and checked
 against the initialised model's shapes. FLOPs follow train/flops.py (6 N + attention
 for training, as the run counts them; the forward pass is the task's
-`forward_flops_per_step`, a third of full training's). Memory is the training-memory
+`forward_flops_per_step`, a third of full training's; DPO's over both sides of each
+pair, without the reference's). Memory is the training-memory
 rule of thumb made exact: weights, gradients and AdamW's two moments in the
 parameter dtype (4 + 4 + 8 = 16 bytes per float32 parameter), plus the activations
 at the peak of the backward pass for the configured micro-batch (scaling/activations.py).

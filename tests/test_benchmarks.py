@@ -65,6 +65,25 @@ def test_torch_reference_computes_our_loss_and_gradients(model):
                              np.asarray(grads['token_embed']['embedding']), atol=1e-6, rtol=1e-4)
 
 
+def test_the_torch_child_process_runs_without_huge_pages(monkeypatch):
+  """PyTorch is timed in a process whose malloc asks for no huge pages (the user's other
+  tunables kept), and a child that prints nothing is an error, not a parse failure."""
+  pytest.importorskip('torch')
+  import subprocess
+  from benchmarks import torch_reference
+  runs = []
+  def run(args, env, **kwargs):
+    runs.append(env)
+    stdout = '{"ok": 1}' if len(runs) == 1 else ''  # the second child prints nothing
+    return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr='')
+  monkeypatch.setattr(subprocess, 'run', run)
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+  assert torch_reference.in_own_process({'kind': 'train'}) == {'ok': 1}
+  assert runs[0]['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0'
+  with pytest.raises(RuntimeError, match='PyTorch reference failed'):
+    torch_reference.in_own_process({'kind': 'train'})
+
+
 def test_torch_reference_in_its_own_process_trains_the_model_it_was_given():
   """The child process (4 KB pages) starts from the parent's weights: its first loss is
   the loss of those weights on the batch."""
