@@ -42,7 +42,6 @@ same model; bfloat16 weights or float rounding on near-tied random logits can lo
 """
 import importlib.util
 import json
-from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -58,7 +57,6 @@ from inference.sampling import Sampling
 from interop import weights
 from interop.families import gpt2
 from models import layouts
-from models.layers import FUSED_QKV, TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL
 from train import runtime
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Prompts decoded together.')
@@ -140,37 +138,10 @@ def hf_generate(task, params, ids_BP: np.ndarray, new_tokens: int) -> tuple[np.n
   return np.asarray(result['tokens']), result['seconds']
 
 
-class Layout(NamedTuple):
-  """A weight layout `prepare` may choose (models/layouts.py)."""
-  marker: str  # the param name it introduces
-  field: str  # the JSON field that says whether `prepare` chose it
-  to: Callable  # (params, cfg) -> params in it
-  back: Callable  # (params, cfg) -> params without it
-
-
-# --compare=NAME.
-LAYOUTS = {
-    'qkv': Layout(FUSED_QKV, 'qkv_joined', lambda params, cfg: layouts.fuse_qkv(params),
-                  layouts.split_qkv),
-    'down': Layout(TRANSPOSED_KERNEL, 'down_transposed',
-                   lambda params, cfg: layouts.transpose_down(params),
-                   lambda params, cfg: layouts.untranspose_down(params)),
-    'embedding': Layout(TRANSPOSED_EMBEDDING, 'embedding_transposed',
-                        lambda params, cfg: layouts.transpose_embedding(params),
-                        lambda params, cfg: layouts.untranspose_embedding(params)),
-}
-
-
-def other_layout(name: str, params, cfg):
-  """The params with layout `name` (LAYOUTS) the other way than `prepare` chose; an error
-  where these weights have no other way (e.g. an int8 embedding stays [V, D])."""
-  layout = LAYOUTS[name]
-  chosen = layouts.has_param(params, layout.marker)
-  other = (layout.back if chosen else layout.to)(params, cfg)
-  if layouts.has_param(other, layout.marker) == chosen:
-    raise app.UsageError(f'--compare={name}: these weights have one layout only (int8, '
-                         'sharded or adapted ones stay as they are); compare another way.')
-  return other
+# --compare=NAME (models/layouts.py LAYOUTS): the JSON field that says whether `prepare`
+# chose that layout.
+LAYOUT_FIELDS = {'qkv': 'qkv_joined', 'down': 'down_transposed',
+                 'embedding': 'embedding_transposed'}
 
 
 def main(argv):
@@ -187,8 +158,11 @@ def main(argv):
   task, inputs, options = setup(batch, prompt_len, new_tokens, _DTYPE.value, _ARCH.value,
                                 _QUANTIZE.value)
   other = f'other_{_COMPARE.value}'
-  if _COMPARE.value in LAYOUTS:  # before compiling: these weights may have one layout only
-    other_params = other_layout(_COMPARE.value, inputs[0], task.cfg)
+  if _COMPARE.value in LAYOUT_FIELDS:  # before compiling: the weights may have one way only
+    try:
+      other_params = layouts.other_way(_COMPARE.value, inputs[0], task.cfg)
+    except ValueError as e:
+      raise app.UsageError(f'--compare={_COMPARE.value}: {e}') from None
   whole, first = generation(inputs, options, new_tokens), generation(inputs, options, 1)
   # XLA's compiled memory of the whole generation: arguments (weights, prompts) + outputs
   # + temporaries (cache, activations, any dequantized weights).
@@ -196,7 +170,7 @@ def main(argv):
   peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   runs = {'first': first.run, 'whole': whole.run}
-  if _COMPARE.value in LAYOUTS:
+  if _COMPARE.value in LAYOUT_FIELDS:
     runs[other] = generation((other_params,) + inputs[1:], options, new_tokens).run
   seconds, outputs = best_seconds(runs)
   first_token_s, total_s = seconds['first'], seconds['whole']
@@ -214,8 +188,8 @@ def main(argv):
             'peak_bytes': peak_bytes, 'bytes_per_step': bytes_per_step,
             'achieved_bytes_per_s': achieved, 'memory_bandwidth_bytes_per_s': bandwidth,
             'roofline_share': achieved / bandwidth,
-            **{layout.field: layouts.has_param(inputs[0], layout.marker)
-               for layout in LAYOUTS.values()}}
+            **{field: layouts.has_param(inputs[0], layouts.LAYOUTS[name].marker)
+               for name, field in LAYOUT_FIELDS.items()}}
   if _MATVEC.value:
     read_slots = roofline.mean_cache_slots(task.cfg, prompt_len, new_tokens, grown_cache=True)
     cache_bytes = batch * roofline.kv_bytes(task.cfg, read_slots)
@@ -223,7 +197,7 @@ def main(argv):
                                                   bandwidth)
     result.update(matvec_floor_step_s=floor_s,
                   matvec_roofline_share=floor_s * new_tokens / total_s)
-  if _COMPARE.value in LAYOUTS:
+  if _COMPARE.value in LAYOUT_FIELDS:
     result.update({
         f'{other}_tokens_per_s': batch * new_tokens / seconds[other],
         f'speedup_vs_{other}': seconds[other] / total_s,

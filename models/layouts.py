@@ -17,6 +17,7 @@ stack's layer axis and weights split over devices (whose shards would no longer 
 stay as they are. `model_layout` undoes every one (for a weight export).
 """
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +135,38 @@ def has_param(params, name: str) -> bool:
              for path, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
+class Layout(NamedTuple):
+  """One of these layouts, by the param name it introduces, with functions (params,
+  cfg) -> params to it and back from it."""
+  marker: str
+  to: Callable
+  back: Callable
+
+
+LAYOUTS = {
+    'qkv': Layout(FUSED_QKV, lambda params, cfg: fuse_qkv(params), split_qkv),
+    'down': Layout(TRANSPOSED_KERNEL, lambda params, cfg: transpose_down(params),
+                   lambda params, cfg: untranspose_down(params)),
+    'embedding': Layout(TRANSPOSED_EMBEDDING, lambda params, cfg: transpose_embedding(params),
+                        lambda params, cfg: untranspose_embedding(params)),
+}
+
+
 def model_layout(params, cfg: ModelConfig):
   """The params in the model's own layout, whichever of these layouts they are in."""
-  return untranspose_embedding(untranspose_down(split_qkv(params, cfg)))
+  for layout in LAYOUTS.values():
+    params = layout.back(params, cfg)
+  return params
+
+
+def other_way(name: str, params, cfg: ModelConfig):
+  """The params with layout `name` (LAYOUTS) the other way than they are (to compare
+  the two); ValueError where these weights have one way only (e.g. an int8 embedding
+  stays [V, D])."""
+  layout = LAYOUTS[name]
+  chosen = has_param(params, layout.marker)
+  other = (layout.back if chosen else layout.to)(params, cfg)
+  if has_param(other, layout.marker) == chosen:
+    raise ValueError(f'These weights have one {name} layout only (int8, sharded or adapted '
+                     'ones stay as they are).')
+  return other

@@ -247,12 +247,12 @@ def test_matvec_decode_matrices_are_the_kernels_a_decode_step_reads(arch, fields
   assert {(i, o, t): n for i, o, t, n in matrices} == dict(expected)
 
 
-def test_decode_layouts_toggle_and_export_in_the_model_layout():
-  """The decode benchmark's --compare=NAME params are `prepare`'s with that one layout the
-  other way (each way round), and models/layouts.py `model_layout` (what --compare=hf
-  exports) undoes every layout `prepare` chose, exactly."""
-  from absl import app
-  from benchmarks import decode
+def test_layouts_toggle_one_way_and_export_in_the_model_layout():
+  """What the decode benchmark's --compare=NAME times: `prepare`'s params with that one
+  layout the other way (each way round; an error where there is no other way), and
+  models/layouts.py `model_layout` (what --compare=hf exports) undoes every layout
+  `prepare` chose, exactly. (benchmarks/decode.py itself is not imported: its flags
+  would clash with inference/cli.py's in a test process.)"""
   from inference.generate import prepare
   from inference.quantize import quantize_int8
   cfg = ModelConfig(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -265,12 +265,12 @@ def test_decode_layouts_toggle_and_export_in_the_model_layout():
     int8 = prepare(task, params, prompts, 4, 'int8')[1]
     assert jax.tree.all(jax.tree.map(jnp.array_equal, layouts.model_layout(int8, cfg),
                                      quantize_int8(params)))
-    with pytest.raises(app.UsageError, match='one layout only'):  # an int8 table stays [V, D]
-      decode.other_layout('embedding', int8, cfg)
+    with pytest.raises(ValueError, match='one embedding layout only'):  # int8 stays [V, D]
+      layouts.other_way('embedding', int8, cfg)
     chosen = {name: layouts.has_param(prepared, layout.marker)
-              for name, layout in decode.LAYOUTS.items()}
+              for name, layout in layouts.LAYOUTS.items()}
     assert chosen == {'qkv': len(prompts) == 1, 'down': len(prompts) == 1, 'embedding': True}
-    for name in decode.LAYOUTS:
-      other = decode.other_layout(name, prepared, cfg)
+    for name in layouts.LAYOUTS:
+      other = layouts.other_way(name, prepared, cfg)
       assert {n: layouts.has_param(other, layout.marker)
-              for n, layout in decode.LAYOUTS.items()} == {**chosen, name: not chosen[name]}
+              for n, layout in layouts.LAYOUTS.items()} == {**chosen, name: not chosen[name]}
