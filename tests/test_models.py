@@ -128,7 +128,9 @@ def test_remat_policies_and_scan_give_the_plain_models_gradients(arch):
     got = gradients(cfg, scanned_params if scan else unrolled_params)
     want = expected if scan else expected_unrolled
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+      # Other orders of float32 sums: a few ulps of each gradient's scale (AVX-512 and AVX2
+      # CPUs order them differently; a wrong recomputation is off by far more).
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
 
 
 @pytest.mark.parametrize('length, blocks', [(128, 2), (256, 4), (96, 1)])
