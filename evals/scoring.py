@@ -20,11 +20,11 @@ import jax
 import numpy as np
 
 from evals.progress import Progress
-from inference import generate as generate_lib
+from inference import beam, generate as generate_lib
 from inference.generate import Request
 from inference.sampling import Sampling
 from input_pipeline.tokenizer import Tokenizer
-from tasks.base import Task, continuations
+from tasks.base import Task
 
 MIN_BUCKET = 16
 
@@ -91,31 +91,25 @@ def generate(lm: Task, params, tokenizer: Tokenizer, prompts: list[list[int]],
   decoder = lm.decoding_task(tokenizer)
   stop_ids = tuple(int(i) for i in stop_ids)
   cap = lm.cfg.max_len - max_new_tokens  # the longest prompt a decoder can continue
-  outputs = []
   if beam_size:
-    request = Request(max_new_tokens=max_new_tokens, beam_size=beam_size)
-    for start in range(0, len(prompts), batch_size):
-      chunk = prompts[start:start + batch_size]
-      width = bucket(max(len(p) for p in chunk), cap)
-      filled = (chunk + [chunk[0]] * (batch_size - len(chunk))  # dropped below
-                + [[tokenizer.pad_id] * width])
-      new = continuations(decoder, params, filled, request, stop_ids[0])
-      outputs += [_until_stop(np.asarray(row, np.int64), stop_ids) for row in new[:len(chunk)]]
-      if progress:
-        progress.update(len(chunk))
-    return outputs
+    beam.check_beam_size(beam_size)
   # prepare() checks every prompt and unrolls scanned layers once for all batches.
   decoder, params, _, _ = generate_lib.prepare(decoder, params, prompts, max_new_tokens, 'none',
-                                               rows=batch_size)
+                                               rows=batch_size * max(beam_size, 1))
+  outputs = []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     filled = chunk + [chunk[0]] * (batch_size - len(chunk))  # dropped below
     width = bucket(max(len(p) for p in chunk), cap)
     ids, real = _right_aligned(filled, width, tokenizer.pad_id)
-    new_BN = np.asarray(generate_lib.decode_tokens(
-        params, ids, real, jax.random.key(0), task=decoder, max_new_tokens=max_new_tokens,
-        sampling=Sampling(temperature=0.0), eos_id=stop_ids[0]))
-    outputs += [_until_stop(row, stop_ids) for row in new_BN[:len(chunk)]]
+    if beam_size:
+      new = beam.search(decoder, params, ids, real, max_new_tokens, beam_size,
+                        Request().length_penalty, stop_ids[0])
+    else:
+      new = np.asarray(generate_lib.decode_tokens(
+          params, ids, real, jax.random.key(0), task=decoder, max_new_tokens=max_new_tokens,
+          sampling=Sampling(temperature=0.0), eos_id=stop_ids[0]))
+    outputs += [_until_stop(np.asarray(row, np.int64), stop_ids) for row in new[:len(chunk)]]
     if progress:
       progress.update(len(chunk))
   return outputs

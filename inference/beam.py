@@ -103,11 +103,22 @@ def beam_search(task, params, prompts: list[list[int]], max_new_tokens: int,
                 beam_size: int = 4, length_penalty: float = 0.6, eos_id: int = 1,
                 quantize: str = 'none') -> list[list[int]]:
   """The best continuation of each prompt (ending at EOS, which is kept, or at max_new_tokens)."""
-  if beam_size < 1:
-    raise ValueError(f'--beam_size={beam_size} must be at least 1.')
+  check_beam_size(beam_size)
   task, params, ids, real = prepare(task, params, prompts, max_new_tokens, quantize,
                                     rows=len(prompts) * beam_size)
-  tokens, lengths = _beam_search(params, ids, real, task=task, max_new_tokens=max_new_tokens,
-                                 beam_size=beam_size, eos_id=eos_id,
-                                 length_penalty=length_penalty)
+  return search(task, params, ids, real, max_new_tokens, beam_size, length_penalty, eos_id)
+
+
+def check_beam_size(beam_size: int) -> None:
+  if beam_size < 1:
+    raise ValueError(f'--beam_size={beam_size} must be at least 1.')
+
+
+def search(task, params, ids_BP, real_BP, max_new_tokens: int, beam_size: int,
+           length_penalty: float, eos_id: int) -> list[list[int]]:
+  """`beam_search` of left-padded prompts over parameters `prepare` gave (callers that
+  search many batches prepare once)."""
+  tokens, lengths = _beam_search(params, ids_BP, real_BP, task=task,
+                                 max_new_tokens=max_new_tokens, beam_size=beam_size,
+                                 eos_id=eos_id, length_penalty=length_penalty)
   return [row[:n].tolist() for row, n in zip(np.asarray(tokens), np.asarray(lengths))]

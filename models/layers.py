@@ -200,10 +200,8 @@ class Dense(nn.Module):
       kernel = _int8_param(self, TRANSPOSED_KERNEL,
                            param_init(self.stddev, self.names[n:] + self.names[:n]),
                            self.features + x.shape[-n:], cfg.param_dtype)
-      outputs = len(self.features)
-      contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(outputs, outputs + n)))
-      y = jax.lax.dot_general(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype),
-                              (contract, ((), ())))
+      y = _contract(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype), n,
+                    inputs_from=len(self.features))
     else:
       kernel = _int8_param(self, 'kernel', param_init(self.stddev, self.names),
                            x.shape[-n:] + self.features, cfg.param_dtype)
@@ -222,8 +220,10 @@ class Dense(nn.Module):
     return y
 
 
-def _contract(x: Array, kernel: Array, n: int) -> Array:
-  contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+def _contract(x: Array, kernel: Array, n: int, inputs_from: int = 0) -> Array:
+  """x [..., in...] times a kernel whose n input axes start at axis `inputs_from`: 0 for
+  [in..., out...], the number of output axes for decoding's transposed [out..., in...]."""
+  contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(inputs_from, inputs_from + n)))
   return jax.lax.dot_general(x, kernel, (contract, ((), ())))
 
 

@@ -468,21 +468,24 @@ def test_generation_stops_where_the_runs_training_answers_stop(tokenizer, monkey
   assert results['exact_match'] == 0.5 and results['targets_over_max_new_tokens'] == 1
 
 
-def test_beam_search_batches_are_padded_to_a_few_widths(tokenizer, monkeypatch):
-  from inference import beam
-  prepare, widths = beam.prepare, []
-
-  def recording(*args, **kwargs):
-    made = prepare(*args, **kwargs)
-    widths.append(made[2].shape)
-    return made
-
-  monkeypatch.setattr(beam, 'prepare', recording)
+def test_beam_search_batches_are_padded_to_a_few_widths_and_prepared_once(tokenizer,
+                                                                          monkeypatch):
+  from inference import beam, generate as generate_lib
+  prepare, search, prepared, widths = generate_lib.prepare, beam.search, [], []
+  monkeypatch.setattr(generate_lib, 'prepare',
+                      lambda *args, **kwargs: prepared.append(1) or prepare(*args, **kwargs))
+  monkeypatch.setattr(beam, 'search',
+                      lambda task, params, ids, *args: widths.append(ids.shape) or search(
+                          task, params, ids, *args))
   task, params = decoding_params(_cfg('decoder'))
   prompts = [list(range(110, 110 + n)) for n in (3, 5, 9, 4, 12)]
   new = scoring.generate(task, params, tokenizer, prompts, 4, 2, 2, (tokenizer.eos_id,))
-  assert len(new) == 5 and all(1 <= len(ids) <= 4 for ids in new)
-  assert set(widths) == {(3, 16)}  # two prompts and the filler row, one bucket
+  assert len(prepared) == 1 and set(widths) == {(2, 16)}  # two prompts a chunk, one bucket
+  decoder = task.decoding_task(tokenizer)
+  for start in range(0, len(prompts), 2):  # each chunk searched alone, padded to its longest
+    chunk = prompts[start:start + 2]
+    assert new[start:start + 2] == beam.beam_search(decoder, params, chunk, 4, 2,
+                                                    eos_id=tokenizer.eos_id)
 
 
 def test_greedy_batches_of_one_row_decode_with_joined_kernels(tokenizer, monkeypatch):
