@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU figures benchmarks/RESULTS.md asks for, in one go on one GPU (about 8 minutes
+# on an H100/H200 after its first compilations):
+#   - training gpt_small (12 layers, d_model 768, seq 1024, batch 32) in bfloat16: tokens/s,
+#     MFU, step and compile time, peak memory and the attention that ran; then the same
+#     with XLA's attention instead of cuDNN's, for the kernel's share;
+#   - greedy decoding of the peer shape in bfloat16, batch 1 and 8;
+#   - speculative decoding: a gpt_tiny target (4 layers) and a draft of one layer, each
+#     trained 600 steps on the embedded corpus, K = 2, 3, 4.
+# Each benchmark appends its JSON line to DIR/results.jsonl; their logs go to DIR/log.txt.
+#
+#   bash scripts/gpu_benchmarks.sh [DIR]    (DIR: default $OUT, else runs/gpu_benchmarks)
+#
+# On a machine without PyPI, first run scripts/offline_wheels.sh where pip works and copy
+# .whl/ along: its wheels are installed here into a folder of their own.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-runs/gpu_benchmarks}}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/offline_site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/offline_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{ if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  fi
+  "$python" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__,
+                                         jax.devices())'; } > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+failed=0
+bench() {  # bench SECONDS ARGS...: one benchmark, its JSON line to results.jsonl
+  local limit=$1; shift
+  echo "== $*" | tee -a "$out/log.txt"
+  local start=$SECONDS
+  timeout "$limit" "$python" "$@" --json >> "$out/results.jsonl" 2>> "$out/log.txt"
+  local rc=$?
+  echo "rc $rc after $((SECONDS - start)) s" | tee -a "$out/log.txt"
+  [ $rc -eq 0 ] || failed=1
+  tail -n 1 "$out/results.jsonl"
+}
+
+gpt_small=(-m benchmarks.train_step --config=configs/gpt_small.py --steps=20
+           --config.dtype=bfloat16)
+bench 200 "${gpt_small[@]}"
+bench 200 "${gpt_small[@]}" --config.model.attention=xla
+for batch in 1 8; do
+  bench 120 -m benchmarks.decode --dtype=bfloat16 --batch=$batch --new_tokens=256
+done
+
+# Speculative decoding needs a target and a draft that agree: train both (the draft on
+# the target's tokenizer), then time K = 2, 3, 4 against plain greedy.
+runs=$(mktemp -d)
+trap 'rm -rf "$runs"' EXIT
+mkdir -p "$runs/draft"
+train() { timeout 240 "$python" main.py --config=configs/gpt_tiny.py --workdir="$1" "${@:2}" \
+              >> "$out/log.txt" 2>&1; }
+if train "$runs/target" && cp "$runs/target/tokenizer.model" "$runs/draft/" \
+    && train "$runs/draft" --config.model.num_layers=1; then
+  bench 180 -m benchmarks.speculative --target_workdir="$runs/target" \
+      --draft_workdir="$runs/draft" --num_draft_tokens=2,3,4
+else
+  echo 'training the speculative target or draft failed: see log.txt' | tee -a "$out/log.txt"
+  failed=1
+fi
+exit $failed
