@@ -14,6 +14,14 @@ draft tokens kept; tokens_per_target_call, tokens per verifying call of the targ
 (1 + kept per round, the prefill not counted); identical, whether the tokens equal plain
 greedy's (they should, up to float rounding on near-tied logits). draft_tokens_per_s is
 plain greedy with the draft alone, for its cost relative to the target's.
+
+Where the time goes, each from loops of one kind of call alone (prefill subtracted):
+draft_step_cost, a draft step in target steps; per K, target_call_steps, a check of K + 1
+tokens in target steps (1 where reading the weights once serves every row, as on a GPU;
+more where the multi-row products run slower per row), and calls_only_speed_up, what a
+round would give if it cost only its K draft steps and one check: tokens_per_target_call
+/ (K draft_step_cost + target_call_steps). speed_up below it is the loop's own cost
+(cache rewinds, verification, the draft's catch-up step).
 """
 import json
 
@@ -24,6 +32,7 @@ from absl import app, flags
 
 import tasks
 from benchmarks import best_seconds, peer_config
+from benchmarks.call_costs import prefill, target_calls
 from inference.generate import decode_tokens, prepare
 from inference.sampling import Sampling
 from inference.speculative import check_models, speculative_tokens
@@ -91,20 +100,29 @@ def main(argv):
   runs = {'plain': lambda: decode_tokens(plain_params, ids, real, key, task=task,
                                          max_new_tokens=new, sampling=greedy, eos_id=-1),
           'draft': lambda: decode_tokens(draft_params, ids, real, key, task=draft_task,
-                                         max_new_tokens=new, sampling=greedy, eos_id=-1)}
+                                         max_new_tokens=new, sampling=greedy, eos_id=-1),
+          'prefill': lambda: prefill(plain_params, ids, real, task=task),
+          'draft_prefill': lambda: prefill(draft_params, ids, real, task=draft_task)}
   for k in draft_counts:
     runs[k] = lambda k=k: speculative_tokens(
         params, draft_params, ids, real, key, -1, task=task, draft_task=draft_task,
         max_new_tokens=new, num_draft_tokens=k, sampling=greedy)
+    runs['calls', k] = lambda k=k: target_calls(params, ids, real, task=task,
+                                               tokens_per_call=k + 1, calls=new // (k + 1))
   seconds, outputs = best_seconds(runs)
+  step_s = (seconds['plain'] - seconds['prefill']) / new
+  draft_step_cost = (seconds['draft'] - seconds['draft_prefill']) / new / step_s
   results = []
   for k in draft_counts:
     tokens, counts = outputs[k]
     rounds, accepted = int(counts['rounds']), int(counts['accepted'])
+    call_steps = (seconds['calls', k] - seconds['prefill']) / (new // (k + 1)) / step_s
+    per_call = 1 + accepted / rounds
     results.append({'num_draft_tokens': k, 'tokens_per_s': new / seconds[k],
                     'speed_up': seconds['plain'] / seconds[k],
                     'acceptance_rate': accepted / (k * rounds),
-                    'tokens_per_target_call': 1 + accepted / rounds,
+                    'tokens_per_target_call': per_call, 'target_call_steps': call_steps,
+                    'calls_only_speed_up': per_call / (k * draft_step_cost + call_steps),
                     'identical': bool(np.array_equal(tokens, outputs['plain']))})
   result = {'benchmark': 'speculative', 'backend': jax.default_backend(),
             'device': jax.devices()[0].device_kind,
@@ -113,7 +131,7 @@ def main(argv):
             'target_layers': task.cfg.num_layers, 'draft_layers': draft_task.cfg.num_layers,
             'batch': 1, 'prompt_len': len(prompt), 'new_tokens': new,
             'plain_tokens_per_s': new / seconds['plain'],
-            'draft_tokens_per_s': new / seconds['draft'],
+            'draft_tokens_per_s': new / seconds['draft'], 'draft_step_cost': draft_step_cost,
             'speculative': results}
   print(json.dumps(result), flush=True)
 

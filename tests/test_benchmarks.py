@@ -20,6 +20,8 @@ from models.layers import TRANSPOSED_EMBEDDING, TRANSPOSED_KERNEL
 from models import layouts
 from models.layouts import fuse_qkv, transpose_down, transpose_embedding
 
+from conftest import decoding_params
+
 
 def _tiny(**model):
   """bench_cpu's model, tiny: 2 layers, d_model 64, vocab 256, seq 16."""
@@ -274,3 +276,26 @@ def test_layouts_toggle_one_way_and_export_in_the_model_layout():
       other = layouts.other_way(name, prepared, cfg)
       assert {n: layouts.has_param(other, layout.marker)
               for n, layout in layouts.LAYOUTS.items()} == {**chosen, name: not chosen[name]}
+
+
+def test_target_calls_feed_each_call_at_the_positions_after_the_last():
+  """benchmarks/speculative.py times the target's checks alone with target_calls: one
+  token per call is greedy decoding, and after three per call (past the cache's growth
+  at 64 slots) the greedy token is the full prefill's of everything fed."""
+  from benchmarks.call_costs import prefill, target_calls
+  from inference.generate import generate, left_pad, prepare
+  task, params = decoding_params(ModelConfig(vocab_size=128, num_layers=2, num_heads=4,
+                                             num_kv_heads=2, head_dim=8, d_model=32, d_ff=64,
+                                             max_len=72, position='learned'))
+  prompt, calls = [5, 9, 20, 33], 21
+  unrolled, one_row, ids, real = prepare(task, params, [prompt], calls, 'none')
+  assert target_calls(one_row, ids, real, task=unrolled, tokens_per_call=1,
+                      calls=calls).tolist() == generate(task, params, [prompt], calls + 1,
+                                                        eos_id=-1)[0]
+  three_rows = prepare(task, params, [prompt], 3 * calls, 'none', rows=3)[1]
+  tokens = target_calls(three_rows, ids, real, task=unrolled, tokens_per_call=3,
+                        calls=calls).tolist()
+  fed = prompt + [token for token in tokens[:-1] for _ in range(3)]
+  assert len(fed) > 64
+  logits = prefill(one_row, *map(jnp.asarray, left_pad([fed])), task=unrolled)
+  assert int(jnp.argmax(logits[0])) == tokens[-1]
