@@ -19,8 +19,8 @@ def prefill(params, ids_1P, real_1P, *, task):
 def target_calls(params, ids_1P, real_1P, *, task, tokens_per_call: int, calls: int):
   """The target alone, as speculative rounds call it: after the prefill, `calls` calls of
   `tokens_per_call` positions each, each call's positions all given the greedy token after
-  the last call. Returns those greedy tokens [calls + 1] (the prefill's first); with one
-  token per call this is greedy decoding."""
+  the last call. Returns those greedy tokens [calls + 1] (the prefill's first; with one
+  token per call this is greedy decoding) and the cache they were written to."""
   decoding = start_decoding(task, params, ids_1P, real_1P)
   T, filled = tokens_per_call, decoding.filled
   positions_T = decoding.position_B[0] + 1 + jnp.arange(T)
@@ -36,4 +36,4 @@ def target_calls(params, ids_1P, real_1P, *, task, tokens_per_call: int, calls: 
   carry = (jnp.zeros((), jnp.int32), decoding.cache, tokens_N)
   carry = while_cache_grows(carry, (1,), filled, filled + calls * T, call,
                             lambda c, slots: (c[0] < calls) & (filled + (c[0] + 1) * T <= slots))
-  return carry[2]
+  return carry[2], carry[1]

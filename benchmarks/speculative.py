@@ -20,8 +20,9 @@ draft_step_cost, a draft step in target steps; per K, target_call_steps, a check
 tokens in target steps (1 where reading the weights once serves every row, as on a GPU;
 more where the multi-row products run slower per row), and calls_only_speed_up, what a
 round would give if it cost only its K draft steps and one check: tokens_per_target_call
-/ (K draft_step_cost + target_call_steps). speed_up below it is the loop's own cost
-(cache rewinds, verification, the draft's catch-up step).
+/ (K draft_step_cost + target_call_steps). Its gap to speed_up is the loop's own cost
+(cache rewinds, verification, the draft's catch-up step) and, as speed_up counts them,
+the two models' prefills.
 """
 import json
 
@@ -83,6 +84,9 @@ def main(argv):
     raise app.UsageError('Give both --target_workdir and --draft_workdir, or neither.')
   draft_counts = [int(k) for k in _NUM_DRAFT_TOKENS.value]
   new = _NEW_TOKENS.value
+  if new <= max(draft_counts):
+    raise app.UsageError(f'--new_tokens={new} must exceed the largest --num_draft_tokens '
+                         f'({max(draft_counts)}): one check is K + 1 tokens.')
   if _TARGET_WORKDIR.value:
     ((task, params), (draft_task, draft_params)), prompt = _trained_models()
   else:
@@ -102,13 +106,14 @@ def main(argv):
           'draft': lambda: decode_tokens(draft_params, ids, real, key, task=draft_task,
                                          max_new_tokens=new, sampling=greedy, eos_id=-1),
           'prefill': lambda: prefill(plain_params, ids, real, task=task),
+          'target_prefill': lambda: prefill(params, ids, real, task=task),  # checks' layout
           'draft_prefill': lambda: prefill(draft_params, ids, real, task=draft_task)}
   for k in draft_counts:
     runs[k] = lambda k=k: speculative_tokens(
         params, draft_params, ids, real, key, -1, task=task, draft_task=draft_task,
         max_new_tokens=new, num_draft_tokens=k, sampling=greedy)
     runs['calls', k] = lambda k=k: target_calls(params, ids, real, task=task,
-                                               tokens_per_call=k + 1, calls=new // (k + 1))
+                                               tokens_per_call=k + 1, calls=new // (k + 1))[0]
   seconds, outputs = best_seconds(runs)
   step_s = (seconds['plain'] - seconds['prefill']) / new
   draft_step_cost = (seconds['draft'] - seconds['draft_prefill']) / new / step_s
@@ -116,7 +121,7 @@ def main(argv):
   for k in draft_counts:
     tokens, counts = outputs[k]
     rounds, accepted = int(counts['rounds']), int(counts['accepted'])
-    call_steps = (seconds['calls', k] - seconds['prefill']) / (new // (k + 1)) / step_s
+    call_steps = (seconds['calls', k] - seconds['target_prefill']) / (new // (k + 1)) / step_s
     per_call = 1 + accepted / rounds
     results.append({'num_draft_tokens': k, 'tokens_per_s': new / seconds[k],
                     'speed_up': seconds['plain'] / seconds[k],

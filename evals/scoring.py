@@ -9,10 +9,10 @@ of a few shapes, so a task compiles a few times, not once per example; padding i
 segment 0 and weight 0, so it changes no score.
 
 Generation decodes `batch_size` prompts at a time, left-padded to a bucket of their length,
-greedily or by beam search (inference/beam.py). Beam search pads each batch to its longest
-prompt, so a filler row of pad ids as long as the bucket (one more row, dropped) sets its
-width: it too compiles once per bucket, not once per batch. Decoding stops at the task's
-first stop id; the text ends at the first of any (`Task.generation_stop_ids`).
+greedily or by beam search (inference/beam.py), over weights prepared once for every
+batch; a short batch is filled with copies of its first prompt (dropped). Each shape
+compiles once per bucket, not once per batch. Decoding stops at the task's first stop id;
+the text ends at the first of any (`Task.generation_stop_ids`).
 """
 import functools
 
@@ -104,7 +104,7 @@ def generate(lm: Task, params, tokenizer: Tokenizer, prompts: list[list[int]],
     ids, real = _right_aligned(filled, width, tokenizer.pad_id)
     if beam_size:
       new = beam.search(decoder, params, ids, real, max_new_tokens, beam_size,
-                        Request().length_penalty, stop_ids[0])
+                        Request.length_penalty, stop_ids[0])
     else:
       new = np.asarray(generate_lib.decode_tokens(
           params, ids, real, jax.random.key(0), task=decoder, max_new_tokens=max_new_tokens,

@@ -110,6 +110,7 @@ def beam_search(task, params, prompts: list[list[int]], max_new_tokens: int,
 
 
 def check_beam_size(beam_size: int) -> None:
+  """One clear error for a width beam search cannot take."""
   if beam_size < 1:
     raise ValueError(f'--beam_size={beam_size} must be at least 1.')
 

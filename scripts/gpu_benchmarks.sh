@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# The GPU figures benchmarks/RESULTS.md asks for, in one go on one GPU (about 8 minutes
-# on an H100/H200 after its first compilations):
+# The GPU figures benchmarks/RESULTS.md asks for, in one go on one GPU:
 #   - training gpt_small (12 layers, d_model 768, seq 1024, batch 32) in bfloat16: tokens/s,
 #     MFU, step and compile time, peak memory and the attention that ran; then the same
 #     with XLA's attention instead of cuDNN's, for the kernel's share;
 #   - greedy decoding of the peer shape in bfloat16, batch 1 and 8;
 #   - speculative decoding: a gpt_tiny target (4 layers) and a draft of one layer, each
 #     trained 600 steps on the embedded corpus, K = 2, 3, 4.
-# Each benchmark appends its JSON line to DIR/results.jsonl; their logs go to DIR/log.txt.
+# Each benchmark writes its JSON line to DIR/results.jsonl (a DIR that holds one already is
+# refused), the logs go to DIR/log.txt. Each step has a time limit; one that fails or
+# runs out is reported and the others still run; the exit status is 1 if any failed.
 #
-#   bash scripts/gpu_benchmarks.sh [DIR]    (DIR: default $OUT, else runs/gpu_benchmarks)
+#   bash scripts/gpu_benchmarks.sh [DIR]    (default DIR: runs/gpu_benchmarks)
 #
 # On a machine without PyPI, first run scripts/offline_wheels.sh where pip works and copy
 # .whl/ along: its wheels are installed here into a folder of their own.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${1:-${OUT:-runs/gpu_benchmarks}}
-mkdir -p "$out"
+out=$(realpath -m "${1:-runs/gpu_benchmarks}")  # before the cd: relative to the caller
+cd "$(dirname "$0")/.." || exit 1
+if [ -e "$out/results.jsonl" ]; then
+  echo "$out/results.jsonl exists: give another DIR (nothing is overwritten)." >&2
+  exit 1
+fi
+mkdir -p "$out" || exit 1
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -36,11 +41,15 @@ bench() {  # bench SECONDS ARGS...: one benchmark, its JSON line to results.json
   local limit=$1; shift
   echo "== $*" | tee -a "$out/log.txt"
   local start=$SECONDS
-  timeout "$limit" "$python" "$@" --json >> "$out/results.jsonl" 2>> "$out/log.txt"
+  local line
+  line=$(timeout -k 30 "$limit" "$python" "$@" --json 2>> "$out/log.txt")
   local rc=$?
   echo "rc $rc after $((SECONDS - start)) s" | tee -a "$out/log.txt"
-  [ $rc -eq 0 ] || failed=1
-  tail -n 1 "$out/results.jsonl"
+  if [ $rc -eq 0 ]; then
+    echo "$line" | tail -n 1 | tee -a "$out/results.jsonl"
+  else
+    failed=1
+  fi
 }
 
 gpt_small=(-m benchmarks.train_step --config=configs/gpt_small.py --steps=20
@@ -53,11 +62,13 @@ done
 
 # Speculative decoding needs a target and a draft that agree: train both (the draft on
 # the target's tokenizer), then time K = 2, 3, 4 against plain greedy.
-runs=$(mktemp -d)
+runs=$(mktemp -d) || exit 1
 trap 'rm -rf "$runs"' EXIT
-mkdir -p "$runs/draft"
-train() { timeout 240 "$python" main.py --config=configs/gpt_tiny.py --workdir="$1" "${@:2}" \
-              >> "$out/log.txt" 2>&1; }
+mkdir -p "$runs/draft" || exit 1
+train() {  # train WORKDIR [FLAGS...]: a gpt_tiny run
+  timeout -k 30 240 "$python" main.py --config=configs/gpt_tiny.py --workdir="$1" "${@:2}" \
+      >> "$out/log.txt" 2>&1
+}
 if train "$runs/target" && cp "$runs/target/tokenizer.model" "$runs/draft/" \
     && train "$runs/draft" --config.model.num_layers=1; then
   bench 180 -m benchmarks.speculative --target_workdir="$runs/target" \

@@ -8,7 +8,8 @@
 #   bash scripts/offline_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .whl
+rm -rf .whl  # this script's own folder: one version of each package
+mkdir .whl
 version() { python3 -c "import importlib.metadata as m; print(m.version('$1'))"; }
 binary=(grain array-record ml-collections tensorboardX portpicker)
 pinned=()

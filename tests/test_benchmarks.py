@@ -280,22 +280,29 @@ def test_layouts_toggle_one_way_and_export_in_the_model_layout():
 
 def test_target_calls_feed_each_call_at_the_positions_after_the_last():
   """benchmarks/speculative.py times the target's checks alone with target_calls: one
-  token per call is greedy decoding, and after three per call (past the cache's growth
-  at 64 slots) the greedy token is the full prefill's of everything fed."""
-  from benchmarks.call_costs import prefill, target_calls
-  from inference.generate import generate, left_pad, prepare
+  token per call is greedy decoding, and three per call (one call spanning the cache's
+  growth at 64 slots) write the keys and values a full prefill of everything fed writes,
+  and end at its greedy token."""
+  from benchmarks.call_costs import target_calls
+  from inference.generate import generate, left_pad, prepare, start_decoding
   task, params = decoding_params(ModelConfig(vocab_size=128, num_layers=2, num_heads=4,
                                              num_kv_heads=2, head_dim=8, d_model=32, d_ff=64,
                                              max_len=72, position='learned'))
-  prompt, calls = [5, 9, 20, 33], 21
+  prompt, calls = [5, 9, 20, 33, 40], 21  # the call after slot 61 writes slots 62, 63, 64
   unrolled, one_row, ids, real = prepare(task, params, [prompt], calls, 'none')
-  assert target_calls(one_row, ids, real, task=unrolled, tokens_per_call=1,
-                      calls=calls).tolist() == generate(task, params, [prompt], calls + 1,
-                                                        eos_id=-1)[0]
+  tokens, _ = target_calls(one_row, ids, real, task=unrolled, tokens_per_call=1, calls=calls)
+  assert tokens.tolist() == generate(task, params, [prompt], calls + 1, eos_id=-1)[0]
   three_rows = prepare(task, params, [prompt], 3 * calls, 'none', rows=3)[1]
-  tokens = target_calls(three_rows, ids, real, task=unrolled, tokens_per_call=3,
-                        calls=calls).tolist()
-  fed = prompt + [token for token in tokens[:-1] for _ in range(3)]
-  assert len(fed) > 64
-  logits = prefill(one_row, *map(jnp.asarray, left_pad([fed])), task=unrolled)
-  assert int(jnp.argmax(logits[0])) == tokens[-1]
+  tokens, cache = target_calls(three_rows, ids, real, task=unrolled, tokens_per_call=3,
+                               calls=calls)
+  fed = prompt + [token for token in tokens.tolist()[:-1] for _ in range(3)]
+  logits_BV, full_cache = jax.jit(lambda ids, real: start_decoding(
+      unrolled, one_row, ids, real)[:2])(*map(jnp.asarray, left_pad([fed])))
+  assert int(jnp.argmax(logits_BV[0])) == tokens[-1]
+  compared = 0
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(cache),
+                               jax.tree.leaves(full_cache)):
+    if path[-1].key in ('cached_key', 'cached_value'):
+      np.testing.assert_allclose(got[..., :len(fed), :], want[..., :len(fed), :], atol=1e-4)
+      compared += 1
+  assert compared == 4  # keys and values of both layers
