@@ -17,12 +17,12 @@ plain greedy with the draft alone, for its cost relative to the target's.
 
 Where the time goes, each from loops of one kind of call alone (prefill subtracted):
 draft_step_cost, a draft step in target steps; per K, target_call_steps, a check of K + 1
-tokens in target steps (1 where reading the weights once serves every row, as on a GPU;
-more where the multi-row products run slower per row), and calls_only_speed_up, what a
-round would give if it cost only its K draft steps and one check: tokens_per_target_call
-/ (K draft_step_cost + target_call_steps). Its gap to speed_up is the loop's own cost
-(cache rewinds, verification, the draft's catch-up step) and, as speed_up counts them,
-the two models' prefills.
+tokens in target steps (about 1 where reading the weights once serves every row, as
+expected on a GPU; more where a multi-row product costs more than a one-row one, as on
+XLA:CPU), and calls_only_speed_up, what a round would give if it cost only its K draft
+steps and one check: tokens_per_target_call / (K draft_step_cost + target_call_steps).
+Its gap to speed_up is the loop's own cost (cache rewinds, verification, the draft's
+catch-up step) and, as speed_up counts them, the two models' prefills.
 """
 import json
 

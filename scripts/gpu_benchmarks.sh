@@ -7,15 +7,16 @@
 #   - speculative decoding: a gpt_tiny target (4 layers) and a draft of one layer, each
 #     trained 600 steps on the embedded corpus, K = 2, 3, 4.
 # Each benchmark writes its JSON line to DIR/results.jsonl (a DIR that holds one already is
-# refused), the logs go to DIR/log.txt. Each step has a time limit; one that fails or
+# refused; on the device machine of this workplace, pass "$OUT"), the logs go to DIR/log.txt. Each step has a time limit; one that fails or
 # runs out is reported and the others still run; the exit status is 1 if any failed.
 #
-#   bash scripts/gpu_benchmarks.sh [DIR]    (default DIR: runs/gpu_benchmarks)
+#   bash scripts/gpu_benchmarks.sh [DIR]    (default DIR: the checkout's runs/gpu_benchmarks)
 #
 # On a machine without PyPI, first run scripts/offline_wheels.sh where pip works and copy
 # .whl/ along: its wheels are installed here into a folder of their own.
 set -uo pipefail
-out=$(realpath -m "${1:-runs/gpu_benchmarks}")  # before the cd: relative to the caller
+# DIR before the cd: relative to the caller's folder.
+out=$(realpath -m "${1:-$(dirname "$0")/../runs/gpu_benchmarks}") || exit 1
 cd "$(dirname "$0")/.." || exit 1
 if [ -e "$out/results.jsonl" ]; then
   echo "$out/results.jsonl exists: give another DIR (nothing is overwritten)." >&2
@@ -41,13 +42,17 @@ bench() {  # bench SECONDS ARGS...: one benchmark, its JSON line to results.json
   local limit=$1; shift
   echo "== $*" | tee -a "$out/log.txt"
   local start=$SECONDS
-  local line
-  line=$(timeout -k 30 "$limit" "$python" "$@" --json 2>> "$out/log.txt")
+  local printed last
+  printed=$(timeout -k 30 "$limit" "$python" "$@" --json 2>> "$out/log.txt")
   local rc=$?
+  printf '%s\n' "$printed" >> "$out/log.txt"
   echo "rc $rc after $((SECONDS - start)) s" | tee -a "$out/log.txt"
-  if [ $rc -eq 0 ]; then
-    echo "$line" | tail -n 1 | tee -a "$out/results.jsonl"
+  last=$(printf '%s\n' "$printed" | tail -n 1)
+  if [ $rc -eq 0 ] && "$python" -c 'import json, sys; json.loads(sys.argv[1])' "$last" \
+      2> /dev/null; then
+    printf '%s\n' "$last" | tee -a "$out/results.jsonl"
   else
+    echo 'no JSON line: see log.txt' | tee -a "$out/log.txt"
     failed=1
   fi
 }

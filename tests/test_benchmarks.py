@@ -298,11 +298,13 @@ def test_target_calls_feed_each_call_at_the_positions_after_the_last():
   fed = prompt + [token for token in tokens.tolist()[:-1] for _ in range(3)]
   logits_BV, full_cache = jax.jit(lambda ids, real: start_decoding(
       unrolled, one_row, ids, real)[:2])(*map(jnp.asarray, left_pad([fed])))
-  assert int(jnp.argmax(logits_BV[0])) == tokens[-1]
+  assert int(jnp.argmax(logits_BV[0])) == tokens.tolist()[-1]
+  assert jax.tree.structure(cache) == jax.tree.structure(full_cache)
   compared = 0
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(cache),
-                               jax.tree.leaves(full_cache)):
-    if path[-1].key in ('cached_key', 'cached_value'):
+                               jax.tree_util.tree_leaves(full_cache)):
+    if path[-1].key in ('cached_key', 'cached_value'):  # [B*G, S, K]: slots on axis -2
+      assert got.shape[-2] == len(fed)  # grown from 64 slots to exactly what was written
       np.testing.assert_allclose(got[..., :len(fed), :], want[..., :len(fed), :], atol=1e-4)
       compared += 1
   assert compared == 4  # keys and values of both layers
