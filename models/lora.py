@@ -76,11 +76,17 @@ def merged_kernel(kernel: Array, a: Array, b: Array, scale: float) -> Array:
       kernel.dtype)
 
 
+def base(params):
+  """The tree without its adapters: the base model, as DPO's reference runs it."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not is_adapter(p)})
+
+
 def merge(params, alpha: float):
   """The parameters with every adapter folded into its kernel, W + (alpha / r) A B, and
   the adapter leaves gone: the base model's tree, computing what the adapted one did."""
   flat = traverse_util.flatten_dict(params)
-  merged = {path: value for path, value in flat.items() if not is_adapter(path)}
+  merged = traverse_util.flatten_dict(base(params))
   for path, a in flat.items():
     if path[-1] != ADAPTER_A:
       continue

@@ -271,33 +271,38 @@ class Task:
     (whose backward costs two forwards)."""
     return self.train_flops_per_step(params, batch_size, seq_len) / 3
 
+  def output_is_embedding(self) -> bool:
+    """Whether the output projection multiplies by the input embedding (tied weights): a
+    matmul per token, which train/flops.py counts; otherwise the embedding is a lookup."""
+    return self.cfg.tie_embeddings
+
   def matmul_param_counts(self, params) -> dict[str, int]:
     """train/flops.py `matmul_param_counts` by part, as this task's FLOPs count them."""
-    return flops.matmul_param_counts(params, self.cfg.tie_embeddings)
+    return flops.matmul_param_counts(params, self.output_is_embedding())
 
   def matmul_tokens(self, seq_len: int) -> dict[str, int]:
     """Tokens per example that each part's matmul parameters (`matmul_param_counts`)
-    multiply: every token, by default."""
-    return dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'other'), seq_len)
+    multiply: every token, by default; a pooler's or classifier's, one per sequence."""
+    return dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'other'), seq_len) | {'sequence': 1}
 
-  def attention_products(self, seq_len: int) -> list[tuple[int, int, int]]:
-    """(layers, queries, keys) per example of each kind of attention the step runs
-    (train/flops.py `attention_train_flops`): the stack's self-attention over every
-    token, by default."""
-    return [(self.cfg.num_layers, seq_len, seq_len)]
+  def attention_products(self, seq_len: int) -> list[tuple[str, str, int, int, int]]:
+    """(stack, attention, layers, queries, keys) per example of each kind of attention the
+    step runs (train/flops.py `attention_train_flops`): the stack's self-attention over
+    every token, by default."""
+    stack = 'encoder' if self.arch == 'encoder' else 'decoder'
+    return [(stack, 'self_attention', self.cfg.num_layers, seq_len, seq_len)]
 
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
                               frozen_params) -> float:
     """train_flops_per_step when `frozen_params` (a subtree of `params`, or None: LoRA's
-    frozen base) get no weight gradient: each of their matmul parameters saves that
-    gradient's 2 FLOPs for every token it multiplies (4 of its 6 remain); attention's
-    products, which hold no parameters, all stay."""
+    frozen base) get no weight gradient, and what lies below every trained parameter no
+    input gradient either (train/flops.py)."""
     cfg = self.cfg
-    frozen = self.matmul_param_counts(frozen_params) if frozen_params else {}
-    per_example = (flops.matmul_train_flops(self.matmul_param_counts(params),
-                                            self.matmul_tokens(seq_len), frozen)
+    lowest = flops.lowest_trained(params, frozen_params)
+    per_example = (flops.matmul_train_flops(params, self.matmul_tokens(seq_len),
+                                            self.output_is_embedding(), frozen_params)
                    + flops.attention_train_flops(cfg.num_heads * cfg.head_dim,
-                                                 self.attention_products(seq_len)))
+                                                 self.attention_products(seq_len), lowest))
     return batch_size * per_example
 
   # --- decoding ---------------------------------------------------------------

@@ -42,7 +42,6 @@ from input_pipeline.tokenizer import Tokenizer
 from models.losses import cross_entropy_sums
 from models.transformer import DecoderOnly, EncoderOnly
 from tasks import base
-from train import flops
 
 Array = jax.Array
 Label = str | int
@@ -334,13 +333,8 @@ class Classification(base.Task):
             stack: cfg.num_layers * base.block_params(cfg), 'head': head,
             **base.lora_part(cfg, cfg.num_layers)}
 
-  def matmul_param_counts(self, params) -> dict[str, int]:
-    return flops.matmul_param_counts(params, tie_embeddings=False)  # the embedding: a lookup
-
-  def matmul_tokens(self, seq_len: int) -> dict[str, int]:
-    """The stack's matmuls over every token; the pooler and classifier once per
-    sequence; no vocabulary projection (the embedding is a lookup)."""
-    return {'encoder': seq_len, 'decoder': seq_len, 'cross_kv': 0, 'other': 1}
+  def output_is_embedding(self) -> bool:
+    return False  # the classifier replaces the vocabulary projection: a lookup only
 
   # --- predict ----------------------------------------------------------------
   def predict(self, params, tokenizer: Tokenizer, records: list[dict],

@@ -49,7 +49,7 @@ from absl import logging
 from input_pipeline.chat import ChatTemplate
 from input_pipeline.pipeline import RecordExamples
 from input_pipeline.tokenizer import Tokenizer
-from models import normalize_metrics
+from models import lora, normalize_metrics
 from tasks.sft import PackedExamples, PairExamples, SFTDecoder, SFTEncoderDecoder
 
 Array = jax.Array
@@ -231,13 +231,14 @@ class Preference:
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
                               frozen_params) -> float:
     """Both sides of each pair through the policy (sft's step on 2 batch_size sequences,
-    its frozen kernels discounted) and through the reference (a forward pass: no gradient
-    of it is taken). The side task counts them (this task's own matmul_tokens and
-    attention_products, over a pair's doubled scored length, are not used)."""
+    its frozen kernels discounted) and through the reference (a forward pass of the model
+    without its adapters: no gradient of it is taken). The side task counts them (this
+    task's own matmul_tokens and attention_products, over a pair's doubled scored length,
+    are not used)."""
     side = self.side_task(self.cfg)
     sides = 2 * batch_size
     return (side.train_flops_with_frozen(params, sides, seq_len, frozen_params)
-            + side.forward_flops_per_step(params, sides, seq_len))
+            + side.forward_flops_per_step(lora.base(params), sides, seq_len))
 
 
 @dataclasses.dataclass(frozen=True)

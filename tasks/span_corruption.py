@@ -140,14 +140,15 @@ class SpanCorruption(base.Task):
     """The encoder's (and cross-attention keys' and values') over the inputs, the rest
     over the targets."""
     targets = self.scored_length(seq_len)
-    return {'encoder': seq_len, 'cross_kv': seq_len, 'decoder': targets, 'other': targets}
+    return super().matmul_tokens(seq_len) | {'decoder': targets, 'other': targets}
 
-  def attention_products(self, seq_len: int) -> list[tuple[int, int, int]]:
+  def attention_products(self, seq_len: int) -> list[tuple[str, str, int, int, int]]:
     """The encoder's self-attention over the inputs, the decoder's over the targets and
     its cross-attention from the targets to the inputs."""
     targets, decoder = self.scored_length(seq_len), base.decoder_layers(self.cfg)
-    return [(self.cfg.num_layers, seq_len, seq_len), (decoder, targets, targets),
-            (decoder, targets, seq_len)]
+    return [('encoder', 'self_attention', self.cfg.num_layers, seq_len, seq_len),
+            ('decoder', 'self_attention', decoder, targets, targets),
+            ('decoder', 'cross_attention', decoder, targets, seq_len)]
 
   def scoring_pair(self, tokenizer: Tokenizer, context: list[int],
                    continuation: list[int]) -> tuple[list[int], list[int], int]:

@@ -1,6 +1,6 @@
 """FLOPs per token, device peak FLOP/s and model FLOPs utilisation (MFU).
 
-Training FLOPs per token (Kaplan et al. 2020; PaLM appendix B; nanoGPT):
+Training FLOPs per token (PaLM appendix B; nanoGPT's estimate_mfu):
 
     flops_per_token = 6 * N_matmul + 12 * num_layers * seq_len * (num_heads * head_dim)
 
@@ -9,22 +9,34 @@ kernel and the output projection (also when tied to the input embedding), but
 not a lookup-only input embedding, learned position table, norms or biases.
 6 = 2 (multiply-add) x 3 (forward + two backward matmuls); the second term is
 the attention score (Q K^T) and value (P V) matmuls, which grow with context
-length. Their width is that of the queries, N x K (num_heads x head_dim), which
-equals d_model only when head_dim = d_model / num_heads; grouped-query attention
-shares keys and values but every query head still scores and mixes all of them.
+length: 4 FLOPs per query-key pair and query width forward, 8 backward. (Kaplan et
+al. 2020 count 2 forward, the score product alone.) Their width is that of the queries,
+N x K (num_heads x head_dim), which equals d_model only when head_dim = d_model /
+num_heads; grouped-query attention shares keys and values but every query head still
+scores and mixes all of them.
+
 A task (tasks/base.py `train_flops_with_frozen`) applies both terms part by part: each
 part's parameters over the tokens they multiply (an encoder-decoder's encoder over the
-inputs, its decoder over the targets; a classifier head once per sequence), and each
+inputs, its decoder over the targets; a pooler or classifier once per sequence), and each
 kind of attention over its own queries and keys.
+
+Where part of the model is frozen (LoRA's base), the backward pass shrinks as XLA prunes
+it: a frozen matmul has no weight gradient (2 of its 6 go), and a matmul or attention
+product below every trained parameter needs no input gradient either (nothing below it
+wants one), so it costs its forward only. `forward_position` orders the parameters by
+where the forward pass uses them, to find what lies below the lowest trained one.
 
 MFU = achieved tokens/s x flops_per_token / peak FLOP/s of the devices used.
 """
+import math
 import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from models import lora
 
 # Dense (no 2:4 sparsity) peak FLOP/s of one JAX device, by dtype family:
 # (bf16/fp16, fp32). Sources: NVIDIA data sheets (their tensor-core figures are
@@ -79,24 +91,58 @@ def peak_flops_entry(device_kind: str) -> tuple[float, float] | None:
   return None if best is None else best[1]
 
 
+# Stages of the forward pass, in order: a parameter's forward_position starts with one.
+INPUTS, ENCODER, DECODER, HEAD = range(4)
+_STACKS = {'encoder': ENCODER, 'decoder': DECODER}
+# A block's modules in the order they run (pre-norm or post-norm names, models/layers.py
+# Block); each takes three steps: an attention's projections, its core (the score and
+# value products) and its output projection; an MLP's up (and gate) and down projections.
+_BLOCK = ('pre_self_attention_norm', 'self_attention', 'post_self_attention_norm',
+          'pre_cross_attention_norm', 'cross_attention', 'post_cross_attention_norm',
+          'pre_mlp_norm', 'mlp', 'post_mlp_norm')
+_LATER_STEP = {'core': 1, 'down': 1, 'out': 2}
+# The heads' modules in order (models/transformer.py OutputHead, then the sequence heads).
+_HEAD = ('final_norm', 'transform', 'transform_norm', 'lm_head', 'pooler', 'next_sentence',
+         'classifier')
+_SEQUENCE_HEADS = ('pooler', 'next_sentence', 'classifier')  # once per sequence
+Position = tuple[int, float, float]  # (stage, layer, step); math.inf: after every layer
+
+
+def _named_leaves(params):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    yield tuple(getattr(p, 'key', str(p)) for p in path), leaf
+
+
+def _is_cross_kv(names: tuple[str, ...]) -> bool:
+  return 'cross_attention' in names and names[-2:-1] in (('key',), ('value',))
+
+
+def matmul_part(names: tuple[str, ...], tie_embeddings: bool) -> str | None:
+  """The part (see matmul_param_counts) of the parameter at path `names`, or None for
+  one that takes part in no matmul."""
+  if names[-1] in ('scale', 'bias', 'position_embedding', 'relative_attention_bias',
+                   'token_type_embedding'):
+    return None
+  if names[-1] == 'embedding' and not tie_embeddings:
+    return None  # lookup only; the separate lm_head kernel is counted instead
+  if _is_cross_kv(names):
+    return 'cross_kv'
+  if names[0] in _STACKS:
+    return names[0]
+  return 'sequence' if names[0] in _SEQUENCE_HEADS else 'other'
+
+
 def matmul_param_counts(params, tie_embeddings: bool) -> dict[str, int]:
   """Parameters that take part in a matmul for each token (see module docstring), by
-  top-level module: 'encoder' and 'decoder' stacks, and everything else (output head,
-  poolers) under 'other'; the decoder's cross-attention key and value projections,
-  which run over the encoder's outputs rather than the decoder's tokens, under 'cross_kv'."""
-  counts = {'encoder': 0, 'decoder': 0, 'cross_kv': 0, 'other': 0}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [getattr(p, 'key', str(p)) for p in path]
-    if names[-1] in ('scale', 'bias', 'position_embedding', 'relative_attention_bias',
-                     'token_type_embedding'):
-      continue
-    if names[-1] == 'embedding' and not tie_embeddings:
-      continue  # lookup only; the separate lm_head kernel is counted instead
-    if 'cross_attention' in names and names[-2:-1] in (['key'], ['value']):
-      part = 'cross_kv'
-    else:
-      part = names[0] if names[0] in ('encoder', 'decoder') else 'other'
-    counts[part] += int(np.prod(leaf.shape))
+  part: 'encoder' and 'decoder' stacks; the decoder's cross-attention key and value
+  projections, which run over the encoder's outputs rather than the decoder's tokens,
+  under 'cross_kv'; the pooler and classifiers, which run once per sequence, under
+  'sequence'; everything else (the output head) under 'other'."""
+  counts = dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'sequence', 'other'), 0)
+  for names, leaf in _named_leaves(params):
+    part = matmul_part(names, tie_embeddings)
+    if part is not None:
+      counts[part] += int(np.prod(leaf.shape))
   return counts
 
 
@@ -104,21 +150,93 @@ def matmul_param_count(params, tie_embeddings: bool) -> int:
   return sum(matmul_param_counts(params, tie_embeddings).values())
 
 
-def matmul_train_flops(counts: dict[str, int], tokens: dict[str, int],
-                       frozen: dict[str, int] | None = None) -> float:
-  """Training FLOPs of the matmul parameters per example: 6 per parameter (`counts`, by
-  part) per token it multiplies (`tokens`, by part); a frozen one (`frozen`: LoRA's
-  base) gets no weight gradient, so 4 of its 6."""
-  frozen = frozen or {}
-  return sum((6.0 * n - 2.0 * frozen.get(part, 0)) * tokens[part] for part, n in counts.items())
+def forward_position(names: tuple[str, ...], layer: int | None = None) -> Position:
+  """Where the forward pass first uses the parameter at path `names`: (stage, layer,
+  step), ordered as the computation runs. A scanned stack's parameter ('layers', one
+  slice per layer) is used at every layer: `layer` picks one. Embeddings and position
+  tables come first (the decoder's own, in an encoder-decoder, just before its stack);
+  a stack's parameters by layer and by module within the block; the heads last."""
+  top = names[0]
+  if top in _STACKS and len(names) > 3 and (names[1] == 'layers'
+                                            or names[1].startswith('layer_')):
+    index = layer if names[1] == 'layers' else int(names[1].removeprefix('layer_'))
+    module = _BLOCK.index(names[2]) if names[2] in _BLOCK else len(_BLOCK)
+    return _STACKS[top], index, 3 * module + _LATER_STEP.get(names[3], 0)
+  if top in _STACKS or top == 'encoder_norm':
+    return _STACKS.get(top, ENCODER), math.inf, 0  # after the stack's layers
+  if top in ('decoder_input', 'decoder_bias'):
+    return DECODER, -1, 0
+  if top in _HEAD or top == 'head':
+    module = names[1] if top == 'head' else top
+    return HEAD, 0, _HEAD.index(module) if module in _HEAD else len(_HEAD)
+  return INPUTS, 0, 0
 
 
-def attention_train_flops(attention_width: int,
-                          products: list[tuple[int, int, int]]) -> float:
-  """Training FLOPs of attention's score and value products per example: 12 (N K) per
-  query-key pair of each layer, over `products` (layers, queries, keys) (a stack's
-  self-attention: (L, T, T)), attention_width = N K (num_heads x head_dim)."""
-  return 12.0 * attention_width * sum(layers * q * k for layers, q, k in products)
+def _uses(names: tuple[str, ...], leaf) -> list[Position]:
+  """The positions of a parameter's uses: one per layer for a scanned stack's."""
+  layers = range(leaf.shape[0]) if len(names) > 3 and names[1] == 'layers' else [None]
+  return [forward_position(names, layer) for layer in layers]
+
+
+def lowest_trained(params, frozen_params) -> Position | None:
+  """The first position (forward_position) at which a parameter of `params` outside
+  `frozen_params` (a subtree of it, or None) is used; None when every one is frozen."""
+  frozen = {names for names, _ in _named_leaves(frozen_params or {})}
+  return min((min(_uses(names, leaf)) for names, leaf in _named_leaves(params)
+              if names not in frozen), default=None)
+
+
+def _input_position(names: tuple[str, ...], position: Position) -> Position:
+  """Where a matmul's input comes from, as far as its input gradient goes: the tied
+  embedding multiplies at the output head, the cross-attention keys and values the
+  encoder's output, and an adapter's B the output of its A, just below it."""
+  if names[-1] == 'embedding':
+    return HEAD, 0, _HEAD.index('lm_head')
+  if _is_cross_kv(names):
+    return DECODER, -1, 0
+  if names[-1] == lora.ADAPTER_B:
+    return position[:2] + (position[2] + 0.5,)
+  return position
+
+
+def matmul_train_flops(params, tokens: dict[str, int], tie_embeddings: bool,
+                       frozen_params=None) -> float:
+  """Training FLOPs of the matmul parameters per example, over the `tokens` each part
+  multiplies (matmul_param_counts' parts). Per parameter and token: 2 forward, 2 for
+  its weight gradient unless frozen (in `frozen_params`: LoRA's base), and 2 for its
+  input gradient where a trained parameter lies below it (lowest_trained): 6 in full
+  training."""
+  lowest = lowest_trained(params, frozen_params)
+  frozen = {names for names, _ in _named_leaves(frozen_params or {})}
+  total = 0.0
+  for names, leaf in _named_leaves(params):
+    part = matmul_part(names, tie_embeddings)
+    if part is None:
+      continue
+    uses = _uses(names, leaf)
+    weight_gradient = 0 if names in frozen else 2
+    for position in uses:
+      below = lowest is not None and lowest < _input_position(names, position)
+      total += ((2 + weight_gradient + 2 * below) * int(np.prod(leaf.shape)) / len(uses)
+                * tokens[part])
+  return total
+
+
+def attention_train_flops(attention_width: int, products: list[tuple[str, str, int, int, int]],
+                          lowest: Position | None) -> float:
+  """Training FLOPs of attention's score and value products per example: per query-key
+  pair of each layer, 4 (N K) forward and, where a trained parameter lies below it
+  (`lowest`: lowest_trained; None: nothing trains), 8 (N K) backward. `products` lists
+  (stack, attention, layers, queries, keys) for each kind of attention, e.g. a decoder's
+  self-attention ('decoder', 'self_attention', L, T, T); attention_width = N K
+  (num_heads x head_dim)."""
+  total = 0.0
+  for stack, attention, layers, queries, keys in products:
+    for layer in range(layers):
+      core = forward_position((stack, f'layer_{layer}', attention, 'core'))
+      backward = lowest is not None and lowest < core
+      total += (4 + 8 * backward) * attention_width * queries * keys
+  return total
 
 
 _measured_cpu_peak: float | None = None

@@ -97,9 +97,7 @@ def shardings_of(task, param_shardings, paths: frozenset) -> Frozen | None:
   frozen = split(param_shardings, paths)[1]
   reference = None
   if task.uses_reference:  # LoRA's reference: the model without its adapters
-    reference = {p: s for p, s in traverse_util.flatten_dict(param_shardings).items()
-                 if not lora.is_adapter(p)}
-    reference = traverse_util.unflatten_dict(reference) if paths else param_shardings
+    reference = lora.base(param_shardings) if paths else param_shardings
   return Frozen(frozen, reference)
 
 
