@@ -7,16 +7,31 @@
 #   - speculative decoding: a gpt_tiny target (4 layers) and a draft of one layer, each
 #     trained 600 steps on the embedded corpus, K = 2, 3, 4.
 # Each benchmark writes its JSON line to DIR/results.jsonl (a DIR that holds one already is
-# refused; on the device machine of this workplace, pass "$OUT"), the logs go to DIR/log.txt. Each step has a time limit; one that fails or
-# runs out is reported and the others still run; the exit status is 1 if any failed.
+# refused; on the device machine of this workplace, pass "$OUT"), the logs go to
+# DIR/log.txt. Each step has a time limit; one that fails or runs out is reported and the
+# others still run; the exit status is 1 if any failed.
 #
-#   bash scripts/gpu_benchmarks.sh [DIR]    (default DIR: the checkout's runs/gpu_benchmarks)
+#   bash scripts/gpu_benchmarks.sh [DIR [PART...]]
+#
+# DIR defaults to the checkout's runs/gpu_benchmarks; PARTs (train, decode, speculative;
+# all by default) run a share of the set, e.g. to fit a limit on one command's time: the
+# steps' limits add up to 400 s for train, 240 s for decode and 660 s for speculative.
 #
 # On a machine without PyPI, first run scripts/offline_wheels.sh where pip works and copy
 # .whl/ along: its wheels are installed here into a folder of their own.
 set -uo pipefail
 # DIR before the cd: relative to the caller's folder.
 out=$(realpath -m "${1:-$(dirname "$0")/../runs/gpu_benchmarks}") || exit 1
+parts=("${@:2}")
+[ ${#parts[@]} -gt 0 ] || parts=(train decode speculative)
+for part in "${parts[@]}"; do
+  case $part in
+    train|decode|speculative) ;;
+    *) echo "unknown PART '$part': give train, decode or speculative (or none: all)" >&2
+       exit 1 ;;
+  esac
+done
+wants() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.." || exit 1
 if [ -e "$out/results.jsonl" ]; then
   echo "$out/results.jsonl exists: give another DIR (nothing is overwritten)." >&2
@@ -57,13 +72,18 @@ bench() {  # bench SECONDS ARGS...: one benchmark, its JSON line to results.json
   fi
 }
 
-gpt_small=(-m benchmarks.train_step --config=configs/gpt_small.py --steps=20
-           --config.dtype=bfloat16)
-bench 200 "${gpt_small[@]}"
-bench 200 "${gpt_small[@]}" --config.model.attention=xla
-for batch in 1 8; do
-  bench 120 -m benchmarks.decode --dtype=bfloat16 --batch=$batch --new_tokens=256
-done
+if wants train; then
+  gpt_small=(-m benchmarks.train_step --config=configs/gpt_small.py --steps=20
+             --config.dtype=bfloat16)
+  bench 200 "${gpt_small[@]}"
+  bench 200 "${gpt_small[@]}" --config.model.attention=xla
+fi
+if wants decode; then
+  for batch in 1 8; do
+    bench 120 -m benchmarks.decode --dtype=bfloat16 --batch=$batch --new_tokens=256
+  done
+fi
+wants speculative || exit $failed
 
 # Speculative decoding needs a target and a draft that agree: train both (the draft on
 # the target's tokenizer), then time K = 2, 3, 4 against plain greedy.

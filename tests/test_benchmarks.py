@@ -4,7 +4,10 @@ their times and a dot's FLOPs from its shapes, and a decode step's bytes follow 
 roofline formula. (Timings live in the benchmarks, never here.)"""
 import collections
 import dataclasses
+import json
 import math
+import os
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -308,3 +311,49 @@ def test_target_calls_feed_each_call_at_the_positions_after_the_last():
       np.testing.assert_allclose(got[..., :len(fed), :], want[..., :len(fed), :], atol=1e-4)
       compared += 1
   assert compared == 4  # keys and values of both layers
+
+
+# --- scripts/gpu_benchmarks.sh ------------------------------------------------------------
+
+FAKE_PYTHON = '''#!/usr/bin/env bash
+# Stands in for python: a benchmark prints its module's name as its JSON line, training
+# leaves the tokenizer the draft copies; `-c` (the script's JSON check) is the real one.
+case $1 in
+  -m) echo "{\\"bench\\": \\"$2\\"}" ;;
+  -c) exec python3 "$@" ;;
+  main.py) workdir=${3#--workdir=}; mkdir -p "$workdir" && touch "$workdir/tokenizer.model" ;;
+esac
+'''
+
+
+def _gpu_benchmarks(tmp_path, *args):
+  fake = tmp_path / 'python'
+  fake.write_text(FAKE_PYTHON)
+  fake.chmod(0o755)
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts',
+                        'gpu_benchmarks.sh')
+  return subprocess.run(['bash', script, *args], env=dict(os.environ, PYTHON=str(fake)),
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('parts,benchmarks', [
+    ((), ['train_step', 'train_step', 'decode', 'decode', 'speculative']),
+    (('decode',), ['decode', 'decode']),
+    (('speculative', 'train'), ['train_step', 'train_step', 'speculative'])])
+def test_gpu_benchmarks_run_the_parts_asked_for_and_keep_a_previous_result(tmp_path, parts,
+                                                                          benchmarks):
+  out = tmp_path / 'out'
+  done = _gpu_benchmarks(tmp_path, str(out), *parts)
+  assert done.returncode == 0, done.stdout + done.stderr
+  lines = (out / 'results.jsonl').read_text().splitlines()
+  assert [json.loads(line)['bench'] for line in lines] == [f'benchmarks.{b}' for b in benchmarks]
+  again = _gpu_benchmarks(tmp_path, str(out), *parts)
+  assert again.returncode == 1 and 'exists' in again.stderr
+  assert (out / 'results.jsonl').read_text().splitlines() == lines
+
+
+def test_gpu_benchmarks_refuse_an_unknown_part_before_writing(tmp_path):
+  done = _gpu_benchmarks(tmp_path, str(tmp_path / 'out'), 'decoding')
+  assert done.returncode == 1
+  assert "unknown PART 'decoding': give train, decode or speculative" in done.stderr
+  assert not (tmp_path / 'out').exists()
