@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 import tasks
+from benchmarks import flops_accounting
 from configs import default
 from models import ModelConfig, lora
 from scaling import estimate
@@ -122,55 +123,25 @@ def test_forward_flops_agree_with_xla_cost_analysis_within_five_percent(arch, he
 
 # --- training FLOPs with a frozen base (LoRA) ------------------------------------------------
 
-def _lora_config(arch: str, targets: str | None, task: str | None = None, **model):
-  """A small run's config (unrolled layers: XLA's cost analysis counts a loop body once);
-  `targets`: LoRA's adapted layers (None: full training)."""
-  config = default.get_config()
-  config.model.update(dict(arch=arch, num_layers=2, num_heads=4, head_dim=32, d_model=128,
-                           d_ff=512, max_len=128, vocab_size=1024, position='learned',
-                           scan_layers=False) | model)
-  config.data.update(seq_len=128, batch_size=2)
-  if task:
-    config.task = task
-  if task == 'masked_lm':
-    config.masked_lm.next_sentence, config.model.num_token_types = True, 2
-  if targets is not None:  # the estimate reads no source
-    config.lora.update(rank=4, targets=targets)
-    config.init_from = 'runs/never_read'
-  return config
-
-
-def _trainable_and_frozen(task):
-  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), estimate.abstract_params(task))
-  return params, frozen_lib.split(params, estimate.frozen_paths(task, params))
-
-
-@pytest.mark.parametrize('arch,targets,task,model', [
-    ('decoder', None, None, {}),
-    ('decoder', 'q,k,v,o,mlp_in,mlp_out', None, {}),
+@pytest.mark.parametrize('case', [
+    'decoder', 'decoder/q+k+v+o+mlp_in+mlp_out',
     # Nothing below the output head trains: the stack needs its forward pass only; counting
     # its input gradients and attention's backward doubled the step's FLOPs.
-    ('decoder', 'head', None, dict(tie_embeddings=False)),
-    ('decoder', 'mlp_out', None, {}),  # the first layer's attention: forward only
-    ('encoder_decoder', 'q,v', None, {}),
-    ('encoder_decoder', 'head', None, dict(tie_embeddings=False)),
-    ('encoder', 'q,v', 'masked_lm', {}),
-])
-def test_train_flops_with_a_frozen_base_agree_with_xla_cost_analysis(arch, targets, task, model):
+    'decoder/head/untied',
+    'decoder/mlp_out',  # the first layer's attention: forward only
+    'encoder_decoder/q+v', 'encoder_decoder/head/untied', 'encoder/q+v@masked_lm'])
+def test_train_flops_with_a_frozen_base_agree_with_xla_cost_analysis(case):
   """The gradient of the loss over the trained part, as the train step takes it: XLA
   prunes the weight gradients of frozen kernels and every input gradient below the lowest
   trained parameter."""
-  task = estimate.model_task(_lora_config(arch, targets, task, **model), 'cpu')
-  params, (trainable, frozen) = _trainable_and_frozen(task)
-  assert bool(frozen) == (targets is not None)
-  batch = task.train_batch(2, 128)
+  ours, xla = flops_accounting.step_flops(flops_accounting.case_config(case))
+  assert abs(ours / xla - 1) < 0.06, (ours, xla)
 
-  def loss(trainable, frozen, batch):
-    return task.loss(frozen_lib.combine(frozen, trainable), batch, None, False)[0]
-  analysis = jax.jit(jax.grad(loss)).lower(trainable, frozen, batch).compile().cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, list) else analysis
-  ours = task.train_flops_with_frozen(params, 2, 128, frozen or None)
-  assert abs(ours / analysis['flops'] - 1) < 0.06, (ours, analysis['flops'])
+
+def _params_and_frozen(config):
+  task = estimate.model_task(config, 'cpu')
+  params = estimate.abstract_params(task)
+  return task, params, frozen_lib.split(params, estimate.frozen_paths(task, params))[1]
 
 
 def test_scanned_layers_count_as_the_unrolled_ones_layer_by_layer():
@@ -178,16 +149,16 @@ def test_scanned_layers_count_as_the_unrolled_ones_layer_by_layer():
   own layer, as the unrolled stack's (XLA's cost analysis counts a scan's body once)."""
   counted = []
   for scan_layers in (False, True):
-    task = estimate.model_task(_lora_config('decoder', 'mlp_out', scan_layers=scan_layers,
-                                            num_layers=3), 'cpu')
-    params, (_, frozen) = _trainable_and_frozen(task)
+    config = flops_accounting.case_config('decoder/mlp_out')
+    config.model.update(scan_layers=scan_layers, num_layers=3)
+    task, params, frozen = _params_and_frozen(config)
     assert flops.lowest_trained(params, frozen)[:2] == (flops.DECODER, 0)
     counted.append(task.train_flops_with_frozen(params, 2, 128, frozen))
   assert counted[0] == pytest.approx(counted[1], rel=1e-12)
 
 
 def test_a_masked_lm_counts_its_next_sentence_head_once_per_sequence():
-  config = _lora_config('encoder', None, 'masked_lm')
+  config = flops_accounting.case_config('encoder@masked_lm')
   task = estimate.model_task(config, 'cpu')
   config.masked_lm.next_sentence = False
   plain = estimate.model_task(config, 'cpu')
@@ -199,8 +170,7 @@ def test_a_masked_lm_counts_its_next_sentence_head_once_per_sequence():
 
 
 def test_dpo_with_lora_runs_its_reference_without_the_adapters():
-  task = estimate.model_task(_lora_config('decoder', 'q,v', 'dpo'), 'cpu')
-  params, (_, frozen) = _trainable_and_frozen(task)
+  task, params, frozen = _params_and_frozen(flops_accounting.case_config('decoder/q+v@dpo'))
   side = task.side_task(task.cfg)
   reference = task.train_flops_with_frozen(params, 3, 64, frozen) - side.train_flops_with_frozen(
       params, 6, 64, frozen)
