@@ -55,7 +55,8 @@ def step_flops(config) -> tuple[float, float]:
   from train import frozen as frozen_lib
   task = estimate.model_task(config, 'cpu')
   params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), estimate.abstract_params(task))
-  trainable, frozen = frozen_lib.split(params, estimate.frozen_paths(task, params))
+  paths = estimate.frozen_paths(task, params, estimate.train_in_full(config))
+  trainable, frozen = frozen_lib.split(params, paths)
   batch_size, seq_len = config.data.batch_size, config.data.seq_len
   batch = task.train_batch(batch_size, seq_len)
 

@@ -254,7 +254,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   seq_len, batch = config.data.seq_len, config.data.batch_size
   forward_flops = task.forward_flops_per_step(params, batch, seq_len)
   # As the run counts them (train/loop.py): LoRA's frozen kernels get no weight gradient,
-  # and what lies below the lowest trained parameter no input gradient.
+  # and what no trained parameter lies below no input gradient.
   step_flops = task.train_flops_with_frozen(params, batch, seq_len, frozen)
   tokens_per_step = batch * seq_len
   train_flops = step_flops * config.train.steps
@@ -268,7 +268,7 @@ def estimate(config: ml_collections.ConfigDict, platform: str | None = None) -> 
   device_bytes = _device_bytes(state, activation[remat], config.train.offload_optimizer)
   result = {
       'arch': cfg.arch, 'params': n, 'params_by_part': counts, 'trained_params': trained,
-      'matmul_params': flops.matmul_param_count(params, cfg.tie_embeddings),
+      'matmul_params': flops.matmul_param_count(params, task.output_is_embedding()),
       'flops_per_token': step_flops / tokens_per_step,
       'forward_flops_per_token': forward_flops / tokens_per_step,
       'tokens_per_step': tokens_per_step, 'steps': config.train.steps,
@@ -402,8 +402,8 @@ def _fine_tuning_lines(result: dict) -> list[str]:
           f"  {'':<20}{'full':>14}{'LoRA':>14}",
           *(f'  {label:<20}{full:>14}{lora_value:>14}' for label, full, lora_value in rows),
           "  FLOPs above count a LoRA step as it runs: the frozen weights get no weight "
-          "gradient (4 of their 6 FLOPs per token remain), and what lies below the lowest "
-          "trained parameter runs forward only."]
+          "gradient (4 of their 6 FLOPs per token remain), and those no trained parameter lies "
+          "below run forward only."]
 
 
 def report(result: dict) -> str:

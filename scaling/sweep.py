@@ -64,7 +64,7 @@ def plan_runs(sweep: ml_collections.ConfigDict) -> list[SweepRun]:
       config.model.update(**shape)
       task = estimate.model_task(config)
       matmul_params[key] = flops.matmul_param_count(estimate.abstract_params(task),
-                                                    task.cfg.tie_embeddings)
+                                                    task.output_is_embedding())
     return matmul_params[key]
 
   runs = []

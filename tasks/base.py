@@ -276,13 +276,10 @@ class Task:
     matmul per token, which train/flops.py counts; otherwise the embedding is a lookup."""
     return self.cfg.tie_embeddings
 
-  def matmul_param_counts(self, params) -> dict[str, int]:
-    """train/flops.py `matmul_param_counts` by part, as this task's FLOPs count them."""
-    return flops.matmul_param_counts(params, self.output_is_embedding())
-
   def matmul_tokens(self, seq_len: int) -> dict[str, int]:
-    """Tokens per example that each part's matmul parameters (`matmul_param_counts`)
-    multiply: every token, by default; a pooler's or classifier's, one per sequence."""
+    """Tokens per example that each part's matmul parameters (train/flops.py
+    `matmul_param_counts`) multiply: every token, by default; a pooler's or classifier's,
+    one per sequence."""
     return dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'other'), seq_len) | {'sequence': 1}
 
   def attention_products(self, seq_len: int) -> list[tuple[str, str, int, int, int]]:
@@ -295,14 +292,14 @@ class Task:
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
                               frozen_params) -> float:
     """train_flops_per_step when `frozen_params` (a subtree of `params`, or None: LoRA's
-    frozen base) get no weight gradient, and what lies below every trained parameter no
+    frozen base) get no weight gradient, and what no trained parameter lies below no
     input gradient either (train/flops.py)."""
     cfg = self.cfg
-    lowest = flops.lowest_trained(params, frozen_params)
+    trained = flops.Trained(params, frozen_params)
     per_example = (flops.matmul_train_flops(params, self.matmul_tokens(seq_len),
-                                            self.output_is_embedding(), frozen_params)
+                                            self.output_is_embedding(), trained)
                    + flops.attention_train_flops(cfg.num_heads * cfg.head_dim,
-                                                 self.attention_products(seq_len), lowest))
+                                                 self.attention_products(seq_len), trained))
     return batch_size * per_example
 
   # --- decoding ---------------------------------------------------------------

@@ -137,8 +137,8 @@ class SpanCorruption(base.Task):
                              cross_blocks=base.decoder_layers(cfg))}
 
   def matmul_tokens(self, seq_len: int) -> dict[str, int]:
-    """The encoder's (and cross-attention keys' and values') over the inputs, the rest
-    over the targets."""
+    """The encoder's (and cross-attention keys' and values') over the inputs, the
+    decoder's and the output head's over the targets."""
     targets = self.scored_length(seq_len)
     return super().matmul_tokens(seq_len) | {'decoder': targets, 'other': targets}
 

@@ -25,7 +25,7 @@ from input_pipeline.tokenizer import SpecialIds, Tokenizer
 from models import ModelConfig, normalize_metrics
 from scaling import estimate
 from tasks.classification import label_order
-from train import config_checks, run_config
+from train import config_checks, flops, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 16
@@ -350,6 +350,12 @@ def test_the_shipped_config_builds_before_any_label_is_known():
   params = estimate.abstract_params(task)
   assert sum(task.param_counts().values()) == sum(
       int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  # The embedding is a lookup here, tied or not: the estimate's matmul count leaves it out.
+  config = classify_tiny.get_config()
+  config.model.tie_embeddings = True
+  embedding = params['token_embed']['embedding'].size
+  assert estimate.estimate(config)['matmul_params'] == flops.matmul_param_count(
+      params, tie_embeddings=True) - embedding
 
 
 # --- predict ------------------------------------------------------------------------------

@@ -125,9 +125,9 @@ def test_matmul_parameters_count_the_output_projection_not_the_lookup():
     # the output projection (tied embedding or lm_head) counts once; positions never
     assert flops.matmul_param_count(params, tie) == 2 * per_layer + 128 * 16
     # 8 tokens of a 2-layer stack, attention 16 wide: 6 N + 12 L T (N K) per token.
-    everything = flops.lowest_trained(params, None)
+    everything = flops.Trained(params)
     tokens = dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'sequence', 'other'), 8)
-    assert (flops.matmul_train_flops(params, tokens, tie)
+    assert (flops.matmul_train_flops(params, tokens, tie, everything)
             + flops.attention_train_flops(16, [('decoder', 'self_attention', 2, 8, 8)],
                                           everything)) == 8 * (
                                               6 * (2 * per_layer + 128 * 16) + 12 * 2 * 8 * 16)

@@ -22,9 +22,9 @@ kind of attention over its own queries and keys.
 
 Where part of the model is frozen (LoRA's base), the backward pass shrinks as XLA prunes
 it: a frozen matmul has no weight gradient (2 of its 6 go), and a matmul or attention
-product below every trained parameter needs no input gradient either (nothing below it
-wants one), so it costs its forward only. `forward_position` orders the parameters by
-where the forward pass uses them, to find what lies below the lowest trained one.
+product that no trained parameter lies below needs no input gradient either, so a frozen
+one there costs its forward only. `forward_position` orders the parameters by where the
+forward pass uses them, and `Trained` finds what lies above a trained one.
 
 MFU = achieved tokens/s x flops_per_token / peak FLOP/s of the devices used.
 """
@@ -94,6 +94,7 @@ def peak_flops_entry(device_kind: str) -> tuple[float, float] | None:
 # Stages of the forward pass, in order: a parameter's forward_position starts with one.
 INPUTS, ENCODER, DECODER, HEAD = range(4)
 _STACKS = {'encoder': ENCODER, 'decoder': DECODER}
+_INPUTS = ('token_embed', 'input')  # top-level modules that run before every stack
 # A block's modules in the order they run (pre-norm or post-norm names, models/layers.py
 # Block); each takes three steps: an attention's projections, its core (the score and
 # value products) and its output projection; an MLP's up (and gate) and down projections.
@@ -102,10 +103,14 @@ _BLOCK = ('pre_self_attention_norm', 'self_attention', 'post_self_attention_norm
           'pre_mlp_norm', 'mlp', 'post_mlp_norm')
 _LATER_STEP = {'core': 1, 'down': 1, 'out': 2}
 # The heads' modules in order (models/transformer.py OutputHead, then the sequence heads).
-_HEAD = ('final_norm', 'transform', 'transform_norm', 'lm_head', 'pooler', 'next_sentence',
-         'classifier')
+_HEAD = ('final_norm', 'transform', 'transform_norm', 'lm_head', 'output_bias', 'pooler',
+         'next_sentence', 'classifier')
 _SEQUENCE_HEADS = ('pooler', 'next_sentence', 'classifier')  # once per sequence
+# Relative position bias tables by the stack whose self-attention cores add them at every
+# layer ('relative_bias': a one-stack model's).
+_BIASES = {'encoder_bias': 'encoder', 'decoder_bias': 'decoder', 'relative_bias': None}
 Position = tuple[int, float, float]  # (stage, layer, step); math.inf: after every layer
+_ENCODER_OUTPUT: Position = (ENCODER, math.inf, 1)  # after encoder_norm
 
 
 def _named_leaves(params):
@@ -120,8 +125,8 @@ def _is_cross_kv(names: tuple[str, ...]) -> bool:
 def matmul_part(names: tuple[str, ...], tie_embeddings: bool) -> str | None:
   """The part (see matmul_param_counts) of the parameter at path `names`, or None for
   one that takes part in no matmul."""
-  if names[-1] in ('scale', 'bias', 'position_embedding', 'relative_attention_bias',
-                   'token_type_embedding'):
+  if names[-1] in ('scale', 'bias', 'output_bias', 'position_embedding',
+                   'relative_attention_bias', 'token_type_embedding'):
     return None
   if names[-1] == 'embedding' and not tie_embeddings:
     return None  # lookup only; the separate lm_head kernel is counted instead
@@ -150,92 +155,150 @@ def matmul_param_count(params, tie_embeddings: bool) -> int:
   return sum(matmul_param_counts(params, tie_embeddings).values())
 
 
-def forward_position(names: tuple[str, ...], layer: int | None = None) -> Position:
+def _in_block(stack: str, layer: float, module: str, part: str) -> Position:
+  return _STACKS[stack], layer, 3 * _BLOCK.index(module) + _LATER_STEP.get(part, 0)
+
+
+# A decoder position the encoder's output reaches: its first cross-attention core and on.
+_FED_BY_ENCODER = _in_block('decoder', 0, 'cross_attention', 'core')[1:]
+
+
+def forward_position(names: tuple[str, ...], layer: int | None = None,
+                     stack: str = 'decoder') -> Position:
   """Where the forward pass first uses the parameter at path `names`: (stage, layer,
   step), ordered as the computation runs. A scanned stack's parameter ('layers', one
-  slice per layer) is used at every layer: `layer` picks one. Embeddings and position
-  tables come first (the decoder's own, in an encoder-decoder, just before its stack);
-  a stack's parameters by layer and by module within the block; the heads last."""
+  slice per layer) is used at every layer: `layer` picks one. Embeddings come first (a
+  stack's own position table just before it), then a stack's parameters by layer and by
+  module within the block (a relative bias table at its first self-attention core; a
+  one-stack model's 'relative_bias' serves `stack`), the heads last."""
   top = names[0]
-  if top in _STACKS and len(names) > 3 and (names[1] == 'layers'
-                                            or names[1].startswith('layer_')):
+  if top in _STACKS and len(names) > 3 and names[2] in _BLOCK and (
+      names[1] == 'layers' or names[1].startswith('layer_')):
     index = layer if names[1] == 'layers' else int(names[1].removeprefix('layer_'))
-    module = _BLOCK.index(names[2]) if names[2] in _BLOCK else len(_BLOCK)
-    return _STACKS[top], index, 3 * module + _LATER_STEP.get(names[3], 0)
-  if top in _STACKS or top == 'encoder_norm':
-    return _STACKS.get(top, ENCODER), math.inf, 0  # after the stack's layers
-  if top in ('decoder_input', 'decoder_bias'):
-    return DECODER, -1, 0
-  if top in _HEAD or top == 'head':
-    module = names[1] if top == 'head' else top
-    return HEAD, 0, _HEAD.index(module) if module in _HEAD else len(_HEAD)
-  return INPUTS, 0, 0
+    return _in_block(top, index, names[2], names[3])
+  if top in ('encoder_input', 'decoder_input'):
+    return _STACKS[top.removesuffix('_input')], -1, 0
+  if top == 'encoder_norm':
+    return ENCODER, math.inf, 0
+  if top in _BIASES:
+    return _in_block(_BIASES[top] or stack, 0, 'self_attention', 'core')
+  if top in _INPUTS:
+    return INPUTS, 0, 0
+  module = names[1] if top == 'head' else top
+  if module in _HEAD:
+    return HEAD, 0, _HEAD.index(module)
+  raise ValueError(f"train/flops.py forward_position does not know where the forward pass "
+                   f"uses {'/'.join(names)}; give its module a place there.")
 
 
-def _uses(names: tuple[str, ...], leaf) -> list[Position]:
-  """The positions of a parameter's uses: one per layer for a scanned stack's."""
-  layers = range(leaf.shape[0]) if len(names) > 3 and names[1] == 'layers' else [None]
-  return [forward_position(names, layer) for layer in layers]
+def _feeds(lower: Position, position: Position) -> bool:
+  """Whether the forward pass carries `lower` (a position below `position`) into
+  `position`: everything carries upwards, except the encoder into the decoder before the
+  decoder's first cross-attention."""
+  return lower < position and not (lower[0] == ENCODER and position[0] == DECODER
+                                   and position[1:] < _FED_BY_ENCODER)
 
 
-def lowest_trained(params, frozen_params) -> Position | None:
-  """The first position (forward_position) at which a parameter of `params` outside
-  `frozen_params` (a subtree of it, or None) is used; None when every one is frozen."""
-  frozen = {names for names, _ in _named_leaves(frozen_params or {})}
-  return min((min(_uses(names, leaf)) for names, leaf in _named_leaves(params)
-              if names not in frozen), default=None)
+class Trained:
+  """Where a model's trained parameters (all of `params` but `frozen_params`, a subtree of
+  it or None) sit in its forward pass. A gradient flows back only into what a trained
+  parameter's output depends on: only what such a parameter lies below (and feeds) needs
+  an input gradient."""
+
+  def __init__(self, params, frozen_params=None):
+    frozen = {names for names, _ in _named_leaves(frozen_params or {})}
+    leaves = list(_named_leaves(params))
+    tops = {names[0] for names, _ in leaves}
+    self.stack = 'encoder' if 'encoder' in tops and 'decoder' not in tops else 'decoder'
+    self.paths = {names for names, _ in leaves if names not in frozen}
+    self._lowest_by_stage: dict[int, Position] = {}
+    for names, leaf in leaves:
+      if names in self.paths:
+        first = min(self.uses(names, leaf))
+        self._lowest_by_stage[first[0]] = min(self._lowest_by_stage.get(first[0], first), first)
+
+  @property
+  def lowest(self) -> Position | None:
+    """The first position at which a trained parameter is used; None if none trains."""
+    return min(self._lowest_by_stage.values(), default=None)
+
+  def uses(self, names: tuple[str, ...], leaf) -> list[Position]:
+    """The positions of a parameter's uses: one per layer for a scanned stack's."""
+    scanned = names[0] in _STACKS and len(names) > 3 and names[1] == 'layers'
+    return [forward_position(names, layer, self.stack)
+            for layer in (range(leaf.shape[0]) if scanned else [None])]
+
+  def below(self, position: Position) -> bool:
+    """Whether a trained parameter lies below `position` and feeds it."""
+    return any(_feeds(lower, position) for lower in self._lowest_by_stage.values())
+
+  def within(self, *prefix: str) -> bool:
+    """Whether a trained parameter's path starts with `prefix`."""
+    return any(path[:len(prefix)] == prefix for path in self.paths)
+
+  def in_layer(self, stack: str, layer: int, *prefix: str) -> bool:
+    """Whether a trained parameter of the layer (unrolled or scanned) starts with `prefix`."""
+    return self.within(stack, f'layer_{layer}', *prefix) or self.within(stack, 'layers', *prefix)
+
+  def bias_of(self, stack: str) -> bool:
+    """Whether a relative bias table that `stack`'s self-attention adds trains."""
+    return any(self.within(top) for top, owner in _BIASES.items()
+               if (owner or self.stack) == stack)
 
 
 def _input_position(names: tuple[str, ...], position: Position) -> Position:
-  """Where a matmul's input comes from, as far as its input gradient goes: the tied
-  embedding multiplies at the output head, the cross-attention keys and values the
-  encoder's output, and an adapter's B the output of its A, just below it."""
+  """Where a matmul's input comes from, as far as its input gradient goes: an adapter's B
+  multiplies the output of its A, just below it; the tied embedding multiplies at the
+  output head; the cross-attention keys and values multiply the encoder's output."""
+  if names[-1] == lora.ADAPTER_B:
+    return position[:2] + (position[2] + 0.5,)
   if names[-1] == 'embedding':
     return HEAD, 0, _HEAD.index('lm_head')
   if _is_cross_kv(names):
-    return DECODER, -1, 0
-  if names[-1] == lora.ADAPTER_B:
-    return position[:2] + (position[2] + 0.5,)
+    return _ENCODER_OUTPUT
   return position
 
 
 def matmul_train_flops(params, tokens: dict[str, int], tie_embeddings: bool,
-                       frozen_params=None) -> float:
+                       trained: Trained) -> float:
   """Training FLOPs of the matmul parameters per example, over the `tokens` each part
   multiplies (matmul_param_counts' parts). Per parameter and token: 2 forward, 2 for
-  its weight gradient unless frozen (in `frozen_params`: LoRA's base), and 2 for its
-  input gradient where a trained parameter lies below it (lowest_trained): 6 in full
-  training."""
-  lowest = lowest_trained(params, frozen_params)
-  frozen = {names for names, _ in _named_leaves(frozen_params or {})}
+  its weight gradient if it trains, and 2 for its input gradient where a trained
+  parameter lies below it (`trained`): 6 in full training."""
   total = 0.0
   for names, leaf in _named_leaves(params):
     part = matmul_part(names, tie_embeddings)
     if part is None:
       continue
-    uses = _uses(names, leaf)
-    weight_gradient = 0 if names in frozen else 2
+    uses = trained.uses(names, leaf)
+    weight_gradient = 2 * (names in trained.paths)
     for position in uses:
-      below = lowest is not None and lowest < _input_position(names, position)
-      total += ((2 + weight_gradient + 2 * below) * int(np.prod(leaf.shape)) / len(uses)
+      input_gradient = 2 * trained.below(_input_position(names, position))
+      total += ((2 + weight_gradient + input_gradient) * int(np.prod(leaf.shape)) / len(uses)
                 * tokens[part])
   return total
 
 
 def attention_train_flops(attention_width: int, products: list[tuple[str, str, int, int, int]],
-                          lowest: Position | None) -> float:
-  """Training FLOPs of attention's score and value products per example: per query-key
-  pair of each layer, 4 (N K) forward and, where a trained parameter lies below it
-  (`lowest`: lowest_trained; None: nothing trains), 8 (N K) backward. `products` lists
-  (stack, attention, layers, queries, keys) for each kind of attention, e.g. a decoder's
-  self-attention ('decoder', 'self_attention', L, T, T); attention_width = N K
-  (num_heads x head_dim)."""
+                          trained: Trained) -> float:
+  """Training FLOPs of attention's score and value products per example, per query-key
+  pair and width N K (num_heads x head_dim): 4 forward (Q K^T, P V) and 2 for each backward
+  product the trained parameters need (`trained`): dV = P^T dO where the values need a
+  gradient; dP = dO V^T where the queries, keys or a trained bias do; dQ and dK where the
+  queries and the keys do: 8 in full training. `products` lists (stack, attention, layers,
+  queries, keys) for each kind of attention, e.g. a decoder's self-attention ('decoder',
+  'self_attention', L, T, T)."""
   total = 0.0
   for stack, attention, layers, queries, keys in products:
     for layer in range(layers):
-      core = forward_position((stack, f'layer_{layer}', attention, 'core'))
-      backward = lowest is not None and lowest < core
-      total += (4 + 8 * backward) * attention_width * queries * keys
+      projections = _in_block(stack, layer, attention, 'query')
+      keys_from = _ENCODER_OUTPUT if attention == 'cross_attention' else projections
+      query = trained.below(projections) or trained.in_layer(stack, layer, attention, 'query')
+      key, value = (trained.below(keys_from) or trained.in_layer(stack, layer, attention, m)
+                    for m in ('key', 'value'))
+      bias = attention == 'self_attention' and trained.bias_of(stack)
+      backward = 2 * (value + (query or key or bias) + query + key)
+      total += (4 + backward) * attention_width * queries * keys
   return total
 
 

@@ -247,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model_params = state.params if frozen is None else frozen_lib.combine(frozen.params,
                                                                          state.params)
   n_params = state_lib.count_params(model_params)
-  n_matmul = flops.matmul_param_count(model_params, run.model_cfg.tie_embeddings)
+  n_matmul = flops.matmul_param_count(model_params, run.task.output_is_embedding())
   tokens_per_step = config.data.batch_size * seq_len
   flops_per_step = run.task.train_flops_with_frozen(  # LoRA's frozen base
       model_params, config.data.batch_size, seq_len, frozen.params if frozen else None)
