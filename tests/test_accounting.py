@@ -155,6 +155,18 @@ def test_train_flops_count_only_the_attention_gradients_a_long_sequence_needs(ca
   assert abs(ours / xla - 1) < 0.06, (ours, xla)
 
 
+def test_the_token_heads_feed_no_sequence_head_but_the_final_norm_feeds_both():
+  kernel = jax.ShapeDtypeStruct((4, 4), jnp.float32)
+  params = {'head': {'final_norm': {'scale': jax.ShapeDtypeStruct((4,), jnp.float32)},
+                     'transform': {'kernel': kernel}},
+            'pooler': {'kernel': kernel}, 'next_sentence': {'kernel': kernel}}
+  pooler = flops.forward_position(('pooler', 'kernel'))
+  transform_trains = flops.Trained(params, {'head': {'final_norm': params['head']['final_norm']},
+                                            'pooler': params['pooler']})
+  assert not transform_trains.below(pooler)
+  assert flops.Trained(params, {'pooler': params['pooler']}).below(pooler)  # the norm trains
+
+
 def test_a_parameter_of_an_unknown_module_has_no_place_to_be_guessed():
   with pytest.raises(ValueError, match='does not know where the forward pass uses '
                                        'decoder/layer_0/adapter_bank/kernel'):

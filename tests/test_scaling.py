@@ -165,16 +165,18 @@ def test_lora_gradients_and_adamw_moments_are_the_adapters_only():
   assert 'Full fine-tuning vs LoRA' in estimate.report(result)
   # FLOPs as the run counts them: the frozen kernels' 2 of 6 FLOPs per token (their weight
   # gradients) are not spent, nor the input gradients of the first layer's query, key and
-  # value projections and A adapters, below which nothing trains; attention's all are. The
+  # value projections and A adapters, below which nothing trains, nor that layer's
+  # attention key gradient dK (no key trains there); the rest of attention's are. The
   # forward pass is the whole model's.
   frozen_matmul = result['matmul_params'] - adapters
   forward = result['forward_flops_per_token']
-  attention = estimate.abstract_params(estimate.model_task(config))['decoder']['layers'][
-      'self_attention']
+  task = estimate.model_task(config)
+  attention = estimate.abstract_params(task)['decoder']['layers']['self_attention']
   first_layer = (sum(attention[m]['kernel'].size for m in ('query', 'key', 'value'))
                  + sum(attention[m]['lora_a'].size for m in ('query', 'value'))) / 4
+  first_layer_dk = 2 * task.cfg.num_heads * task.cfg.head_dim * config.data.seq_len
   assert result['flops_per_token'] == pytest.approx(3 * forward - 2 * frozen_matmul
-                                                    - 2 * first_layer)
+                                                    - 2 * first_layer - first_layer_dk)
   # A task's new head (and lora.train_in_full's parameters) train beside the adapters.
   cfg = dataclasses.replace(SMALL, num_labels=3, lora_rank=4, lora_targets=('q', 'v'))
   task = tasks.for_model(cfg, 'classification')

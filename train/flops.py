@@ -106,6 +106,7 @@ _LATER_STEP = {'core': 1, 'down': 1, 'out': 2}
 _HEAD = ('final_norm', 'transform', 'transform_norm', 'lm_head', 'output_bias', 'pooler',
          'next_sentence', 'classifier')
 _SEQUENCE_HEADS = ('pooler', 'next_sentence', 'classifier')  # once per sequence
+_FIRST_SEQUENCE_HEAD = _HEAD.index(_SEQUENCE_HEADS[0])
 # Relative position bias tables by the stack whose self-attention cores add them at every
 # layer ('relative_bias': a one-stack model's).
 _BIASES = {'encoder_bias': 'encoder', 'decoder_bias': 'decoder', 'relative_bias': None}
@@ -194,16 +195,20 @@ def forward_position(names: tuple[str, ...], layer: int | None = None,
 def _feeds(lower: Position, position: Position) -> bool:
   """Whether the forward pass carries `lower` (a position below `position`) into
   `position`: everything carries upwards, except the encoder into the decoder before the
-  decoder's first cross-attention."""
-  return lower < position and not (lower[0] == ENCODER and position[0] == DECODER
-                                   and position[1:] < _FED_BY_ENCODER)
+  decoder's first cross-attention, and the token heads (after the final norm) into the
+  sequence heads, which read the final norm's output."""
+  encoder_to_decoder = lower[0] == ENCODER and position[0] == DECODER
+  token_to_sequence_head = (lower[0] == position[0] == HEAD
+                            and 0 < lower[2] < _FIRST_SEQUENCE_HEAD <= position[2])
+  return lower < position and not (encoder_to_decoder and position[1:] < _FED_BY_ENCODER
+                                   or token_to_sequence_head)
 
 
 class Trained:
   """Where a model's trained parameters (all of `params` but `frozen_params`, a subtree of
-  it or None) sit in its forward pass. A gradient flows back only into what a trained
-  parameter's output depends on: only what such a parameter lies below (and feeds) needs
-  an input gradient."""
+  it or None) sit in its forward pass. The backward pass runs only through what depends on
+  a trained parameter: only what such a parameter lies below (and feeds) needs an input
+  gradient."""
 
   def __init__(self, params, frozen_params=None):
     frozen = {names for names, _ in _named_leaves(frozen_params or {})}
