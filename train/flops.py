@@ -9,8 +9,8 @@ kernel and the output projection (also when tied to the input embedding), but
 not a lookup-only input embedding, learned position table, norms or biases.
 6 = 2 (multiply-add) x 3 (forward + two backward matmuls); the second term is
 the attention score (Q K^T) and value (P V) matmuls, which grow with context
-length: 4 FLOPs per query-key pair and query width forward, 8 backward. (Kaplan et
-al. 2020 count 2 forward, the score product alone.) Their width is that of the queries,
+length: 4 FLOPs per query-key pair and query width forward, 8 backward (Kaplan et
+al. 2020 count half of this: 2 forward). Their width is that of the queries,
 N x K (num_heads x head_dim), which equals d_model only when head_dim = d_model /
 num_heads; grouped-query attention shares keys and values but every query head still
 scores and mixes all of them.
