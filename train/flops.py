@@ -222,11 +222,6 @@ class Trained:
         first = min(self.uses(names, leaf))
         self._lowest_by_stage[first[0]] = min(self._lowest_by_stage.get(first[0], first), first)
 
-  @property
-  def lowest(self) -> Position | None:
-    """The first position at which a trained parameter is used; None if none trains."""
-    return min(self._lowest_by_stage.values(), default=None)
-
   def uses(self, names: tuple[str, ...], leaf) -> list[Position]:
     """The positions of a parameter's uses: one per layer for a scanned stack's."""
     scanned = names[0] in _STACKS and len(names) > 3 and names[1] == 'layers'
