@@ -129,6 +129,7 @@ def test_forward_flops_agree_with_xla_cost_analysis_within_five_percent(arch, he
     # its input gradients and attention's backward doubled the step's FLOPs.
     'decoder/head/untied',
     'decoder/mlp_out',  # the first layer's attention: forward only
+    'decoder/mlp_in',  # ... and its frozen down projection, above the adapter, does not
     'encoder_decoder/q+v', 'encoder_decoder/head/untied', 'encoder/q+v@masked_lm'])
 def test_train_flops_with_a_frozen_base_agree_with_xla_cost_analysis(case):
   """The gradient of the loss over the trained part, as the train step takes it: XLA
@@ -165,6 +166,31 @@ def test_the_token_heads_feed_no_sequence_head_but_the_final_norm_feeds_both():
                                             'pooler': params['pooler']})
   assert not transform_trains.below(pooler)
   assert flops.Trained(params, {'pooler': params['pooler']}).below(pooler)  # the norm trains
+  # A trained pooler feeds the next-sentence classifier above it, whatever token head trains.
+  next_sentence = flops.forward_position(('next_sentence', 'kernel'))
+  assert flops.Trained(params, {'head': {'final_norm': params['head']['final_norm']},
+                                'next_sentence': params['next_sentence']}).below(next_sentence)
+
+
+def test_the_encoder_reaches_the_decoder_through_cross_attention_only():
+  """LoRA on the MLPs' output projections: the first trained parameters sit after the first
+  layers' attention, in the encoder and the decoder alike (too little work, at this size,
+  for the comparison with XLA to see these rules)."""
+  task, params, frozen = _params_and_frozen(flops_accounting.case_config(
+      'encoder_decoder/mlp_out'))
+  trained = flops.Trained(params, frozen)
+  position = lambda *names: flops.forward_position(('decoder', 'layer_0') + names)
+  assert not trained.below(position('self_attention', 'query'))
+  assert not trained.below(position('cross_attention', 'query'))
+  assert trained.below(position('cross_attention', 'core'))  # keys from the trained encoder
+  assert trained.below(position('mlp', 'up'))
+  # the cross-attention keys and values multiply the encoder's output: input gradients
+  products = [('decoder', 'cross_attention', 1, 1, 1)]
+  assert flops.attention_train_flops(1, products, trained) == 4 + 2 * 3  # dV, dP, dK
+  key = params['decoder']['layer_0']['cross_attention']['key']
+  tokens = dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'sequence', 'other'), 1)
+  assert flops.matmul_train_flops({'decoder': {'layer_0': {'cross_attention': {'key': key}}}},
+                                  tokens, False, trained) == (2 + 2) * key['kernel'].size
 
 
 def test_a_parameter_of_an_unknown_module_has_no_place_to_be_guessed():

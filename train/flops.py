@@ -216,11 +216,14 @@ class Trained:
     tops = {names[0] for names, _ in leaves}
     self.stack = 'encoder' if 'encoder' in tops and 'decoder' not in tops else 'decoder'
     self.paths = {names for names, _ in leaves if names not in frozen}
-    self._lowest_by_stage: dict[int, Position] = {}
+    # The lowest trained position of each branch of the computation (a stage; the heads'
+    # two), within which a lower position feeds every higher one.
+    self._lowest_by_branch: dict[tuple[int, bool], Position] = {}
     for names, leaf in leaves:
       if names in self.paths:
         first = min(self.uses(names, leaf))
-        self._lowest_by_stage[first[0]] = min(self._lowest_by_stage.get(first[0], first), first)
+        branch = first[0], first[0] == HEAD and first[2] >= _FIRST_SEQUENCE_HEAD
+        self._lowest_by_branch[branch] = min(self._lowest_by_branch.get(branch, first), first)
 
   def uses(self, names: tuple[str, ...], leaf) -> list[Position]:
     """The positions of a parameter's uses: one per layer for a scanned stack's."""
@@ -230,7 +233,7 @@ class Trained:
 
   def below(self, position: Position) -> bool:
     """Whether a trained parameter lies below `position` and feeds it."""
-    return any(_feeds(lower, position) for lower in self._lowest_by_stage.values())
+    return any(_feeds(lower, position) for lower in self._lowest_by_branch.values())
 
   def within(self, *prefix: str) -> bool:
     """Whether a trained parameter's path starts with `prefix`."""
