@@ -205,10 +205,10 @@ class Dense(nn.Module):
     else:
       kernel = _int8_param(self, 'kernel', param_init(self.stddev, self.names),
                            x.shape[-n:] + self.features, cfg.param_dtype)
-      # The MLP's input projections in 2-D products (contract_inputs), except under a remat
-      # policy (the policies name dot_general, which a custom VJP hides) and with LoRA (kept
-      # on autodiff's products: not measured with adapters).
-      two_d = self.lora_target == 'mlp_in' and cfg.remat == 'none' and not cfg.lora_rank
+      # Gradients in 2-D products (contract_inputs), except under a remat policy (the
+      # policies name dot_general, which a custom VJP hides) and with LoRA (kept on
+      # autodiff's products: not measured with adapters).
+      two_d = cfg.remat == 'none' and not cfg.lora_rank
       product = contract_inputs if two_d else _contract
       y = product(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype), n)
     if self.lora_target and lora.adapted(self, self.lora_target):
@@ -233,10 +233,13 @@ def contract_inputs(x: Array, kernel: Array, n: int) -> Array:
 
   Its gradients are two 2-D products over the flattened tokens M and features I, O:
   dkernel [I, O] = x[M, I] contracted with dy[M, O] over M, and dx = dy kernel^T. They
-  are autodiff's products, but for an MLP's input projection autodiff's layouts make
-  XLA:CPU write the activation's backward [M, O] transposed (as [O, M], at a fraction of
-  memory speed) before the kernel's product; this form writes nothing extra: 1.18x the
-  tokens/s of the CPU peer config's train step (benchmarks/RESULTS.md)."""
+  are autodiff's products, but from autodiff's layouts XLA:CPU writes the output's
+  cotangent [M, O] transposed (as [O, M], element by element, at a fraction of memory
+  speed) before the kernel's product: the MLP's activation backward, and attention's key,
+  value and query cotangents, moved from the heads' [B G, T, K] rows straight to
+  [G K, B T]. This form writes nothing extra: 1.18x the CPU peer config's training
+  tokens/s for the MLP's input projections alone, and 1.16x more for every projection
+  on an AVX-512 VM (benchmarks/RESULTS.md)."""
   return _contract(x, kernel, n)
 
 

@@ -20,8 +20,14 @@ backward fusion from the values it was computed from. Six things stop that:
   reads too. The backward sums the gradient of a factor spread over a product (a norm's
   scale in `x_hat * scale`, summed over batch and length) from the other factor, so
   that residual is kept.
-`residuals` counts those roots, and the broadcast reciprocal XLA keeps beside a
-quotient such as softmax's.
+`residuals` counts those roots, and one more array beside a kept quotient such as
+softmax's, x / broadcast(s), whose divisor s has `YNN_MIN_ELEMENTS` or more: XLA turns
+it into x * broadcast(1 / s), and XLA:CPU computes its backward (the cotangent's
+product, times broadcast(1 / s), summed back to s's shape and negated) in one YNNPACK
+fusion, which reads broadcast(1 / s) written out at the quotient's size in the forward
+pass. YNNPACK takes no op on smaller arrays (that negation: softmax's [B, N, T] under
+4096 in a small batch); then loop fusions broadcast 1 / s as they read it, and only s
+is kept.
 
 A jitted function (jax.nn.silu, jnp.where) is traced once, so every call of it is the
 same jaxpr with the same variables; each inlined call gets variables of its own.
@@ -57,6 +63,9 @@ FUSIBLE = frozenset({
 # The fusible ops XLA will not duplicate into a second consumer: computed once, kept.
 EXPENSIVE = frozenset({'div', 'erf', 'erf_inv', 'exp', 'expm1', 'log', 'log1p', 'logistic', 'pow',
                        'rem', 'rsqrt', 'sin', 'cos', 'sqrt', 'tanh'})
+# The fewest elements XLA:CPU's YNNPACK fusions take an elementwise op with (in an operand
+# or its result; xla/backends/cpu/ynn_support.cc, IsInstructionPreferredByYnn).
+YNN_MIN_ELEMENTS = 4096
 # Calls whose bodies are inlined; every other op with a sub-jaxpr (loops, kernels such
 # as splash attention's pallas_call) stays opaque: XLA keeps what crosses its boundary.
 CALLS = frozenset({'pjit', 'jit', 'closed_call', 'core_call', 'checkpoint', 'remat',
@@ -169,9 +178,11 @@ def residuals(closed: jax_core.ClosedJaxpr, num_params: int, num_frozen: int = 0
     else:
       roots.add(var)
   # XLA turns x / broadcast(s) into x * broadcast(1 / s) and keeps that broadcast, as
-  # large as the quotient, beside a kept quotient (softmax probabilities).
+  # large as the quotient, beside a kept quotient (softmax probabilities) where the
+  # backward is one YNNPACK fusion: s of YNN_MIN_ELEMENTS or more (module docstring).
   reciprocals = sum(_nbytes(v) for v in roots if producer[v][0] == 'div'
-                    and len(producer[v][1]) == 2 and producer[v][1][1].aval.size < v.aval.size)
+                    and len(producer[v][1]) == 2
+                    and YNN_MIN_ELEMENTS <= producer[v][1][1].aval.size < v.aval.size)
   # A scan that stacks nothing (the loss over chunks of the sequence, model.logits_chunk)
   # is no layer stack.
   stacks = tuple(stack for stack in (
