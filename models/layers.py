@@ -205,11 +205,7 @@ class Dense(nn.Module):
     else:
       kernel = _int8_param(self, 'kernel', param_init(self.stddev, self.names),
                            x.shape[-n:] + self.features, cfg.param_dtype)
-      # Gradients in 2-D products (contract_inputs), except under a remat policy (the
-      # policies name dot_general, which a custom VJP hides) and with LoRA (kept on
-      # autodiff's products: not measured with adapters).
-      two_d = cfg.remat == 'none' and not cfg.lora_rank
-      product = contract_inputs if two_d else _contract
+      product = contract_inputs if _two_d_gradients(cfg) else _contract
       y = product(x.astype(cfg.dtype), _weight(kernel, x, cfg.dtype), n)
     if self.lora_target and lora.adapted(self, self.lora_target):
       y = y + lora.delta(self, x, n, self.names, self.features, self.deterministic)
@@ -218,6 +214,14 @@ class Dense(nn.Module):
                         self.features, cfg.param_dtype)
       y = y + bias.astype(cfg.dtype)
     return y
+
+
+def _two_d_gradients(cfg: ModelConfig) -> bool:
+  """Whether Dense takes its gradients from contract_inputs' 2-D products: on XLA:CPU,
+  whose layouts they are for and where they were measured, and neither under remat (its
+  policies name dot_general, which a custom VJP hides) nor with LoRA adapters (not
+  measured with them)."""
+  return jax.default_backend() == 'cpu' and cfg.remat == 'none' and not cfg.lora_rank
 
 
 def _contract(x: Array, kernel: Array, n: int, inputs_from: int = 0) -> Array:
@@ -235,11 +239,10 @@ def contract_inputs(x: Array, kernel: Array, n: int) -> Array:
   dkernel [I, O] = x[M, I] contracted with dy[M, O] over M, and dx = dy kernel^T. They
   are autodiff's products, but from autodiff's layouts XLA:CPU writes the output's
   cotangent [M, O] transposed (as [O, M], element by element, at a fraction of memory
-  speed) before the kernel's product: the MLP's activation backward, and attention's key,
-  value and query cotangents, moved from the heads' [B G, T, K] rows straight to
-  [G K, B T]. This form writes nothing extra: 1.18x the CPU peer config's training
-  tokens/s for the MLP's input projections alone, and 1.16x more for every projection
-  on an AVX-512 VM (benchmarks/RESULTS.md)."""
+  speed) before the kernel's product: the MLP's activation backward, and attention's
+  query, key and value cotangents, moved from attention's rows of heads straight to
+  [heads K, B T]. This form writes nothing extra (benchmarks/RESULTS.md has the
+  speed-ups on two CPUs). The cotangents come back in the primals' dtypes."""
   return _contract(x, kernel, n)
 
 
@@ -251,11 +254,13 @@ def _contract_backward(n, residuals, dy):
   x, kernel = residuals
   fan_in = math.prod(kernel.shape[:n])
   x_MI = x.reshape(-1, fan_in)
-  dy_MO = dy.reshape(x_MI.shape[0], -1)
-  kernel_IO = kernel.reshape(fan_in, -1)
+  fan_out = math.prod(kernel.shape[n:])
+  dy_MO = dy.reshape(x_MI.shape[0], fan_out)
+  kernel_IO = kernel.reshape(fan_in, fan_out)
   dkernel_IO = jax.lax.dot_general(x_MI, dy_MO, (((0,), (0,)), ((), ())))
   dx_MI = jax.lax.dot_general(dy_MO, kernel_IO, (((1,), (1,)), ((), ())))
-  return dx_MI.reshape(x.shape), dkernel_IO.reshape(kernel.shape)
+  return (dx_MI.reshape(x.shape).astype(x.dtype),
+          dkernel_IO.reshape(kernel.shape).astype(kernel.dtype))
 
 
 contract_inputs.defvjp(_contract_forward, _contract_backward)

@@ -25,9 +25,9 @@ softmax's, x / broadcast(s), whose divisor s has `YNN_MIN_ELEMENTS` or more: XLA
 it into x * broadcast(1 / s), and XLA:CPU computes its backward (the cotangent's
 product, times broadcast(1 / s), summed back to s's shape and negated) in one YNNPACK
 fusion, which reads broadcast(1 / s) written out at the quotient's size in the forward
-pass. YNNPACK takes no op on smaller arrays (that negation: softmax's [B, N, T] under
-4096 in a small batch); then loop fusions broadcast 1 / s as they read it, and only s
-is kept.
+pass. YNNPACK declines an op whose result and operands all have fewer elements (that
+negation, at s's shape: softmax's [B, N, queries] in a small batch); then loop fusions
+broadcast 1 / s as they read it, and only s is kept.
 
 A jitted function (jax.nn.silu, jnp.where) is traced once, so every call of it is the
 same jaxpr with the same variables; each inlined call gets variables of its own.

@@ -15,8 +15,9 @@
 #
 # DIR defaults to the checkout's runs/gpu_benchmarks; PARTs (train, decode, speculative;
 # all by default) run a share of the set, e.g. to fit a limit on one command's time: the
-# steps' limits add up to 400 s for train, 240 s for decode and 480 s for speculative, so
-# each part fits a 600 s command with the 30 s each step is given to stop.
+# steps' limits add up to 400 s for train, 240 s for decode and 420 s for speculative: with
+# the 30 s each step is given to stop, 460, 300 and 510 s at worst, plus the setup (the
+# wheels' install, one JAX import), within a 600 s command.
 #
 # On a machine without PyPI, first run scripts/offline_wheels.sh where pip works and copy
 # .whl/ along: its wheels are installed here into a folder of their own.
@@ -92,12 +93,12 @@ runs=$(mktemp -d) || exit 1
 trap 'rm -rf "$runs"' EXIT
 mkdir -p "$runs/draft" || exit 1
 train() {  # train WORKDIR [FLAGS...]: a gpt_tiny run
-  timeout -k 30 160 "$python" main.py --config=configs/gpt_tiny.py --workdir="$1" "${@:2}" \
+  timeout -k 30 140 "$python" main.py --config=configs/gpt_tiny.py --workdir="$1" "${@:2}" \
       >> "$out/log.txt" 2>&1
 }
 if train "$runs/target" && cp "$runs/target/tokenizer.model" "$runs/draft/" \
     && train "$runs/draft" --config.model.num_layers=1; then
-  bench 160 -m benchmarks.speculative --target_workdir="$runs/target" \
+  bench 140 -m benchmarks.speculative --target_workdir="$runs/target" \
       --draft_workdir="$runs/draft" --num_draft_tokens=2,3,4
 else
   echo 'training the speculative target or draft failed: see log.txt' | tee -a "$out/log.txt"

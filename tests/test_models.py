@@ -173,3 +173,15 @@ def test_two_d_product_gradients_equal_autodiffs(num_input_axes):
   for got, want in zip(ours[1](cotangent), autodiff[1](cotangent)):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('tokens', [0, 3])
+def test_two_d_product_cotangents_take_the_primals_dtypes_and_shapes(tokens):
+  from models.layers import contract_inputs
+  x = jnp.ones((tokens, 5, 4), jnp.bfloat16)
+  kernel = jnp.ones((4, 6, 2), jnp.float32)
+  y, backward = jax.vjp(lambda x, k: contract_inputs(x, k, 1), x, kernel)
+  dx, dkernel = backward(jnp.ones_like(y))
+  assert (dx.shape, dx.dtype, dkernel.shape, dkernel.dtype) == (
+      x.shape, x.dtype, kernel.shape, kernel.dtype)
+  np.testing.assert_allclose(dkernel, jnp.full(kernel.shape, 5.0 * tokens))
