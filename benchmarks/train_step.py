@@ -1,6 +1,6 @@
 """Training throughput of one config on random tokens: one JSON line.
 
-python -m benchmarks.train_step --config=configs/bench_cpu.py --json [--compare=torch]
+python -m benchmarks.train_step --config=configs/bench_cpu.py --json [--compare=torch|xla_defaults]
 
 Reports tokens/s, step time, MFU, compile time and, on CPU, the float32 matmul
 rate measured in the same process (the practical peak MFU is taken against).
@@ -11,6 +11,11 @@ its own with 4 KB pages, where it runs faster than with huge pages) on the same
 batch shape for the same number of steps: torch_tokens_per_s, torch_mfu (against the
 same FLOPs per token and the same peak), speedup_vs_torch (ours / theirs), and both
 first steps' losses (first_loss, torch_first_loss: equal when both run the same model).
+
+--compare=xla_defaults also compiles the step with XLA's default options (without
+train/steps.py `train_compiler_options`) and times the two in turns, a step each, in this
+process: xla_defaults_tokens_per_s and speedup_vs_xla_defaults (ours / theirs, from the
+mean step times; _median from the median ones, steadier on a noisy machine).
 """
 import importlib.util
 import json
@@ -32,8 +37,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Con
 # --steps of its own; decode.py has its own --compare and --json.
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one warm-up step).',
                               allow_override=True)
-_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torch'],
-                             'torch: also time a PyTorch reference of the same model.',
+_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torch', 'xla_defaults'],
+                             'torch: also time a PyTorch reference of the same model; '
+                             "xla_defaults: the step compiled with XLA's default options.",
                              allow_override=True)
 _JSON = flags.DEFINE_bool('json', False, 'Print only the JSON line on stdout.',
                           allow_override=True)
@@ -48,9 +54,9 @@ def random_batch(task, rng: np.random.Generator, batch_size: int, seq_len: int, 
   return batch
 
 
-def build(config):
+def build(config, xla_default_options: bool = False):
   """(task, compiled train step, initial state, two random batches, compile seconds,
-  devices) of `config`, as a run builds them."""
+  devices) of `config`, as a run builds them (or with XLA's default compiler options)."""
   config_checks.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   config_checks.validate_against_mesh(config, dict(mesh.shape))
@@ -64,7 +70,8 @@ def build(config):
   state = state_lib.create_train_state(task, tx, mesh, config.data.seq_len,
                                        jax.random.key(config.seed))
   step = steps.jit_train_step(task, tx, optimizer.learning_rate_schedule(config.train),
-                              config.train.grad_accum, jax.random.key(1), mesh, shardings)
+                              config.train.grad_accum, jax.random.key(1), mesh, shardings,
+                              xla_default_options=xla_default_options)
   rng = np.random.default_rng(0)
   batches = [sharding.global_batch(random_batch(task, rng, config.data.batch_size,
                                                 config.data.seq_len, vocab), mesh)
@@ -72,6 +79,13 @@ def build(config):
   start = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
   return task, compiled, state, batches, time.perf_counter() - start, mesh.size
+
+
+def _timed(program: Program) -> tuple[float, object]:
+  """(seconds, outputs) of one call, its results waited for."""
+  start = time.perf_counter()
+  outputs = jax.block_until_ready(program.run())
+  return time.perf_counter() - start, outputs
 
 
 def memory_bytes(compiled) -> dict:
@@ -130,11 +144,22 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
     reference = torch_reference.load_params(torch_reference.GPT(cfg), state.params)
   step = stepping(compiled, state, batches)
   _, first = jax.block_until_ready(step.run())  # warm-up
-  start = time.perf_counter()
-  for _ in range(num_steps):
-    out = step.run()
-  _, metrics = jax.block_until_ready(out)
-  step_s = (time.perf_counter() - start) / num_steps
+  other = None
+  if compare == 'xla_defaults':
+    other = stepping(*build(config, xla_default_options=True)[1:4])
+    jax.block_until_ready(other.run())
+    other_times, times = [], []
+    for _ in range(num_steps):  # in turns, so both see the machine's same moments
+      other_times.append(_timed(other)[0])
+      seconds, (_, metrics) = _timed(step)
+      times.append(seconds)
+    step_s = sum(times) / num_steps
+  else:
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      out = step.run()
+    _, metrics = jax.block_until_ready(out)
+    step_s = (time.perf_counter() - start) / num_steps
 
   peak = flops.peak_flops_per_device(cfg.dtype) * devices
   tokens_per_s = tokens_per_step / step_s
@@ -150,6 +175,11 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
   }
   if jax.default_backend() == 'cpu':
     result['cpu_matmul_flops'] = peak
+  if other is not None:
+    result.update(xla_defaults_tokens_per_s=tokens_per_step * num_steps / sum(other_times),
+                  speedup_vs_xla_defaults=sum(other_times) / sum(times),
+                  speedup_vs_xla_defaults_median=float(np.median(other_times)
+                                                       / np.median(times)))
   if reference is not None:
     batch = jax.device_get(batches[0])
     torch_result = torch_reference.measure_in_own_process(

@@ -147,5 +147,5 @@ def test_activations_carry_sharding_constraints_in_the_train_step():
   """Flax drops logical constraints silently when it sees no mesh (recent Flax reads
   jax.set_mesh's, not the legacy `with mesh:`): the step must trace under both."""
   state, step = _setup(grad_accum=1)
-  jaxpr = str(jax.make_jaxpr(step)(state, _random_batch(0)))
+  jaxpr = str(step.trace(state, _random_batch(0)).jaxpr)
   assert jaxpr.count('sharding_constraint') >= 2  # a block's input and output
