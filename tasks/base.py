@@ -282,12 +282,17 @@ class Task:
     one per sequence."""
     return dict.fromkeys(('encoder', 'decoder', 'cross_kv', 'other'), seq_len) | {'sequence': 1}
 
+  @property
+  def stack(self) -> str:
+    """The parameter tree's name for a one-stack model's layers: 'encoder' for an
+    encoder, else 'decoder' (an encoder-decoder has both)."""
+    return 'encoder' if self.arch == 'encoder' else 'decoder'
+
   def attention_products(self, seq_len: int) -> list[tuple[str, str, int, int, int]]:
     """(stack, attention, layers, queries, keys) per example of each kind of attention the
     step runs (train/flops.py `attention_train_flops`): the stack's self-attention over
     every token, by default."""
-    stack = 'encoder' if self.arch == 'encoder' else 'decoder'
-    return [(stack, 'self_attention', self.cfg.num_layers, seq_len, seq_len)]
+    return [(self.stack, 'self_attention', self.cfg.num_layers, seq_len, seq_len)]
 
   def train_flops_with_frozen(self, params, batch_size: int, seq_len: int,
                               frozen_params) -> float:

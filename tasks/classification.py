@@ -328,9 +328,8 @@ class Classification(base.Task):
     head = cfg.final_norm * base.norm_params(cfg) + D * K + K  # final norm, classifier
     if self.arch == 'encoder' and cfg.nsp_head:
       head += D * D + D  # the pooler
-    stack = 'encoder' if self.arch == 'encoder' else 'decoder'
     return {'embedding': cfg.vocab_size * D + base.input_params(cfg),
-            stack: cfg.num_layers * base.block_params(cfg), 'head': head,
+            self.stack: cfg.num_layers * base.block_params(cfg), 'head': head,
             **base.lora_part(cfg, cfg.num_layers)}
 
   def output_is_embedding(self) -> bool:
