@@ -12,6 +12,11 @@ temporary directory) then holds the trace (plugins/profile/*/perfetto_trace.json
 ui.perfetto.dev) and profile.jsonl, the table as one JSON object per op: op (the HLO
 instruction), count, total_ms (self time), share, flops and bytes per call, gflop_per_s,
 gb_per_s, what (benchmarks/op_table.py says how each is derived).
+
+XLA:CPU's plain dots (most of a train step's products, train/steps.py
+`train_compiler_options`) run on Eigen's threads, which the trace does not attribute to
+their op: their rows show launch times only (GFLOP/s beyond the machine's), so op time
+falls short of wall time. Fused ops, YNNPACK fusions included, show their whole time.
 """
 import os
 import tempfile

@@ -13,9 +13,11 @@ same FLOPs per token and the same peak), speedup_vs_torch (ours / theirs), and b
 first steps' losses (first_loss, torch_first_loss: equal when both run the same model).
 
 --compare=xla_defaults also compiles the step with XLA's default options (without
-train/steps.py `train_compiler_options`) and times the two in turns, a step each, in this
-process: xla_defaults_tokens_per_s and speedup_vs_xla_defaults (ours / theirs, from the
-mean step times; _median from the median ones, steadier on a noisy machine).
+train/steps.py `train_compiler_options`, which the line names as 'compiler_options') and
+times the two in turns, each step waited for, which goes first alternating:
+xla_defaults_tokens_per_s and speedup_vs_xla_defaults (ours / theirs, from the mean step
+times; _median from the median ones, steadier on a noisy machine). Both states stay in
+memory. Without it the timed steps are queued and waited for once, at the end.
 """
 import importlib.util
 import json
@@ -126,6 +128,10 @@ def program_from_flags() -> Program:
 
 
 def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
+  if compare == 'xla_defaults' and steps.train_compiler_options() is None:
+    raise ValueError("--compare=xla_defaults: this step compiles with XLA's defaults already "
+                     '(not XLA:CPU, XLA_FLAGS names the fusion types, or this jaxlib lacks '
+                     'the option): nothing to compare.')
   if compare == 'torch':  # before anything compiles
     if jax.default_backend() != 'cpu':
       raise ValueError('--compare=torch runs PyTorch on the CPU; compare on a CPU backend.')
@@ -149,10 +155,13 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
     other = stepping(*build(config, xla_default_options=True)[1:4])
     jax.block_until_ready(other.run())
     other_times, times = [], []
-    for _ in range(num_steps):  # in turns, so both see the machine's same moments
-      other_times.append(_timed(other)[0])
+    for i in range(num_steps):  # in turns, so both see the machine's same moments
+      if i % 2 == 0:
+        other_times.append(_timed(other)[0])
       seconds, (_, metrics) = _timed(step)
       times.append(seconds)
+      if i % 2 == 1:
+        other_times.append(_timed(other)[0])
     step_s = sum(times) / num_steps
   else:
     start = time.perf_counter()
@@ -172,6 +181,7 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
       'compile_s': compile_s, 'mfu': tokens_per_s * flops_per_token / peak,
       'peak_flops': peak, 'loss': float(metrics['loss']), 'attention': cfg.attention,
       'logits_chunk': cfg.logits_chunk, **memory_bytes(compiled),
+      'compiler_options': steps.train_compiler_options(),
   }
   if jax.default_backend() == 'cpu':
     result['cpu_matmul_flops'] = peak

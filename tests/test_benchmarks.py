@@ -357,3 +357,18 @@ def test_gpu_benchmarks_refuse_an_unknown_part_before_writing(tmp_path):
   assert done.returncode == 1
   assert "unknown PART 'decoding': give train, decode or speculative" in done.stderr
   assert not (tmp_path / 'out').exists()
+
+
+def test_the_train_step_benchmark_times_xla_defaults_in_turns(monkeypatch):
+  """--compare=xla_defaults: both steps run and the line names the options ours used;
+  where the step would compile with XLA's defaults anyway, one clear refusal."""
+  from benchmarks import train_step
+  from train import steps
+  config = _tiny()[0]
+  result = train_step.measure(config, num_steps=2, compare='xla_defaults')
+  assert result['compiler_options'] == steps.train_compiler_options() is not None
+  assert result['xla_defaults_tokens_per_s'] > 0
+  assert result['speedup_vs_xla_defaults'] > 0 and result['speedup_vs_xla_defaults_median'] > 0
+  monkeypatch.setattr(steps, 'train_compiler_options', lambda: None)
+  with pytest.raises(ValueError, match='nothing to compare'):
+    train_step.measure(config, num_steps=2, compare='xla_defaults')

@@ -15,7 +15,7 @@ from train import optimizer, sharding, state as state_lib, steps
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(grad_accum: int, offload_optimizer: bool):
+def _jitted(grad_accum: int, offload_optimizer: bool, xla_default_options: bool = False):
   """(task, tx, mesh, jitted train step), compiled once for the tests that share them."""
   config = default.get_config()
   config.train.update(steps=10, warmup_steps=2, grad_accum=grad_accum, lr=1e-2)
@@ -28,7 +28,7 @@ def _jitted(grad_accum: int, offload_optimizer: bool):
                             jax.devices()[:1])
   _, shardings = state_lib.state_shardings(task, tx, mesh, 16, offload_optimizer)
   step = steps.jit_train_step(task, tx, schedule, grad_accum, jax.random.key(1), mesh,
-                              shardings)
+                              shardings, xla_default_options=xla_default_options)
   return task, tx, mesh, step
 
 
@@ -149,3 +149,30 @@ def test_activations_carry_sharding_constraints_in_the_train_step():
   state, step = _setup(grad_accum=1)
   jaxpr = str(step.trace(state, _random_batch(0)).jaxpr)
   assert jaxpr.count('sharding_constraint') >= 2  # a block's input and output
+
+
+def test_train_compiler_options_on_cpu_unless_the_user_or_the_jaxlib_decides(monkeypatch):
+  """XLA:CPU compiles the step with YNNPACK fusing reductions only; not where XLA_FLAGS
+  names the option (the user's choice), off the CPU, or where the jaxlib refuses it."""
+  decide = steps.train_compiler_options.__wrapped__  # uncached
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  assert decide() == {steps.YNN_FUSION_TYPE: steps.TRAIN_STEP_YNN_FUSIONS}
+  monkeypatch.setenv('XLA_FLAGS', f'--{steps.YNN_FUSION_TYPE}=dot')
+  assert decide() is None
+  monkeypatch.delenv('XLA_FLAGS')
+  monkeypatch.setattr(steps, 'TRAIN_STEP_YNN_FUSIONS', 'NOT_A_FUSION_TYPE')
+  assert decide() is None
+  monkeypatch.undo()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert decide() is None
+
+
+def test_the_compile_options_change_no_result():
+  """The step compiled with and without train_compiler_options computes the same update
+  (its products' kernels differ, so up to float rounding)."""
+  batch = _random_batch(3)
+  state, metrics = _jitted(1, False)[3](_setup(1)[0], batch)
+  default_state, default_metrics = _jitted(1, False, True)[3](_setup(1)[0], batch)
+  np.testing.assert_allclose(metrics['loss'], default_metrics['loss'], rtol=1e-6)
+  for ours, theirs in zip(jax.tree.leaves(state.params), jax.tree.leaves(default_state.params)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)

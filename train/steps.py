@@ -145,13 +145,37 @@ def _traced_with_rules(fn, mesh: Mesh):
   return wrapped
 
 
+YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
+TRAIN_STEP_YNN_FUSIONS = 'LIBRARY_FUSION_TYPE_REDUCE'  # YNNPACK fuses reductions only
+
+
+@functools.cache
+def train_compiler_options() -> dict[str, str] | None:
+  """XLA options for the train step: on XLA:CPU, YNNPACK fusions only where a reduction
+  is the root. Most of the step's products (the [B T]-row matmuls and their gradients,
+  one operand of each gradient product transposed) then run as XLA's plain dots, which
+  trained every family faster than its YNNPACK dot fusions (benchmarks/RESULTS.md,
+  measured with jaxlib 0.10.2, whose defaults fuse dots: another jaxlib's may differ,
+  and `python -m benchmarks.train_step --compare=xla_defaults` checks).
+  None elsewhere, where XLA_FLAGS already sets the fusion types (the user's choice
+  stands), or where this jaxlib does not know the option or the value."""
+  if jax.default_backend() != 'cpu' or YNN_FUSION_TYPE in os.environ.get('XLA_FLAGS', ''):
+    return None
+  options = {YNN_FUSION_TYPE: TRAIN_STEP_YNN_FUSIONS}
+  try:
+    jax.jit(jnp.negative, compiler_options=options).lower(jnp.zeros(())).compile()
+  except Exception:  # an older jaxlib: "No such compile option", or not a valid value
+    return None
+  return options
+
+
 def jit_train_step(task, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
                    state_shardings, frozen_shardings=None, xla_default_options: bool = False):
   """step(state, batch) -> (state, metrics); step(state, batch, frozen) when the run has
   frozen parameters (`frozen_shardings`, a Frozen of shardings). Compiled with
-  `train_compiler_options` unless xla_default_options (benchmarks compare the two). A
-  top-level function: JAX refuses compiler options inside another trace (`step.trace`
-  gives its jaxpr)."""
+  `train_compiler_options` unless xla_default_options (benchmarks compare the two). Where
+  those options are set (XLA:CPU), call it at top level: JAX refuses a jit with compiler
+  options inside another trace (jax.grad, make_jaxpr; `step.trace` gives its jaxpr)."""
   offloaded = None
   host_opt_state = state_shardings.opt_state
   if any(s.memory_kind == 'pinned_host' for s in jax.tree.leaves(host_opt_state)):
@@ -167,29 +191,6 @@ def jit_train_step(task, tx, schedule, grad_accum: int, dropout_key, mesh: Mesh,
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0,
                  compiler_options=None if xla_default_options else train_compiler_options())
-
-
-YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
-# Only reductions: the step's products then run as XLA:CPU's plain dots.
-TRAIN_STEP_YNN_FUSIONS = 'LIBRARY_FUSION_TYPE_REDUCE'
-
-
-@functools.cache
-def train_compiler_options() -> dict[str, str] | None:
-  """XLA options for the train step: on XLA:CPU, YNNPACK fuses reductions only, not
-  matrix products. Most of the step's products (the [B T]-row matmuls and their
-  gradients, one operand of each gradient product transposed) then run as XLA's plain
-  dots, which trained the CPU peer config 1.07-1.15x faster on an AVX-512 Xeon (benchmarks/RESULTS.md).
-  None elsewhere, where XLA_FLAGS already sets the fusion types (the user's choice
-  stands), or where this jaxlib does not know the option."""
-  if jax.default_backend() != 'cpu' or YNN_FUSION_TYPE in os.environ.get('XLA_FLAGS', ''):
-    return None
-  options = {YNN_FUSION_TYPE: TRAIN_STEP_YNN_FUSIONS}
-  try:
-    jax.jit(jnp.negative, compiler_options=options).lower(jnp.zeros(())).compile()
-  except Exception:  # an older jaxlib: no YNNPACK fusions to choose among
-    return None
-  return options
 
 
 def jit_eval_step(task, mesh: Mesh, param_shardings, frozen_shardings=None):
