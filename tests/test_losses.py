@@ -1,0 +1,61 @@
+"""models/losses.py first_argmax: jnp.argmax's answer (the first index of the largest
+value) from two plain reductions, ties and -inf included; the token loss's 'correct'
+sum counts by it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import losses
+
+
+def _rows_with_ties(rng) -> np.ndarray:
+  """[6, 40] float32: random rows, then rows whose largest value repeats (first at index
+  0, in the middle, last), one constant row (a zero-initialised head's logits), and one
+  with -inf beside its largest value."""
+  x = rng.normal(size=(6, 40)).astype(np.float32) * 5
+  x[1, [3, 17, 39]] = x[1].max() + 1.0
+  x[2, [0, 5]] = x[2].max() + 2.0
+  x[3, [38, 39]] = x[3].max() + 0.5
+  x[4] = 0.0
+  x[5, :7] = -np.inf
+  return x
+
+
+def test_first_argmax_equals_jnp_argmax_on_random_values_ties_and_minus_inf():
+  rng = np.random.default_rng(0)
+  x = _rows_with_ties(rng)
+  got = jax.jit(losses.first_argmax)(x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+  np.testing.assert_array_equal(got[1:5], [3, 0, 38, 0])
+  # Near-equal values: the largest wins by one float32 step, at magnitudes from 1e-30
+  # to 1e30; bfloat16 logits; leading batch axes.
+  for scale in (1e-30, 1e-3, 1.0, 1e30):
+    y = np.full((2, 3, 50), scale, np.float32)
+    y[..., 20] = np.nextafter(np.float32(scale), np.float32(np.inf))
+    y[1, 2, 30] = y[1, 2, 20]
+    np.testing.assert_array_equal(losses.first_argmax(y), np.argmax(y, axis=-1))
+  z = jnp.asarray(rng.normal(size=(4, 9, 33)), jnp.bfloat16)
+  np.testing.assert_array_equal(losses.first_argmax(z), jnp.argmax(z, axis=-1))
+  # Where the largest value is +inf or NaN: 0, as the docstring says.
+  bad = np.array([[1.0, np.inf, 3.0, np.inf], [np.nan, 1.0, 2.0, 3.0]], np.float32)
+  np.testing.assert_array_equal(losses.first_argmax(bad), [0, 0])
+
+
+def test_first_argmax_refuses_an_axis_float32_cannot_index():
+  with pytest.raises(ValueError, match='2\\^24'):
+    jax.eval_shape(losses.first_argmax, jax.ShapeDtypeStruct((1, 2 ** 24), jnp.float32))
+
+
+def test_cross_entropy_counts_correct_tokens_as_argmax_does():
+  """'correct' against a count by jnp.argmax, with tied rows whose target is the first
+  largest (counted) or a later one (not counted), and weights."""
+  rng = np.random.default_rng(2)
+  logits = _rows_with_ties(rng)[None]  # [1, 6, 40]
+  targets = np.array([[int(np.argmax(logits[0, 0])), 17, 0, 39, 0, 11]], np.int32)
+  weights = np.array([[1.0, 1.0, 2.0, 1.0, 1.0, 0.0]], np.float32)
+  _, sums = losses.cross_entropy_sums(jnp.asarray(logits), targets, weights)
+  expected = np.sum((np.argmax(logits, -1) == targets) * weights)
+  assert float(sums['correct']) == expected == 1.0 + 2.0 + 1.0
