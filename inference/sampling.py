@@ -4,8 +4,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models.losses import first_argmax
-
 Array = jax.Array
 
 
@@ -56,7 +54,7 @@ def filter_logits(logits_BV: Array, top_k: int, top_p: float) -> Array:
 def sample(logits_BV: Array, key: Array, sampling: Sampling) -> Array:
   """One token per row, [B] int32."""
   if sampling.temperature == 0:
-    return first_argmax(logits_BV)
+    return jnp.argmax(logits_BV.astype(jnp.float32), axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, sampled_logits(logits_BV, sampling),
                                 axis=-1).astype(jnp.int32)
 

@@ -34,7 +34,6 @@ import numpy as np
 
 from inference.generate import prepare, start_decoding, through_eos, while_cache_grows
 from inference.sampling import Sampling, sample, sampled_logits
-from models.losses import first_argmax
 
 Array = jax.Array
 
@@ -130,7 +129,7 @@ def verify(p_TV: Array, q_KV: Array, draft_K: Array, key: Array) -> tuple[Array,
 def verify_greedy(logits_TV: Array, draft_K: Array) -> tuple[Array, Array]:
   """The rule at temperature 0 (p and q one-hot): keep proposals while they are the
   target's argmax, then add the target's argmax after the last one kept."""
-  target_T = first_argmax(logits_TV)
+  target_T = jnp.argmax(logits_TV, axis=-1).astype(jnp.int32)
   n = jnp.sum(jnp.cumprod((draft_K == target_T[:-1]).astype(jnp.int32)))
   return n, target_T[n]
 
@@ -155,7 +154,7 @@ def speculative_tokens(params, draft_params, ids_1P: Array, real_1P: Array, key:
   def propose(key, logits_1V):
     """(the draft's token, the distribution q it was drawn from; None when greedy)."""
     if greedy:
-      return first_argmax(logits_1V[0]), None
+      return jnp.argmax(logits_1V[0]).astype(jnp.int32), None
     q_1V = distribution(logits_1V, sampling)
     return draw(key, q_1V)[0], q_1V[0]
 

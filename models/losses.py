@@ -39,12 +39,13 @@ def first_argmax(x: Array) -> Array:
   magnitudes below ~1e-31 allow, count as ties). -inf is fine where the largest value is
   finite; a row whose largest value is +inf or NaN gives 0 (XLA's NaN to int), where
   argmax gives the first such index. XLA:CPU runs argmax's (value, index) reduction
-  unvectorized: over [4096, 8192] logits it took 78 ms where this takes 7, and over a
-  batch-8 decode step's [8, 8192] 168 us where this takes 20 (benchmarks/RESULTS.md).
-  Float32 holds every index exactly below 2^24."""
+  unvectorized: over the peer config's [4096, 8192] logits it took 78 ms where this
+  takes 7 (benchmarks/RESULTS.md). Decoding keeps jnp.argmax: over [8, 8192] the two ran
+  alike in a decode step. Past 2^24 values, where float32 holds not every index
+  exactly, it is jnp.argmax."""
   V = x.shape[-1]
-  if V >= 2 ** 24:
-    raise ValueError(f'first_argmax: {V} values on the last axis; float32 indexes fewer than 2^24.')
+  if V > 2 ** 24:
+    return jnp.argmax(x, axis=-1).astype(jnp.int32)
   x = jax.lax.stop_gradient(x.astype(jnp.float32))
   max_x = jnp.max(x, axis=-1, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
