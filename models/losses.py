@@ -34,22 +34,23 @@ def cross_entropy_sums(logits_BTV: Array, targets_BT: Array, weights_BT: Array,
 def first_argmax(x: Array) -> Array:
   """jnp.argmax over the last axis (int32, the first index of the largest value) as two
   plain reductions: the largest value, then the least of index + V·gap, where
-  gap = min(1, (max - x)·2^126) is 0 at the largest values and 1 wherever max - x is at
-  least float32's least normal number (values nearer the largest than that, which only
-  magnitudes below ~1e-31 allow, count as ties). -inf is fine where the largest value is
-  finite; a row whose largest value is +inf or NaN gives 0 (XLA's NaN to int), where
+  gap = min(1, ceil(max - x)) is 0 at the largest values and 1 elsewhere (a backend that
+  flushes subnormal numbers, as XLA:CPU does, reads values less than float32's least
+  normal number apart as equal). -inf is fine where the largest value is finite; a row
+  holding a NaN, or whose largest value is +inf, gives 0 (XLA's NaN to int), where
   argmax gives the first such index. XLA:CPU runs argmax's (value, index) reduction
   unvectorized: over the peer config's [4096, 8192] logits it took 78 ms where this
-  takes 7 (benchmarks/RESULTS.md). Decoding keeps jnp.argmax: over [8, 8192] the two ran
-  alike in a decode step. Past 2^24 values, where float32 holds not every index
-  exactly, it is jnp.argmax."""
+  takes 6-7 (benchmarks/RESULTS.md). Decoding keeps jnp.argmax: over [8, 8192] the two
+  ran alike in a decode step. Inputs float32 cannot hold exactly (float64, integers)
+  and rows past 2^24 values (float32 indexes exactly below that) take jnp.argmax."""
   V = x.shape[-1]
-  if V > 2 ** 24:
+  exact = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits <= 32
+  if V > 2 ** 24 or not exact:
     return jnp.argmax(x, axis=-1).astype(jnp.int32)
   x = jax.lax.stop_gradient(x.astype(jnp.float32))
   max_x = jnp.max(x, axis=-1, keepdims=True)
   index = jax.lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
-  gap = jnp.minimum(1.0, (max_x - x) * jnp.float32(2.0 ** 126))
+  gap = jnp.minimum(1.0, jnp.ceil(max_x - x))
   return jnp.min(index + V * gap, axis=-1).astype(jnp.int32)
 
 

@@ -31,17 +31,21 @@ def test_first_argmax_equals_jnp_argmax_on_random_values_ties_and_minus_inf():
   np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
   np.testing.assert_array_equal(got[1:5], [3, 0, 38, 0])
   # Near-equal values: the largest wins by one float32 step, at magnitudes from 1e-30
-  # to 1e30; bfloat16 logits; leading batch axes.
+  # to 1e30; bfloat16 and float16 logits; leading batch axes.
   for scale in (1e-30, 1e-3, 1.0, 1e30):
     y = np.full((2, 3, 50), scale, np.float32)
     y[..., 20] = np.nextafter(np.float32(scale), np.float32(np.inf))
     y[1, 2, 30] = y[1, 2, 20]
     np.testing.assert_array_equal(losses.first_argmax(y), np.argmax(y, axis=-1))
-  z = jnp.asarray(rng.normal(size=(4, 9, 33)), jnp.bfloat16)
-  np.testing.assert_array_equal(losses.first_argmax(z), jnp.argmax(z, axis=-1))
-  # Where the largest value is +inf or NaN: 0, as the docstring says.
-  bad = np.array([[1.0, np.inf, 3.0, np.inf], [np.nan, 1.0, 2.0, 3.0]], np.float32)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    z = jnp.asarray(rng.normal(size=(4, 9, 33)), dtype)
+    np.testing.assert_array_equal(losses.first_argmax(z), jnp.argmax(z, axis=-1))
+  # A row whose largest value is +inf, or that holds a NaN: 0, as the docstring says.
+  bad = np.array([[1.0, np.inf, 3.0, np.inf], [1.0, 2.0, np.nan, 3.0]], np.float32)
   np.testing.assert_array_equal(losses.first_argmax(bad), [0, 0])
+  # Integers float32 cannot hold exactly are not cast: 2^24 + 1 beats 2^24.
+  ints = np.array([[2 ** 24, 2 ** 24 + 1, 0]], np.int32)
+  np.testing.assert_array_equal(losses.first_argmax(ints), [1])
 
 
 def test_first_argmax_past_what_float32_indexes_exactly_is_argmax():

@@ -154,10 +154,10 @@ def train_compiler_options() -> dict[str, str] | None:
   """XLA options for the train step: on XLA:CPU, YNNPACK fusions only where a reduction
   is the root. Most of the step's products (the [B T]-row matmuls and their gradients,
   one operand of each gradient product transposed) then run as XLA's plain dots, which
-  trained every family faster than its YNNPACK dot fusions on an Intel Xeon and as fast
-  on an AMD Zen 5 (benchmarks/RESULTS.md, measured with jaxlib 0.10.2, whose defaults
-  fuse dots: another jaxlib's may differ, and `python -m benchmarks.train_step
-  --compare=xla_defaults` checks).
+  trained every family faster than its YNNPACK dot fusions on an Intel Xeon, and the
+  peer config as fast on an AMD Zen 5 (benchmarks/RESULTS.md, measured with jaxlib
+  0.10.2, whose defaults fuse dots: another jaxlib's may differ, and `python -m
+  benchmarks.train_step --compare=xla_defaults` checks).
   None elsewhere, where XLA_FLAGS already sets the fusion types (the user's choice
   stands), or where this jaxlib does not know the option or the value."""
   if jax.default_backend() != 'cpu' or YNN_FUSION_TYPE in os.environ.get('XLA_FLAGS', ''):
