@@ -14,10 +14,13 @@ first steps' losses (first_loss, torch_first_loss: equal when both run the same 
 
 --compare=xla_defaults also compiles the step with XLA's default options (without
 train/steps.py `train_compiler_options`, which the line names as 'compiler_options') and
-times the two in turns, each step waited for, which goes first alternating:
-xla_defaults_tokens_per_s and speedup_vs_xla_defaults (ours / theirs, from the mean step
-times; _median from the median ones, steadier on a noisy machine). Both states stay in
-memory. Without it the timed steps are queued and waited for once, at the end.
+times the two in turns, which goes first alternating: each turn one untimed step, then
+one timed, each waited for (a step right after the other one can pay for mapping memory
+the other's temporaries did not need: an A/B in step-by-step turns read 1.19x where
+blocks of steps read 1.005x, benchmarks/RESULTS.md). xla_defaults_tokens_per_s and speedup_vs_xla_defaults (ours /
+theirs, from the mean step times; _median from the median ones, steadier on a noisy
+machine). Both states stay in memory. Without it the timed steps are queued and waited
+for once, at the end.
 """
 import importlib.util
 import json
@@ -156,12 +159,16 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
     jax.block_until_ready(other.run())
     other_times, times = [], []
     for i in range(num_steps):  # in turns, so both see the machine's same moments
-      if i % 2 == 0:
-        other_times.append(_timed(other)[0])
-      seconds, (_, metrics) = _timed(step)
-      times.append(seconds)
-      if i % 2 == 1:
-        other_times.append(_timed(other)[0])
+      for program in ((other, step) if i % 2 == 0 else (step, other)):
+        # Untimed: the first step after the other's pays for memory of its own (XLA:CPU
+        # allocates a step's temporaries afresh; with more of them it maps new pages).
+        jax.block_until_ready(program.run())
+        seconds, (_, turn_metrics) = _timed(program)
+        if program is step:
+          times.append(seconds)
+          metrics = turn_metrics
+        else:
+          other_times.append(seconds)
     step_s = sum(times) / num_steps
   else:
     start = time.perf_counter()
