@@ -16,11 +16,11 @@ first steps' losses (first_loss, torch_first_loss: equal when both run the same 
 train/steps.py `train_compiler_options`, which the line names as 'compiler_options') and
 times the two in turns, which goes first alternating: each turn one untimed step, then
 one timed, each waited for (a step right after the other one can pay for mapping memory
-the other's temporaries did not need: an A/B in step-by-step turns read 1.19x where
-blocks of steps read 1.005x, benchmarks/RESULTS.md). xla_defaults_tokens_per_s and speedup_vs_xla_defaults (ours /
-theirs, from the mean step times; _median from the median ones, steadier on a noisy
-machine). Both states stay in memory. Without it the timed steps are queued and waited
-for once, at the end.
+the other's temporaries did not need: an A/B in step-by-step turns read 1.11-1.19x where
+blocks of steps read 1.005x, benchmarks/RESULTS.md); xla_defaults_tokens_per_s and
+speedup_vs_xla_defaults (ours / theirs, from the mean step times; _median from the
+median ones, steadier on a noisy machine). Both states stay in memory. Without it the
+timed steps are queued and waited for once, at the end.
 """
 import importlib.util
 import json
@@ -159,12 +159,14 @@ def measure(config, num_steps: int = 10, compare: str = 'none') -> dict:
     jax.block_until_ready(other.run())
     other_times, times = [], []
     for i in range(num_steps):  # in turns, so both see the machine's same moments
-      for program in ((other, step) if i % 2 == 0 else (step, other)):
+      for runner in ((other, step) if i % 2 == 0 else (step, other)):
         # Untimed: the first step after the other's pays for memory of its own (XLA:CPU
         # allocates a step's temporaries afresh; with more of them it maps new pages).
-        jax.block_until_ready(program.run())
-        seconds, (_, turn_metrics) = _timed(program)
-        if program is step:
+        # Each turn's two steps read the two batches, so the timed one always reads the
+        # same batch; the shapes, and so the time, are the same.
+        jax.block_until_ready(runner.run())
+        seconds, (_, turn_metrics) = _timed(runner)
+        if runner is step:
           times.append(seconds)
           metrics = turn_metrics
         else:

@@ -40,9 +40,9 @@ def first_argmax(x: Array) -> Array:
   holding a NaN, or whose largest value is +inf, gives 0 (XLA's NaN to int), where
   argmax gives the first such index. XLA:CPU runs argmax's (value, index) reduction
   unvectorized: over the peer config's [4096, 8192] logits it took 78 ms where this
-  takes 6-7 (benchmarks/RESULTS.md). Decoding keeps jnp.argmax: over [8, 8192] the two
-  ran alike in a decode step. Inputs float32 cannot hold exactly (float64, integers)
-  and rows past 2^24 values (float32 indexes exactly below that) take jnp.argmax."""
+  takes about 5 (benchmarks/RESULTS.md). Decoding keeps jnp.argmax: over [8, 8192] the
+  two ran alike in a decode step. Floats wider than 32 bits, integers, booleans and rows
+  past 2^24 values (float32 indexes exactly below that) take jnp.argmax."""
   V = x.shape[-1]
   exact = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits <= 32
   if V > 2 ** 24 or not exact:

@@ -363,12 +363,34 @@ def test_gpu_benchmarks_refuse_an_unknown_part_before_writing(tmp_path):
 
 
 def test_the_train_step_benchmark_times_xla_defaults_in_turns(monkeypatch):
-  """--compare=xla_defaults: both steps run and the line names the options ours used;
-  where the step would compile with XLA's defaults anyway, one clear refusal."""
-  from benchmarks import train_step
+  """--compare=xla_defaults: both steps run, in turns of one untimed step and one timed,
+  which goes first alternating, and the line names the options ours used; where the step
+  would compile with XLA's defaults anyway, one clear refusal."""
+  from benchmarks import Program, train_step
   from train import steps
   config = _tiny()[0]
+  calls, names = [], iter(['ours', 'defaults'])  # stepping() builds ours first
+  real_stepping, real_timed = train_step.stepping, train_step._timed
+
+  def logged_stepping(*args):
+    program, name = real_stepping(*args), next(names)
+    def run():
+      calls.append(name)
+      return program.run()
+    return Program(program.compiled, run)
+
+  def logged_timed(program):
+    calls.append('timed')
+    return real_timed(program)
+  monkeypatch.setattr(train_step, 'stepping', logged_stepping)
+  monkeypatch.setattr(train_step, '_timed', logged_timed)
   result = train_step.measure(config, num_steps=2, compare='xla_defaults')
+  turn = lambda name: [name, 'timed', name]
+  assert calls == (['ours', 'defaults']  # warm-ups
+                   + turn('defaults') + turn('ours')  # turn 0: XLA's defaults first
+                   + turn('ours') + turn('defaults'))
+  monkeypatch.setattr(train_step, 'stepping', real_stepping)
+  monkeypatch.setattr(train_step, '_timed', real_timed)
   assert result['compiler_options'] == steps.train_compiler_options() is not None
   assert result['xla_defaults_tokens_per_s'] > 0
   assert result['speedup_vs_xla_defaults'] > 0 and result['speedup_vs_xla_defaults_median'] > 0

@@ -43,6 +43,10 @@ def test_first_argmax_equals_jnp_argmax_on_random_values_ties_and_minus_inf():
   # A row whose largest value is +inf, or that holds a NaN: 0, as the docstring says.
   bad = np.array([[1.0, np.inf, 3.0, np.inf], [1.0, 2.0, np.nan, 3.0]], np.float32)
   np.testing.assert_array_equal(losses.first_argmax(bad), [0, 0])
+  # Differences below float32's least normal number: argmax's answer where the backend
+  # keeps subnormals; where it flushes them (XLA:CPU) both read the values as equal.
+  sub = np.array([[0.0, 1e-45, 0.0], [1e-39, 2e-39, 0.0]], np.float32)
+  np.testing.assert_array_equal(losses.first_argmax(sub), jnp.argmax(sub, axis=-1))
   # Integers float32 cannot hold exactly are not cast: 2^24 + 1 beats 2^24.
   ints = np.array([[2 ** 24, 2 ** 24 + 1, 0]], np.int32)
   np.testing.assert_array_equal(losses.first_argmax(ints), [1])
