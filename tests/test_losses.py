@@ -5,7 +5,6 @@ sum counts by it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from models import losses
 
