@@ -86,7 +86,7 @@ def merge(params, alpha: float):
   """The parameters with every adapter folded into its kernel, W + (alpha / r) A B, and
   the adapter leaves gone: the base model's tree, computing what the adapted one did."""
   flat = traverse_util.flatten_dict(params)
-  merged = traverse_util.flatten_dict(base(params))
+  merged = {path: value for path, value in flat.items() if not is_adapter(path)}
   for path, a in flat.items():
     if path[-1] != ADAPTER_A:
       continue
